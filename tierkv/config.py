@@ -1,0 +1,124 @@
+"""Store configuration: one dataclass, loadable from a dict, a YAML/JSON file or `TIERKV_*` variables.
+
+Validated once, in `__post_init__`, with messages that name the field, so a bad value fails at
+start-up and not in the middle of serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "TIERKV_"
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: Any, field: str) -> int:
+    """Accept an int or a size string such as "512MiB", "4 GB", "1.5GiB"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{field}: expected a size in bytes, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str) and (m := _SIZE.match(value)) and m.group(2).lower() in _UNITS:
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise ConfigError(f"{field}: expected a size such as 1073741824 or '1GiB', got {value!r}")
+    if n < 0:
+        raise ConfigError(f"{field}: must be >= 0, got {value!r}")
+    return n
+
+
+def _parse_bool(value: Any, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{field}: expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Capacities and placement of a `BlockStore`.
+
+    device_bytes: capacity of the device tier (GPU memory; CPU memory where there is no GPU).
+    host_bytes: capacity of the host tier (pinned RAM when CUDA is available).
+    device: torch device of the device tier; None picks "cuda" when available, else "cpu".
+    pin_host: pin the host tier; None pins exactly when CUDA is available.
+    """
+
+    device_bytes: int = 1 << 30
+    host_bytes: int = 4 << 30
+    device: str | None = None
+    pin_host: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device_bytes", parse_bytes(self.device_bytes, "device_bytes"))
+        object.__setattr__(self, "host_bytes", parse_bytes(self.host_bytes, "host_bytes"))
+        if self.device is not None:
+            if not isinstance(self.device, str) or not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
+                raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.pin_host is not None:
+            object.__setattr__(self, "pin_host", _parse_bool(self.pin_host, "pin_host"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StoreConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> StoreConfig:
+        """Read a JSON or YAML mapping (chosen by the file extension)."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        try:
+            if p.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # both parsers raise their own error types
+            raise ConfigError(f"config file {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of field names to values")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None) -> StoreConfig:
+        """`base` overridden by `TIERKV_<FIELD>` variables; unknown `TIERKV_` names are errors."""
+        env = os.environ if environ is None else environ
+        data = dict(base or {})
+        known = {f.name for f in fields(cls)}
+        for name, value in env.items():
+            if not name.startswith(ENV_PREFIX) or name in _NON_CONFIG_ENV:
+                continue
+            field = name[len(ENV_PREFIX):].lower()
+            if field not in known:
+                raise ConfigError(f"environment variable {name} names no config field; known: {sorted(known)}")
+            data[field] = None if value.lower() in ("", "none", "auto") else value
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# TIERKV_ variables that steer the program rather than the store.
+_NON_CONFIG_ENV = frozenset({"TIERKV_CONFIG", "TIERKV_LOG_LEVEL"})

@@ -1,0 +1,211 @@
+"""The single source of truth for which block lives where, and which one leaves a tier next.
+
+Each block records the slot it holds in every tier (inclusive hierarchy: a block promoted to a
+faster tier keeps its slower copy), its parent, and how many of its children are resident,
+counted by the fastest tier each child lives in. That count is what makes eviction
+prefix-aware: a block is a *leaf of tier t* when no child is resident in t or any faster tier,
+and only leaves leave a tier. So a prefix is never cut in the middle, and the last tier, which
+deletes, only deletes blocks with no resident child anywhere: nothing is stranded.
+
+Least-recently-used order is a lazy min-heap per tier of `(last_use, seq, block)`: touching a
+block only stamps `last_use`; a popped entry whose stamp is stale is pushed back with the new
+one. Each block has at most one entry per heap, so every operation is O(log n), and nothing
+ever scans the whole index.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence
+
+from .keys import longest_stored_prefix
+
+ABSENT = -1
+PENDING = -2  # reserved for a block on its way into a tier: resident for leaf counts, no slot yet
+
+
+class Block:
+    """Index entry for one stored block."""
+
+    __slots__ = ("key", "ident", "parent", "slots", "child_fast", "leases", "last_use", "in_heap")
+
+    def __init__(self, key: bytes, ident: bytes, parent: Block | None, num_tiers: int) -> None:
+        self.key = key
+        self.ident = ident  # parent key || token bytes: compared on every hit
+        self.parent = parent
+        self.slots = [ABSENT] * num_tiers
+        self.child_fast = [0] * num_tiers  # children counted by the fastest tier they live in
+        self.leases = 0
+        self.last_use = 0
+        self.in_heap = 0  # bit t set: this block has an entry in tier t's heap
+
+    @property
+    def fastest(self) -> int:
+        """Index of the fastest tier holding the block, or -1 when it is nowhere."""
+        for t, s in enumerate(self.slots):
+            if s != ABSENT:
+                return t
+        return ABSENT
+
+    def resident_in(self, tier: int) -> bool:
+        return self.slots[tier] != ABSENT
+
+    def is_leaf(self, tier: int) -> bool:
+        """No child lives in `tier` or a faster one."""
+        return not any(self.child_fast[: tier + 1])
+
+    def has_resident_children(self) -> bool:
+        return any(self.child_fast)
+
+
+class Index:
+    """key -> Block, plus per-tier LRU-leaf heaps. Not thread-safe: the store holds the lock."""
+
+    def __init__(self, num_tiers: int) -> None:
+        self.num_tiers = num_tiers
+        self.blocks: dict[bytes, Block] = {}
+        self._heaps: list[list[tuple[int, int, Block]]] = [[] for _ in range(num_tiers)]
+        self._seq = itertools.count()
+        self._resident = [0] * num_tiers  # blocks with a real or pending slot, per tier
+        self._tick = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def tick(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    # -- lookups -----------------------------------------------------------------
+
+    def lookup(self, seed: bytes, chunks: Sequence[bytes]) -> list[Block]:
+        """Blocks of the longest stored prefix of the per-block token bytes `chunks`."""
+        return longest_stored_prefix(seed, chunks, self.blocks)
+
+    def touch(self, blocks: Sequence[Block]) -> None:
+        tick = self.tick()
+        for b in blocks:
+            b.last_use = tick
+
+    # -- residency ---------------------------------------------------------------
+
+    def add(self, key: bytes, ident: bytes, parent: Block | None, tier: int, slot: int, tick: int) -> Block:
+        """Insert a new block resident in `tier`. Its parent, if any, must be resident."""
+        if key in self.blocks:
+            raise KeyError("block already indexed")
+        block = Block(key, ident, parent, self.num_tiers)
+        block.last_use = tick
+        self.blocks[key] = block
+        self.set_slot(block, tier, slot)
+        return block
+
+    def set_slot(self, block: Block, tier: int, slot: int) -> None:
+        """Record that `block` lives in `tier` at `slot` (or PENDING)."""
+        was = block.fastest
+        if block.slots[tier] == ABSENT:
+            self._resident[tier] += 1
+        block.slots[tier] = slot
+        if slot != PENDING:
+            self._maybe_push(block, tier)
+        self._fastest_changed(block, was)
+
+    def clear_slot(self, block: Block, tier: int) -> int:
+        """Forget `block`'s copy in `tier`; drop it from the index when no copy is left.
+
+        Returns the slot it held. Refuses to orphan resident children: that would be a bug.
+        """
+        slot = block.slots[tier]
+        if slot == ABSENT:
+            raise KeyError(f"block is not resident in tier {tier}")
+        was = block.fastest
+        block.slots[tier] = ABSENT
+        self._resident[tier] -= 1
+        if block.fastest == ABSENT:
+            if block.has_resident_children():
+                raise AssertionError("dropping a block whose children are resident would strand them")
+            del self.blocks[block.key]
+        self._fastest_changed(block, was)
+        return slot
+
+    def resident_count(self, tier: int) -> int:
+        return self._resident[tier]
+
+    def _fastest_changed(self, block: Block, was: int) -> None:
+        now = block.fastest
+        parent = block.parent
+        if now == was or parent is None:
+            return
+        if was != ABSENT:
+            parent.child_fast[was] -= 1
+        if now != ABSENT:
+            parent.child_fast[now] += 1
+        # The parent may have become a leaf in some tier: give it a heap entry there.
+        for t in range(self.num_tiers):
+            if parent.slots[t] >= 0:
+                self._maybe_push(parent, t)
+
+    # -- leases ------------------------------------------------------------------
+
+    def acquire(self, blocks: Sequence[Block]) -> None:
+        for b in blocks:
+            b.leases += 1
+
+    def release(self, blocks: Sequence[Block]) -> None:
+        for b in blocks:
+            if b.leases <= 0:
+                raise AssertionError("lease released more often than taken")
+            b.leases -= 1
+            if b.leases == 0:
+                for t in range(self.num_tiers):
+                    if b.slots[t] >= 0:
+                        self._maybe_push(b, t)
+
+    # -- eviction order ----------------------------------------------------------
+
+    def _maybe_push(self, block: Block, tier: int) -> None:
+        bit = 1 << tier
+        if block.in_heap & bit or block.leases or not block.is_leaf(tier):
+            return
+        block.in_heap |= bit
+        heap = self._heaps[tier]
+        heapq.heappush(heap, (block.last_use, next(self._seq), block))
+        if len(heap) > 2 * self._resident[tier] + 64:
+            self._compact(tier)
+
+    def _compact(self, tier: int) -> None:
+        bit = 1 << tier
+        keep = []
+        for entry in self._heaps[tier]:
+            b = entry[2]
+            if b.slots[tier] >= 0 and self.blocks.get(b.key) is b:
+                keep.append(entry)
+            else:
+                b.in_heap &= ~bit
+        heapq.heapify(keep)
+        self._heaps[tier] = keep
+
+    def pop_victim(self, tier: int) -> Block | None:
+        """Least-recently-used unleased leaf with a real slot in `tier`, taken off the heap.
+
+        The caller must then move it out of the tier (or hand it back with `requeue`).
+        """
+        heap = self._heaps[tier]
+        bit = 1 << tier
+        while heap:
+            stamp, _, block = heap[0]
+            if block.slots[tier] < 0 or block.leases or not block.is_leaf(tier):
+                heapq.heappop(heap)  # re-pushed when it becomes a candidate again
+                block.in_heap &= ~bit
+                continue
+            if stamp != block.last_use:
+                heapq.heapreplace(heap, (block.last_use, next(self._seq), block))
+                continue
+            heapq.heappop(heap)
+            block.in_heap &= ~bit
+            return block
+        return None
+
+    def requeue(self, block: Block, tier: int) -> None:
+        """Give a popped victim that could not be moved its heap entry back."""
+        self._maybe_push(block, tier)

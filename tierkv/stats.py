@@ -1,0 +1,67 @@
+"""Counters the store keeps, and their two renderings: a dict and Prometheus text."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TierCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class StoreCounters:
+    """Mutable totals; the store updates them under its lock."""
+
+    tiers: dict[str, TierCounters]
+    moved: Counter[str] = field(default_factory=Counter)  # "src->dst" -> bytes
+    dropped: int = 0
+    puts: int = 0
+    gets: int = 0
+
+    @classmethod
+    def for_tiers(cls, names: list[str]) -> StoreCounters:
+        return cls(tiers={n: TierCounters() for n in names})
+
+    def moved_bytes(self, src: str, dst: str, nbytes: int) -> None:
+        self.moved[f"{src}->{dst}"] += nbytes
+        if src in self.tiers:
+            self.tiers[src].bytes_out += nbytes
+        if dst in self.tiers:
+            self.tiers[dst].bytes_in += nbytes
+
+
+def to_prometheus(stats: dict[str, Any], prefix: str = "tierkv") -> str:
+    """Prometheus text exposition of `BlockStore.stats()`."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {prefix}_{name} {help_text}")
+        lines.append(f"# TYPE {prefix}_{name} {kind}")
+        lines.extend(f"{prefix}_{name}{labels} {value}" for labels, value in samples)
+
+    tiers = stats["tiers"]
+    per_tier = [
+        ("capacity_bytes", "gauge", "Bytes the tier can hold."),
+        ("used_bytes", "gauge", "Bytes the tier holds now."),
+        ("hits", "counter", "Blocks served from the tier."),
+        ("misses", "counter", "Blocks looked up in the tier and not found there."),
+        ("evictions", "counter", "Blocks that left the tier under pressure."),
+        ("bytes_in", "counter", "Bytes written into the tier."),
+        ("bytes_out", "counter", "Bytes read out of the tier to another tier or a caller."),
+    ]
+    for key, kind, help_text in per_tier:
+        name = key if kind == "gauge" else f"{key}_total"
+        metric(name, kind, help_text, [(f'{{tier="{t}"}}', v[key]) for t, v in tiers.items()])
+    metric("moved_bytes_total", "counter", "Bytes moved, by direction.",
+           [(f'{{direction="{d}"}}', v) for d, v in stats["bytes_moved"].items()])
+    metric("blocks", "gauge", "Distinct blocks stored in any tier.", [("", stats["blocks"])])
+    metric("dropped_blocks_total", "counter", "Blocks deleted from the last tier.", [("", stats["dropped"])])
+    return "\n".join(lines) + "\n"
