@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ConfigError
 
 ENV_PREFIX = "TIERKV_"
+DURABILITY = ("none", "batch", "every")
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -56,12 +57,26 @@ class StoreConfig:
     host_bytes: capacity of the host tier (pinned RAM when CUDA is available).
     device: torch device of the device tier; None picks "cuda" when available, else "cpu".
     pin_host: pin the host tier; None pins exactly when CUDA is available.
+    disk_path: directory of the disk tier (data files + LMDB manifest); None means no disk tier.
+    disk_bytes: capacity of the disk tier, preallocated in the data files.
+    durability: when disk writes become crash-safe. "none": never forced (after a crash some
+        recent blocks may be gone, none corrupt); "batch": fsync + manifest commit after each
+        batch of writes; "every": after each block. Reads are verified in every mode.
+    flush_on_close: a clean close() writes blocks that live only in faster tiers to disk.
+    verify_reads: check each block read from host or disk against its xxh3 checksum.
+    io_threads: threads issuing disk reads and writes.
     """
 
     device_bytes: int = 1 << 30
     host_bytes: int = 4 << 30
     device: str | None = None
     pin_host: bool | None = None
+    disk_path: str | None = None
+    disk_bytes: int = 16 << 30
+    durability: str = "batch"
+    flush_on_close: bool = True
+    verify_reads: bool = True
+    io_threads: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device_bytes", parse_bytes(self.device_bytes, "device_bytes"))
@@ -71,6 +86,21 @@ class StoreConfig:
                 raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.pin_host is not None:
             object.__setattr__(self, "pin_host", _parse_bool(self.pin_host, "pin_host"))
+        object.__setattr__(self, "disk_bytes", parse_bytes(self.disk_bytes, "disk_bytes"))
+        if self.disk_path is not None:
+            if not isinstance(self.disk_path, (str, os.PathLike)) or not str(self.disk_path):
+                raise ConfigError(f"disk_path: expected a directory path, got {self.disk_path!r}")
+            object.__setattr__(self, "disk_path", os.fspath(self.disk_path))
+        if self.durability not in DURABILITY:
+            raise ConfigError(f"durability: expected one of {list(DURABILITY)}, got {self.durability!r}")
+        object.__setattr__(self, "flush_on_close", _parse_bool(self.flush_on_close, "flush_on_close"))
+        object.__setattr__(self, "verify_reads", _parse_bool(self.verify_reads, "verify_reads"))
+        threads = self.io_threads
+        if isinstance(threads, str) and threads.isdigit():
+            threads = int(threads)
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
+            raise ConfigError(f"io_threads: expected an int from 1 to 256, got {self.io_threads!r}")
+        object.__setattr__(self, "io_threads", threads)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StoreConfig:

@@ -28,7 +28,7 @@ PENDING = -2  # reserved for a block on its way into a tier: resident for leaf c
 class Block:
     """Index entry for one stored block."""
 
-    __slots__ = ("key", "ident", "parent", "slots", "child_fast", "leases", "last_use", "in_heap")
+    __slots__ = ("key", "ident", "parent", "slots", "child_fast", "leases", "last_use", "in_heap", "checksum")
 
     def __init__(self, key: bytes, ident: bytes, parent: Block | None, num_tiers: int) -> None:
         self.key = key
@@ -39,6 +39,9 @@ class Block:
         self.leases = 0
         self.last_use = 0
         self.in_heap = 0  # bit t set: this block has an entry in tier t's heap
+        # xxh3_64 of the payload, set when its bytes first pass through CPU memory (host or
+        # disk write); every later read from host or disk is checked against it.
+        self.checksum: int | None = None
 
     @property
     def fastest(self) -> int:
@@ -62,8 +65,12 @@ class Block:
 class Index:
     """key -> Block, plus per-tier LRU-leaf heaps. Not thread-safe: the store holds the lock."""
 
-    def __init__(self, num_tiers: int) -> None:
+    def __init__(self, num_tiers: int, persistent_tier: int | None = None) -> None:
         self.num_tiers = num_tiers
+        # Blocks whose slot in the persistent (disk) tier changed since the store last
+        # committed its manifest: the store drains this after making the data durable.
+        self.persistent_tier = persistent_tier
+        self.dirty: dict[bytes, Block] = {}
         self.blocks: dict[bytes, Block] = {}
         self._heaps: list[list[tuple[int, int, Block]]] = [[] for _ in range(num_tiers)]
         self._seq = itertools.count()
@@ -76,6 +83,10 @@ class Index:
     def tick(self) -> int:
         self._tick += 1
         return self._tick
+
+    def advance_tick(self, at_least: int) -> None:
+        """Continue the recency clock after the stamps of recovered blocks."""
+        self._tick = max(self._tick, at_least)
 
     # -- lookups -----------------------------------------------------------------
 
@@ -108,6 +119,8 @@ class Index:
         block.slots[tier] = slot
         if slot != PENDING:
             self._maybe_push(block, tier)
+            if tier == self.persistent_tier:
+                self.dirty[block.key] = block
         self._fastest_changed(block, was)
 
     def clear_slot(self, block: Block, tier: int) -> int:
@@ -121,12 +134,29 @@ class Index:
         was = block.fastest
         block.slots[tier] = ABSENT
         self._resident[tier] -= 1
+        if tier == self.persistent_tier:
+            self.dirty[block.key] = block
         if block.fastest == ABSENT:
             if block.has_resident_children():
                 raise AssertionError("dropping a block whose children are resident would strand them")
             del self.blocks[block.key]
         self._fastest_changed(block, was)
         return slot
+
+    def subtree(self, root: Block) -> list[Block]:
+        """`root` and every indexed descendant, children after their parents.
+
+        O(number of blocks): used only when a corrupt block must be removed together with
+        everything that depends on it, which is rare by construction.
+        """
+        children: dict[int, list[Block]] = {}
+        for b in self.blocks.values():
+            if b.parent is not None:
+                children.setdefault(id(b.parent), []).append(b)
+        order = [root]
+        for b in order:
+            order.extend(children.get(id(b), ()))
+        return order
 
     def resident_count(self, tier: int) -> int:
         return self._resident[tier]

@@ -12,6 +12,7 @@ class TierCounters:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    corrupt: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -54,6 +55,7 @@ def to_prometheus(stats: dict[str, Any], prefix: str = "tierkv") -> str:
         ("hits", "counter", "Blocks served from the tier."),
         ("misses", "counter", "Blocks looked up in the tier and not found there."),
         ("evictions", "counter", "Blocks that left the tier under pressure."),
+        ("corrupt", "counter", "Block reads that failed checksum verification (never served)."),
         ("bytes_in", "counter", "Bytes written into the tier."),
         ("bytes_out", "counter", "Bytes read out of the tier to another tier or a caller."),
     ]

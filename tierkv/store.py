@@ -18,11 +18,15 @@ import torch
 from .config import StoreConfig
 from .errors import CapacityError, ConfigError, LayoutMismatchError, TierKVError
 from .index import ABSENT, PENDING, Block, Index
+from .integrity import checksum_rows
 from .keys import Tokens, as_token_array, block_chunks, iter_chain
 from .layout import KVLayout
 from .namespace import Namespace
+from .persistence import DiskPersistence, Recovery
 from .stats import StoreCounters, to_prometheus
 from .tiers import MemoryTier, Tier
+
+_MAX_GET_ATTEMPTS = 4  # a get retries after dropping corrupt copies; each retry sees fewer
 
 
 def _resolve_device(config: StoreConfig) -> torch.device:
@@ -93,23 +97,68 @@ class BlockStore:
             MemoryTier("device", config.device_bytes // bb, bb, device),
             MemoryTier("host", config.host_bytes // bb, bb, torch.device("cpu"), pin=pin),
         ]
+        self._disk: DiskPersistence | None = None
+        self.recovery = Recovery()
+        if config.disk_path is not None:
+            self._disk = DiskPersistence(config, layout, namespace)
+            self.tiers.append(self._disk.tier)
+        self._disk_tier = len(self.tiers) - 1 if self._disk else None
         self._names = [t.name for t in self.tiers]
-        self.index = Index(len(self.tiers))
+        self.index = Index(len(self.tiers), persistent_tier=self._disk_tier)
         self._lock = threading.RLock()
         self._seeds: dict[str, bytes] = {namespace.tenant: namespace.digest(layout)}
         self._leases: dict[str, list[Lease]] = defaultdict(list)
         self._counters = StoreCounters.for_tiers(self._names)
         self._closed = False
+        if self._disk is not None:
+            self.recovery = self._disk.recover(self.index, self._disk_tier)
 
     # -- lifecycle -----------------------------------------------------------------
 
     def close(self) -> None:
+        """Release memory; with a disk tier, first write down what lives only above it."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            for tier in self.tiers:
-                tier.close()
+            try:
+                if self._disk is not None:
+                    if self.config.flush_on_close:
+                        self._flush_to_disk()
+                    self._disk.save_recency(self.index, self._disk_tier)
+            finally:
+                self._closed = True
+                if self._disk is not None:
+                    self._disk.close()
+                for tier in self.tiers[:2]:
+                    tier.close()
+
+    def _flush_to_disk(self) -> None:
+        """Copy blocks with no disk copy into free disk slots, parents first."""
+        d = self._disk_tier
+        depth: dict[int, int] = {}
+
+        def depth_of(b: Block) -> int:
+            chain = []
+            while b is not None and id(b) not in depth:
+                chain.append(b)
+                b = b.parent
+            base = depth[id(b)] if b is not None else -1
+            for i, c in enumerate(reversed(chain)):
+                depth[id(c)] = base + 1 + i
+            return depth[id(chain[0])] if chain else base
+
+        todo = [b for b in self.index.blocks.values() if b.slots[d] == ABSENT]
+        todo.sort(key=depth_of)
+        todo = todo[: self.tiers[d].free_slots]
+        for src, picks in _group_by(range(len(todo)), [b.fastest for b in todo]).items():
+            blocks = [todo[i] for i in picks]
+            rows = self.tiers[src].read([b.slots[src] for b in blocks])
+            slots = self.tiers[d].allocate(len(blocks))
+            self._write(d, slots, rows, blocks)
+            for b, slot in zip(blocks, slots):
+                self.index.set_slot(b, d, slot)
+            self._counters.moved_bytes(self._names[src], self._names[d], rows.numel())
+        self._commit()
 
     def __enter__(self) -> BlockStore:
         return self
@@ -120,6 +169,20 @@ class BlockStore:
     def _check_open(self) -> None:
         if self._closed:
             raise TierKVError("this BlockStore is closed; open a new one")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the store lock for one public operation; commit disk changes at its end."""
+        with self._lock:
+            self._check_open()
+            try:
+                yield
+            finally:
+                self._commit()
+
+    def _commit(self) -> None:
+        if self._disk is not None and self.index.dirty:
+            self._disk.commit(self.index, self._disk_tier)
 
     @property
     def device(self) -> torch.device:
@@ -148,8 +211,7 @@ class BlockStore:
         """How many leading tokens are covered by stored blocks, in any tier. Changes nothing."""
         chunks = self._chunks(tokens)
         seed = self._seed(tenant)
-        with self._lock:
-            self._check_open()
+        with self._locked():
             return len(self.index.lookup(seed, chunks)) * self.layout.block_tokens
 
     def put(self, tokens: Tokens, kv: torch.Tensor, tenant: str | None = None) -> int:
@@ -170,8 +232,7 @@ class BlockStore:
         self.layout.check_blocks(kv, n)
         chunks = block_chunks(arr, bt)
         seed = self._seed(tenant)
-        with self._lock:
-            self._check_open()
+        with self._locked():
             existing = self.index.lookup(seed, chunks)
             k = len(existing)
             self.index.touch(existing)
@@ -181,17 +242,24 @@ class BlockStore:
             self.index.acquire(existing)  # their children are about to arrive: keep them here
             try:
                 tiers_of, slots_of = self._place(n - k)
-                rows = kv[k:].contiguous().view(torch.uint8).reshape(n - k, self.layout.block_bytes)
-                for t, positions in _group_by(range(n - k), tiers_of).items():
-                    slots = [slots_of[i] for i in positions]
-                    src = rows[positions[0] : positions[-1] + 1]  # positions are consecutive
-                    self.tiers[t].write(slots, src)
-                    self._counters.moved_bytes("put", self._names[t], len(slots) * self.layout.block_bytes)
                 tick = self.index.tick()
                 parent = existing[-1] if existing else None
-                chain = iter_chain(parent.key if parent else seed, chunks[k:])
-                for i, (key, ident) in enumerate(chain):
+                added: list[Block] = []
+                for i, (key, ident) in enumerate(iter_chain(parent.key if parent else seed, chunks[k:])):
                     parent = self.index.add(key, ident, parent, tiers_of[i], slots_of[i], tick)
+                    added.append(parent)
+                rows = kv[k:].contiguous().view(torch.uint8).reshape(n - k, self.layout.block_bytes)
+                try:
+                    for t, positions in _group_by(range(n - k), tiers_of).items():
+                        span = slice(positions[0], positions[-1] + 1)  # positions are consecutive
+                        self._write(t, slots_of[span], rows[span], added[span])
+                        self._counters.moved_bytes("put", self._names[t], len(positions) * self.layout.block_bytes)
+                except BaseException:
+                    for b in reversed(added):  # children first: nothing is ever stranded
+                        for t in range(len(self.tiers)):
+                            if b.slots[t] != ABSENT:
+                                self.tiers[t].free([self.index.clear_slot(b, t)])
+                    raise
             finally:
                 self.index.release(existing)
             return n - k
@@ -205,22 +273,27 @@ class BlockStore:
         out_device = torch.device(device) if device is not None else self.device
         chunks = self._chunks(tokens)
         seed = self._seed(tenant)
-        with self._lock:
-            self._check_open()
-            blocks = self.index.lookup(seed, chunks)
-            self._count_lookups(blocks, len(chunks))
+        with self._locked():
             self._counters.gets += 1
-            n = len(blocks)
-            if n == 0:
-                return torch.empty((0, *self.layout.block_shape), dtype=self.layout.dtype, device=out_device)
-            self.index.touch(blocks)
-            self.index.acquire(blocks)
-            try:
-                self._promote(blocks)
-                rows = self._gather(blocks, out_device)
-            finally:
-                self.index.release(blocks)
-        return rows.view(self.layout.dtype).reshape(n, *self.layout.block_shape)
+            for attempt in range(_MAX_GET_ATTEMPTS):
+                blocks = self.index.lookup(seed, chunks)
+                if attempt == 0:
+                    self._count_lookups(blocks, len(chunks))
+                if not blocks:
+                    break
+                self.index.touch(blocks)
+                self.index.acquire(blocks)
+                try:
+                    corrupt = self._promote(blocks)
+                    if not corrupt:
+                        rows, corrupt = self._gather(blocks, out_device)
+                finally:
+                    self.index.release(blocks)
+                if not corrupt:
+                    return rows.view(self.layout.dtype).reshape(len(blocks), *self.layout.block_shape)
+                for block, t in corrupt:
+                    self._discard_copy(block, t)
+            return torch.empty((0, *self.layout.block_shape), dtype=self.layout.dtype, device=out_device)
 
     def lease(self, tokens: Tokens, owner: str | None = None, tenant: str | None = None) -> Lease:
         """Pin the stored prefix of `tokens` until the lease is released.
@@ -230,8 +303,7 @@ class BlockStore:
         """
         chunks = self._chunks(tokens)
         seed = self._seed(tenant)
-        with self._lock:
-            self._check_open()
+        with self._locked():
             blocks = self.index.lookup(seed, chunks)
             self.index.touch(blocks)
             self.index.acquire(blocks)
@@ -277,6 +349,7 @@ class BlockStore:
                     "hits": c.hits,
                     "misses": c.misses,
                     "evictions": c.evictions,
+                    "corrupt": c.corrupt,
                     "bytes_in": c.bytes_in,
                     "bytes_out": c.bytes_out,
                 }
@@ -289,6 +362,13 @@ class BlockStore:
                 "puts": self._counters.puts,
                 "gets": self._counters.gets,
                 "leased_owners": len(self._leases),
+                "disk": None if self._disk is None else {
+                    "path": str(self._disk.directory),
+                    "io": self._disk.tier.io_path,
+                    "durability": self.config.durability,
+                    "recovered_blocks": self.recovery.blocks,
+                    "recovery_dropped": self.recovery.dropped,
+                },
             }
 
     def prometheus(self) -> str:
@@ -305,23 +385,29 @@ class BlockStore:
         reserved: list[tuple[int, list[int]]] = []
         remaining = n
         try:
-            for t in range(len(self.tiers)):
-                slots = self._reserve(t, remaining)
-                reserved.append((t, slots))
-                remaining -= len(slots)
-                if remaining == 0:
-                    break
+            # First without deleting anything that could still move down; then, if the chain
+            # still does not fit, allow deleting blocks nothing depends on.
+            for drop_stuck in (False, True):
+                for t in range(len(self.tiers)):
+                    if remaining == 0:
+                        break
+                    slots = self._reserve(t, remaining, drop_stuck)
+                    reserved.append((t, slots))
+                    remaining -= len(slots)
             if remaining:
                 raise CapacityError(self._capacity_message(n, n - remaining))
         except BaseException:
             for t, slots in reserved:
                 self.tiers[t].free(slots)
             raise
+        by_tier: dict[int, list[int]] = defaultdict(list)
+        for t, slots in reserved:
+            by_tier[t] += slots
         tiers_of: list[int] = []
         slots_of: list[int] = []
-        for t, slots in reversed(reserved):  # slowest tier first: it takes the head of the chain
-            tiers_of += [t] * len(slots)
-            slots_of += slots
+        for t in sorted(by_tier, reverse=True):  # slowest tier first: it takes the head of the chain
+            tiers_of += [t] * len(by_tier[t])
+            slots_of += by_tier[t]
         return tiers_of, slots_of
 
     def _capacity_message(self, need: int, room: int) -> str:
@@ -333,13 +419,13 @@ class BlockStore:
             "Release leases, store a shorter prefix, or raise device_bytes / host_bytes."
         )
 
-    def _reserve(self, t: int, n: int) -> list[int]:
+    def _reserve(self, t: int, n: int, drop_stuck: bool = False) -> list[int]:
         """Up to `n` free slots of tier `t`, evicting its least-recently-used leaves as needed.
 
         A victim that has a copy in a slower tier just leaves; one that has not is demoted to
         the next tier (which may evict in turn); the last tier deletes. A victim that cannot
-        be demoted for lack of room below is deleted if no resident block depends on it, else
-        it stays, and fewer slots are returned.
+        be demoted for lack of room below stays, and fewer slots are returned — unless
+        `drop_stuck` and no resident block depends on it: then it is deleted.
         """
         index, tier = self.index, self.tiers[t]
         slots = tier.allocate(n)
@@ -362,13 +448,15 @@ class BlockStore:
         dst = self._reserve(t + 1, len(moving))
         if dst:
             src = [old for _, old in moving[: len(dst)]]
-            self.tiers[t + 1].write(dst, tier.read(src))
+            # Not verified here: a corrupt copy keeps its original checksum below and is
+            # caught when it is next read to be served.
+            self._write(t + 1, dst, tier.read(src), [victim for victim, _ in moving[: len(dst)]])
             self._counters.moved_bytes(tier.name, self._names[t + 1], len(dst) * tier.slot_bytes)
             for (victim, old), new in zip(moving, dst):
                 index.set_slot(victim, t + 1, new)
                 slots.append(old)
         for victim, old in moving[len(dst) :]:
-            if victim.has_resident_children():
+            if victim.has_resident_children() or not drop_stuck:
                 index.set_slot(victim, t, old)
                 index.clear_slot(victim, t + 1)
                 self._counters.tiers[tier.name].evictions -= 1
@@ -378,36 +466,88 @@ class BlockStore:
                 self._counters.dropped += 1
         return slots
 
-    def _promote(self, blocks: list[Block]) -> None:
-        """Copy leased `blocks` that live only in slower tiers up to the device tier, as room allows."""
+    def _promote(self, blocks: list[Block]) -> list[tuple[Block, int]]:
+        """Copy leased `blocks` that live only in slower tiers up to the device tier, as room allows.
+
+        Returns the (block, tier) copies that failed verification; they were not promoted.
+        """
         slow = [b for b in blocks if b.slots[0] == ABSENT]
         if not slow:
-            return
+            return []
         dst = self._reserve(0, len(slow))
         lifted = slow[: len(dst)]
+        corrupt: list[tuple[Block, int]] = []
         for src_tier, picks in _group_by(range(len(lifted)), [b.fastest for b in lifted]).items():
-            src_slots = [lifted[i].slots[src_tier] for i in picks]
-            dst_slots = [dst[i] for i in picks]
-            self.tiers[0].write(dst_slots, self.tiers[src_tier].read(src_slots))
-            self._counters.moved_bytes(self._names[src_tier], self._names[0], len(picks) * self.layout.block_bytes)
-        for block, slot in zip(lifted, dst):
-            self.index.set_slot(block, 0, slot)
+            group = [lifted[i] for i in picks]
+            slots = [dst[i] for i in picks]
+            rows, bad = self._read(src_tier, group)
+            if bad:
+                self.tiers[0].free([slots[i] for i in bad])
+                corrupt += [(group[i], src_tier) for i in bad]
+                good = [i for i in range(len(group)) if i not in set(bad)]
+                group, slots, rows = [group[i] for i in good], [slots[i] for i in good], rows[good]
+            self._write(0, slots, rows, group)
+            for block, slot in zip(group, slots):
+                self.index.set_slot(block, 0, slot)
+            self._counters.moved_bytes(self._names[src_tier], self._names[0], len(group) * self.layout.block_bytes)
+        return corrupt
 
-    def _gather(self, blocks: list[Block], device: torch.device) -> torch.Tensor:
-        """One `[n, block_bytes]` uint8 tensor on `device` with each block read from its fastest tier."""
-        fastest = [b.fastest for b in blocks]
-        groups = _group_by(range(len(blocks)), fastest)
-        if len(groups) == 1:
-            (t,) = groups
-            rows = self.tiers[t].read([b.slots[t] for b in blocks]).to(device)
-            self._counters.moved_bytes(self._names[t], "get", rows.numel())
-            return rows
-        out = torch.empty((len(blocks), self.layout.block_bytes), dtype=torch.uint8, device=device)
+    def _gather(self, blocks: list[Block], device: torch.device) -> tuple[torch.Tensor, list[tuple[Block, int]]]:
+        """One `[n, block_bytes]` uint8 tensor on `device`, each block read from its fastest tier."""
+        groups = _group_by(range(len(blocks)), [b.fastest for b in blocks])
+        corrupt: list[tuple[Block, int]] = []
+        out: torch.Tensor | None = None
         for t, picks in groups.items():
-            part = self.tiers[t].read([blocks[i].slots[t] for i in picks]).to(device)
-            out.index_copy_(0, torch.as_tensor(picks, device=device), part)
+            part, bad = self._read(t, [blocks[i] for i in picks])
+            corrupt += [(blocks[picks[i]], t) for i in bad]
+            part = part.to(device)
             self._counters.moved_bytes(self._names[t], "get", part.numel())
-        return out
+            if len(groups) == 1:
+                out = part
+            else:
+                if out is None:
+                    out = torch.empty((len(blocks), self.layout.block_bytes), dtype=torch.uint8, device=device)
+                out.index_copy_(0, torch.as_tensor(picks, device=device), part)
+        assert out is not None
+        return out, corrupt
+
+    def _read(self, t: int, blocks: list[Block]) -> tuple[torch.Tensor, list[int]]:
+        """Rows of `blocks` from tier `t`, and the positions whose checksum did not match."""
+        rows = self.tiers[t].read([b.slots[t] for b in blocks])
+        if t == 0 or not self.config.verify_reads:
+            return rows, []
+        sums = checksum_rows(rows)
+        bad = [i for i, (b, s) in enumerate(zip(blocks, sums)) if b.checksum is not None and b.checksum != s]
+        self._counters.tiers[self._names[t]].corrupt += len(bad)
+        return rows, bad
+
+    def _write(self, t: int, slots: list[int], rows: torch.Tensor, blocks: list[Block]) -> None:
+        """Write rows into tier `t`; bytes entering host or disk get their checksum here."""
+        if t > 0:
+            rows = rows.to("cpu")
+            if any(b.checksum is None for b in blocks):
+                for b, s in zip(blocks, checksum_rows(rows)):
+                    if b.checksum is None:
+                        b.checksum = s
+        tier = self.tiers[t]
+        if t == self._disk_tier and self.config.durability == "every":
+            for i, (slot, block) in enumerate(zip(slots, blocks)):
+                tier.write([slot], rows[i : i + 1])
+                self._disk.commit_written(block, slot)
+            return
+        tier.write(slots, rows)
+
+    def _discard_copy(self, block: Block, t: int) -> None:
+        """Forget a copy that failed verification; without another copy, its subtree goes too."""
+        if self.index.blocks.get(block.key) is not block or block.slots[t] < 0:
+            return
+        if any(s >= 0 for u, s in enumerate(block.slots) if u != t):
+            self.tiers[t].free([self.index.clear_slot(block, t)])
+            return
+        for b in reversed(self.index.subtree(block)):
+            for u, s in enumerate(b.slots):
+                if s >= 0:
+                    self.tiers[u].free([self.index.clear_slot(b, u)])
 
     def _count_lookups(self, blocks: list[Block], requested: int) -> None:
         for t, name in enumerate(self._names):

@@ -1,0 +1,155 @@
+"""What this machine offers tierkv, found out without side effects: the data behind `tierkv info`.
+
+Every probe reports what it saw, including why something is unavailable, and none of them may
+hang or crash on a machine without a GPU. In particular kvikio's file I/O (and opening the
+cuFile driver) is never touched here: without a CUDA driver it fails or hangs, and with one
+it is a costly step that `info` has no business taking.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .config import StoreConfig
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a capability is usable here, and a one-line account of what was found."""
+
+    available: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class GPU:
+    index: int
+    name: str
+    memory_bytes: int
+    compute_capability: str
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    python: str
+    platform: str
+    cpu_count: int
+    torch_version: str
+    torch_build: str  # "CUDA 12.8", "ROCm 6.2" or "CPU"
+    gpus: list[GPU]
+    cuda_driver: Probe
+    pinned_memory: Probe
+    kvikio: Probe
+    config: dict[str, Any] | None
+    config_error: str | None
+    device_tier: str  # where a `BlockStore` made from this config would keep its device tier
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def torch_build() -> str:
+    if torch.version.cuda:
+        return f"CUDA {torch.version.cuda}"
+    if torch.version.hip:
+        return f"ROCm {torch.version.hip}"
+    return "CPU"
+
+
+def detect_gpus() -> list[GPU]:
+    if not torch.cuda.is_available():
+        return []
+    found = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        found.append(GPU(index=i, name=p.name, memory_bytes=p.total_memory, compute_capability=f"{p.major}.{p.minor}"))
+    return found
+
+
+def probe_cuda_driver() -> Probe:
+    """Initialise the CUDA driver API through cuda-python and read its version."""
+    try:
+        from cuda.bindings import driver
+    except ImportError as e:
+        return Probe(False, f"cuda-python is not installed ({e}); cannot query the driver")
+    try:
+        (err,) = driver.cuInit(0)
+    except RuntimeError as e:  # cuda-python raises when libcuda.so cannot be loaded at all
+        return Probe(False, f"no CUDA driver: {e}")
+    if err != driver.CUresult.CUDA_SUCCESS:
+        return Probe(False, f"no CUDA driver: cuInit failed with {err.name}")
+    err, version = driver.cuDriverGetVersion()
+    if err != driver.CUresult.CUDA_SUCCESS:
+        return Probe(False, f"CUDA driver present but cuDriverGetVersion failed with {err.name}")
+    return Probe(True, f"CUDA driver API {version // 1000}.{version % 1000 // 10}")
+
+
+def probe_pinned_memory() -> Probe:
+    """Page-locked host memory is a CUDA facility: only try it where torch sees CUDA."""
+    if not torch.cuda.is_available():
+        return Probe(False, "unavailable: torch sees no CUDA device, so the host tier uses plain memory")
+    try:
+        torch.empty(1, pin_memory=True)
+    except RuntimeError as e:
+        return Probe(False, f"pinning failed: {e}")
+    return Probe(True, "works; the host tier is pinned")
+
+
+def probe_kvikio(driver: Probe) -> Probe:
+    """kvikio's presence and compat-mode setting, read from `kvikio.defaults` only.
+
+    Whether GPUDirect Storage is really used is decided by kvikio when the first file is
+    opened (compat mode AUTO tries cuFile, then falls back to POSIX); that is not done here.
+    """
+    try:
+        import kvikio
+    except ImportError:
+        return Probe(False, "kvikio not installed (the 'gpu' extra installs it)")
+    version = kvikio.__version__
+    if not driver.available:
+        return Probe(False, f"kvikio {version} installed, no CUDA driver so file I/O through it is unavailable")
+    name = kvikio.defaults.get("compat_mode").name
+    return Probe(True, f"kvikio {version}, compat_mode {name}: {_COMPAT_MODES[name]}")
+
+
+_COMPAT_MODES = {
+    "ON": "POSIX I/O through bounce buffers, no GDS",
+    "OFF": "GDS through cuFile required",
+    "AUTO": "GDS through cuFile where available, else POSIX",
+}
+
+
+def config_in_effect(environ: dict[str, str] | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """`StoreConfig.from_env()` as a dict, or the error that stops it, never an exception."""
+    try:
+        return StoreConfig.from_env(environ).to_dict(), None
+    except ConfigError as e:
+        return None, str(e)
+
+
+def collect(environ: dict[str, str] | None = None) -> MachineInfo:
+    driver = probe_cuda_driver()
+    config, error = config_in_effect(environ)
+    device = "unknown (config error)"
+    if config is not None:
+        device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu (no CUDA device)")
+    return MachineInfo(
+        python=platform.python_version(),
+        platform=f"{platform.system()} {platform.machine()}",
+        cpu_count=os.cpu_count() or 0,
+        torch_version=torch.__version__,
+        torch_build=torch_build(),
+        gpus=detect_gpus(),
+        cuda_driver=driver,
+        pinned_memory=probe_pinned_memory(),
+        kvikio=probe_kvikio(driver),
+        config=config,
+        config_error=error,
+        device_tier=device,
+    )

@@ -1,0 +1,151 @@
+"""The disk tier's lifecycle: open a store directory, recover its blocks, commit, close.
+
+The store decides what moves; this module makes what lands on disk survive a crash: data
+first, made durable per the durability setting, then the manifest entry in one LMDB commit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import StoreConfig
+from .errors import TierKVError
+from .index import Block, Index
+from .layout import KVLayout
+from .manifest import DirectoryLock, Manifest, Record
+from .namespace import Namespace
+from .tiers.disk import DiskTier, slot_stride
+
+
+def prepare_directory(path: str) -> Path:
+    """The disk tier's directory, created if only its last component is missing."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise TierKVError(f"disk_path {p} is a file, not a directory; point disk_path at a directory")
+    if not p.exists():
+        if not p.parent.is_dir():
+            raise TierKVError(f"disk_path {p} does not exist, nor does its parent {p.parent}; create it first")
+        try:
+            p.mkdir()
+        except OSError as e:
+            raise TierKVError(f"disk_path {p} cannot be created: {e.strerror}") from None
+    if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
+        raise TierKVError(f"disk_path {p}: permission denied (the store needs read and write access)")
+    return p
+
+
+@dataclass
+class Recovery:
+    """What a warm start found in the manifest."""
+
+    blocks: int = 0
+    dropped: int = 0  # entries that could not be trusted: orphans, bad slots, duplicates
+
+
+class DiskPersistence:
+    """Owns the disk tier, its manifest and the directory lock of one open store."""
+
+    def __init__(self, config: StoreConfig, layout: KVLayout, namespace: Namespace) -> None:
+        assert config.disk_path is not None
+        self.directory = prepare_directory(config.disk_path)
+        self.durability = config.durability
+        self._lock = DirectoryLock(self.directory)
+        try:
+            self.manifest = Manifest(self.directory, durable=config.durability != "none")
+            identity = {
+                "layout": layout.to_dict(),
+                "namespace": {k: v for k, v in namespace.to_dict().items() if k != "tenant"},
+                "block_bytes": layout.block_bytes,
+            }
+            self.existed = self.manifest.check_identity(identity)
+            num_slots = config.disk_bytes // slot_stride(layout.block_bytes)
+            self.tier = DiskTier(self.directory, num_slots, layout.block_bytes, io_threads=config.io_threads)
+        except BaseException:
+            if hasattr(self, "manifest"):
+                self.manifest.close()
+            self._lock.release()
+            raise
+
+    def recover(self, index: Index, tier: int) -> Recovery:
+        """Rebuild the index entries of every trustworthy manifest record, parents first.
+
+        A record is dropped if its parent is missing, its slot is out of range (disk_bytes
+        shrank) or already taken, or its parent chain loops: none of them can be served.
+        """
+        records = self.manifest.load()
+        by_key = {r.key: r for r in records}
+        resolved: dict[bytes, Block | None] = {}  # key -> Block, or None when dropped
+        used: set[int] = set()
+        dropped: list[bytes] = []
+        for record in records:
+            chain: list[Record] = []
+            seen: set[bytes] = set()
+            cur: Record | None = record
+            parent: Block | None = None
+            parent_ok = True
+            while cur is not None:
+                if cur.key in resolved:
+                    parent = resolved[cur.key]
+                    parent_ok = parent is not None
+                    break
+                if cur.key in seen:
+                    parent_ok = False
+                    break
+                seen.add(cur.key)
+                chain.append(cur)
+                if cur.is_root:
+                    break
+                cur = by_key.get(cur.parent_key)
+                if cur is None:
+                    parent_ok = False
+            for rec in reversed(chain):
+                if parent_ok and 0 <= rec.slot < self.tier.num_slots and rec.slot not in used:
+                    parent = index.add(rec.key, rec.ident, parent, tier, rec.slot, rec.last_use)
+                    parent.checksum = rec.checksum
+                    used.add(rec.slot)
+                    resolved[rec.key] = parent
+                else:
+                    parent_ok = False
+                    resolved[rec.key] = None
+                    dropped.append(rec.key)
+        index.dirty.clear()
+        index.advance_tick(max((r.last_use for r in records), default=0))
+        self.tier.take(used)
+        self.manifest.commit([], dropped)
+        return Recovery(blocks=len(used), dropped=len(dropped))
+
+    def commit(self, index: Index, tier: int) -> None:
+        """Make pending disk writes durable, then record them (and removals) in the manifest."""
+        if not index.dirty:
+            return
+        puts: list[Record] = []
+        deletes: list[bytes] = []
+        for key, b in index.dirty.items():
+            slot = b.slots[tier]
+            if slot >= 0 and index.blocks.get(key) is b:
+                assert b.checksum is not None, "a block reached disk without a checksum"
+                puts.append(Record(key, slot, b.checksum, b.last_use, b.parent is None, b.ident))
+            else:
+                deletes.append(key)
+        index.dirty.clear()
+        if self.durability != "none":
+            self.tier.sync()
+        self.manifest.commit(puts, deletes)
+
+    def commit_written(self, block: Block, slot: int) -> None:
+        """durability="every": make one block durable and record it before the next is written."""
+        assert block.checksum is not None
+        self.tier.sync()
+        self.manifest.commit([Record(block.key, slot, block.checksum, block.last_use, block.parent is None, block.ident)], [])
+
+    def save_recency(self, index: Index, tier: int) -> None:
+        """Write every disk block's last use, so a restart evicts in the order we would have."""
+        index.dirty.update((b.key, b) for b in index.blocks.values() if b.slots[tier] >= 0)
+        self.commit(index, tier)
+
+    def close(self) -> None:
+        self.tier.close()
+        self.manifest.close()
+        self._lock.release()
