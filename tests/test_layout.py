@@ -52,11 +52,6 @@ def test_kv_factor_must_be_1_or_2(value: object) -> None:
         layout(kv_factor=value)
 
 
-@pytest.mark.xfail(
-    reason="bug: KVLayout accepts kv_factor=True/1.0/2.0 (`in (1, 2)` compares by ==), "
-    "so block_bytes becomes a float and block_shape holds a bool",
-    strict=True,
-)
 @pytest.mark.parametrize("value", [True, 1.0, 2.0])
 def test_kv_factor_rejects_bool_and_float(value: object) -> None:
     with pytest.raises(ValueError, match="kv_factor"):

@@ -367,7 +367,7 @@ def test_put_raises_capacity_error_when_everything_is_leased(layout) -> None:
         leases = [store.lease(a), store.lease(b)]
         before = store.stats()
         c = prompt(200, 1)
-        with pytest.raises(CapacityError, match=r"cannot store 1 new blocks.*device 2, host 2.*4 stored blocks are leased"):
+        with pytest.raises(CapacityError, match=r"cannot store 1 new blocks.*device 2, host 2.*leased"):
             store.put(c, kv_for(layout, c))
         after = store.stats()
         assert after.pop("puts") == before.pop("puts") + 1  # the attempt is counted, nothing else
@@ -392,13 +392,8 @@ def test_put_bigger_than_total_capacity_stores_nothing(layout) -> None:
         assert store.put(big[:24], kv_for(layout, big[:24])) == 6  # exactly fits
 
 
-@pytest.mark.xfail(
-    reason="bug: BlockStore._place evicts (and drops) old blocks before finding out the put "
-    "cannot fit, so a CapacityError for an oversized put wipes the store, contrary to the "
-    "CapacityError docstring ('a failed put leaves the store as it was')",
-    strict=True,
-)
 def test_oversized_put_leaves_old_data_in_place(layout) -> None:
+    """A put that cannot fit must be refused before it evicts anything (CapacityError's promise)."""
     with make_store(2, 4, layout) as store:
         old = prompt(0, 3)
         store.put(old, kv_for(layout, old))
@@ -413,6 +408,28 @@ def test_oversized_put_leaves_old_data_in_place(layout) -> None:
         assert_get_exact(store, old, 3)
 
 
+def test_put_larger_than_unleased_room_evicts_nothing(layout) -> None:
+    with make_store(2, 4, layout) as store:
+        a, b = prompt(0, 3), prompt(100, 2)
+        store.put(a, kv_for(layout, a))
+        store.put(b, kv_for(layout, b))
+        with store.lease(a):
+            before = store.stats()
+            c = prompt(200, 4)  # 6 slots, 3 of them leased: 4 new blocks can never fit
+            with pytest.raises(CapacityError, match="cannot store 4 new blocks"):
+                store.put(c, kv_for(layout, c))
+            after = store.stats()
+            after.pop("puts"), before.pop("puts")
+            assert after == before
+            assert store.match(b) == 8
+            d = prompt(300, 3)  # exactly the unleased room: b is evicted to make it
+            assert store.put(d, kv_for(layout, d)) == 3
+            assert store.match(a) == 12 and store.match(b) == 0 and store.match(d) == 12
+            check_index_invariants(store)
+        assert_get_exact(store, a, 3)
+        assert_get_exact(store, d, 3)
+
+
 def test_collision_in_store_index_is_a_miss(layout) -> None:
     with make_store(4, 4, layout) as store:
         a = prompt(0, 2)
@@ -423,22 +440,17 @@ def test_collision_in_store_index_is_a_miss(layout) -> None:
         assert_get_exact(store, a, 1)
 
 
-@pytest.mark.xfail(
-    reason="bug: after a key collision, put() of the colliding tokens raises KeyError "
-    "('block already indexed') from Index.add after it reserved and wrote tier slots, "
-    "which are leaked",
-    strict=True,
-)
 def test_put_over_a_collision_neither_crashes_nor_leaks(layout) -> None:
+    """Re-putting tokens whose key is taken by other tokens stores up to the collision, no further."""
     with make_store(4, 4, layout) as store:
         a = prompt(0, 2)
         store.put(a, kv_for(layout, a))
         second = store.index.lookup(store._seed(None), store._chunks(a))[1]
         second.ident = second.ident[:-1] + bytes([second.ident[-1] ^ 1])
-        store.put(a, kv_for(layout, a))
+        assert store.put(a, kv_for(layout, a)) == 0
         check_index_invariants(store)
-        got = store.get(a)
-        assert same_bits(got, kv_for(layout, a)[: got.shape[0]])
+        assert len(store.index) == 2
+        assert_get_exact(store, a, 1)
 
 
 # -- lifecycle -----------------------------------------------------------------------
