@@ -1,0 +1,162 @@
+"""Prefix reuse for Hugging Face transformers: the longest stored prefix of a prompt is never recomputed.
+
+    from tierkv_connectors.hf import TierKV
+    tkv = TierKV(model)                                   # a BlockStore keyed by this model
+    out = tkv.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=64)
+    tok.batch_decode(out.sequences)
+
+`TierKV.generate` is a thin wrapper over `model.generate`: it builds a `TierKVCache` (a
+`DynamicCache` pre-filled from the store), passes it as `past_key_values`, and can store the
+generated tokens' blocks afterwards. Use `TierKV.cache` to drive `model.generate` yourself.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
+
+from tierkv import BlockStore, StoreConfig
+
+from .hf_cache import TierKVCache, left_padded_rows
+from .hf_model import (
+    ModelKV,
+    UnsupportedModelError,
+    describe_model,
+    fingerprint_weights,
+    model_namespace,
+    namespace_for,
+)
+
+__all__ = [
+    "GenerateResult",
+    "ModelKV",
+    "TierKV",
+    "TierKVCache",
+    "UnsupportedModelError",
+    "describe_model",
+    "fingerprint_weights",
+    "namespace_for",
+]
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What `generate` returned, and what reuse did, one list entry per prompt row."""
+
+    sequences: torch.Tensor
+    prompt_tokens: list[int]
+    reused_tokens: list[int]
+    computed_tokens: list[int]
+    stored_blocks: int
+
+
+class TierKV:
+    """One model's prefix reuse: the model, its `BlockStore`, and caches built for its prompts.
+
+    `config` sizes the store's tiers (`StoreConfig`); `block_tokens` is the tokens per stored
+    block. `name`, `weights_fingerprint` and `adapter` override the model's identity (see
+    `model_namespace`). Models whose cache is not plain per-layer K/V raise `UnsupportedModelError`.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: StoreConfig | None = None,
+        *,
+        block_tokens: int = 16,
+        name: str | None = None,
+        weights_fingerprint: str | None = None,
+        adapter: str = "",
+    ) -> None:
+        self.model = model
+        self.model_kv: ModelKV = describe_model(model)
+        self.layout = self.model_kv.layout(block_tokens)
+        self.namespace = model_namespace(model, name=name, weights_fingerprint=weights_fingerprint, adapter=adapter)
+        self.store = BlockStore(self.layout, self.namespace, config)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> TierKV:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cache(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        tenant: str | None = None,
+        save_prompt: bool = True,
+    ) -> TierKVCache:
+        """A cache holding the stored prefix of each prompt row, for `model.generate(past_key_values=...)`."""
+        return TierKVCache(self.store, self.model_kv, input_ids, attention_mask, tenant=tenant, save_prompt=save_prompt)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        streamer: BaseStreamer | None = None,
+        store_generated: bool = False,
+        tenant: str | None = None,
+    ) -> GenerateResult:
+        """`model.generate` with prefix reuse; with `store_generated`, the reply's blocks are stored too.
+
+        `generation_config` defaults to the model's; greedy and sampling work, beam search and
+        several sequences per prompt do not (one cache row per prompt row).
+        """
+        config = copy.deepcopy(generation_config if generation_config is not None else self.model.generation_config)
+        if max_new_tokens is not None:
+            config.max_new_tokens = max_new_tokens
+        _check_generation_config(config)
+        if attention_mask is None:
+            # Explicit, so generate does not guess padding from pad_token_id behind the cache's back.
+            left_padded_rows(input_ids, None)
+            attention_mask = torch.ones_like(input_ids)
+        cache = self.cache(input_ids, attention_mask, tenant=tenant)
+        sequences = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            generation_config=config,
+            streamer=streamer,
+        )
+        if store_generated:
+            cache.save_sequences(sequences)
+        return GenerateResult(
+            sequences=sequences,
+            prompt_tokens=cache.prompt_tokens,
+            reused_tokens=cache.reused_tokens,
+            computed_tokens=cache.computed_tokens,
+            stored_blocks=cache.stored_blocks,
+        )
+
+
+def _check_generation_config(config: GenerationConfig) -> None:
+    # Unset fields are None in transformers 5 and mean the defaults (1 beam, 1 sequence).
+    if (config.num_beams or 1) != 1:
+        raise ValueError(f"num_beams={config.num_beams}: beam search is not supported with prefix reuse (one cache row per prompt)")
+    if (config.num_return_sequences or 1) != 1:
+        raise ValueError(
+            f"num_return_sequences={config.num_return_sequences}: several sequences per prompt are not supported "
+            "with prefix reuse; repeat the prompt in the batch instead"
+        )
+    if config.cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"cache_implementation={config.cache_implementation!r}: tierkv fills a plain DynamicCache; "
+            "quantized, static and offloaded caches cannot hold the stored blocks"
+        )
+    config.cache_implementation = None  # generate refuses a cache object next to any cache_implementation
+    if config.use_cache is False:
+        raise ValueError("use_cache=False: prefix reuse needs the KV cache")
+    if config.return_dict_in_generate:
+        raise ValueError("return_dict_in_generate=True is not supported by TierKV.generate; use TierKV.cache with model.generate")
