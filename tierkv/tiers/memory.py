@@ -2,6 +2,11 @@
 
 The same class serves as the device tier on a CPU-only machine, which is what lets the whole
 store, eviction and promotion included, be tested without a GPU.
+
+Copies go through `tierkv.ops.transfer.copy_slots`, which picks a copy kernel, copy-engine DMA or
+plain torch indexing by direction and block size. GPU copies into or out of pinned host slots
+run asynchronously; the tier remembers the last one, and any CPU access to its slots waits for
+that event first (a wait on one event, not a device synchronisation).
 """
 
 from __future__ import annotations
@@ -10,11 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..ops.transfer import copy_slots
 from .base import Tier
-
-
-def _index(slots: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(slots, dtype=torch.long).to(device, non_blocking=True)
 
 
 def _contiguous_run(slots: Sequence[int]) -> tuple[int, int] | None:
@@ -35,18 +37,43 @@ class MemoryTier(Tier):
             raise ValueError(f"{name} tier: only CPU memory can be pinned, not {self._device}")
         self.pinned = pin
         self.storage = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, device=self._device, pin_memory=pin)
+        # Last GPU copy touching these (CPU) slots, and the transient tensors it reads, kept alive until it is done.
+        self._gpu_event: torch.cuda.Event | None = None
+        self._held: list[tuple[torch.cuda.Event, torch.Tensor]] = []
 
     @property
     def device(self) -> torch.device:
         return self._device
 
+    def _cpu_access(self) -> None:
+        """Before the CPU reads or writes host slots: let the last GPU copy on them finish."""
+        if self._gpu_event is not None:
+            self._gpu_event.synchronize()
+            self._gpu_event = None
+        self._held.clear()
+
+    def _after_gpu_copy(self, event: torch.cuda.Event | None, keep: torch.Tensor | None = None) -> None:
+        if event is None:
+            return
+        if self._device.type == "cpu":
+            self._gpu_event = event
+        self._held = [(e, t) for e, t in self._held if not e.query()]
+        if keep is not None:  # pinned rows a DMA still reads: torch's host allocator must not hand them out yet
+            self._held.append((event, keep))
+
     def read(self, slots: Sequence[int]) -> torch.Tensor:
+        if self._device.type == "cpu":
+            self._cpu_access()
         if not slots:
             return self.storage[:0].clone()
         run = _contiguous_run(slots)
         if run is not None:
             return self.storage[run[0] : run[1]].clone()
-        return self.storage.index_select(0, _index(slots, self._device))
+        if self._device.type == "cpu":
+            return self.storage.index_select(0, torch.as_tensor(slots, dtype=torch.long))
+        out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, device=self._device)
+        copy_slots(self.storage, slots, out, range(len(slots)))
+        return out
 
     def write(self, slots: Sequence[int], rows: torch.Tensor) -> None:
         if not slots:
@@ -56,20 +83,38 @@ class MemoryTier(Tier):
                 f"{self.name} tier: write needs uint8 rows of shape {(len(slots), self.slot_bytes)}, "
                 f"got {rows.dtype} {tuple(rows.shape)}"
             )
-        run = _contiguous_run(slots)
-        if run is not None:
-            self.storage[run[0] : run[1]].copy_(rows, non_blocking=True)
+        if self._device.type == "cpu" and not rows.is_cuda:
+            self._cpu_access()  # a plain CPU copy follows
+        rows = rows.contiguous()
+        event = copy_slots(rows, range(len(slots)), self.storage, slots)
+        self._after_gpu_copy(event, keep=rows if rows.device.type == "cpu" else None)
+
+    def copy_to(self, slots: Sequence[int], other: MemoryTier, other_slots: Sequence[int]) -> None:
+        """Copy our `slots` into `other`'s `other_slots` in one batched transfer, with no temporary rows."""
+        if len(slots) != len(other_slots):
+            raise ValueError(f"{self.name} -> {other.name}: {len(slots)} source slots for {len(other_slots)} destinations")
+        if other.slot_bytes != self.slot_bytes:
+            raise ValueError(f"{self.name} -> {other.name}: slot sizes differ ({self.slot_bytes} != {other.slot_bytes})")
+        if not slots:
             return
-        if rows.device != self._device:
-            rows = rows.to(self._device, non_blocking=True)
-        self.storage.index_copy_(0, _index(slots, self._device), rows)
+        gpu = self._device.type == "cuda" or other._device.type == "cuda"
+        for tier in (self, other):
+            if tier._device.type == "cpu" and not (gpu and tier.pinned):
+                tier._cpu_access()
+        event = copy_slots(self.storage, slots, other.storage, other_slots)
+        self._after_gpu_copy(event)
+        other._after_gpu_copy(event)
 
     def view(self, slots: Sequence[int]) -> torch.Tensor:
         """Rows of the given slots without a copy where they are consecutive (else a gather)."""
+        if self._device.type == "cpu":
+            self._cpu_access()
         run = _contiguous_run(slots) if slots else (0, 0)
         if run is not None:
             return self.storage[run[0] : run[1]]
         return self.read(slots)
 
     def close(self) -> None:
+        if self._device.type == "cpu":
+            self._cpu_access()
         self.storage = self.storage[:0]

@@ -1,0 +1,73 @@
+"""Copy-engine transfers: many (dst, src, size) copies queued by one `cuMemcpyBatchAsync` call.
+
+DMA copies use no SMs, so they do not slow the model's kernels the way a copy kernel that
+streams over PCIe does. The driver's batch call needs a stream other than the legacy default
+stream, so DMA always runs on a per-device copy stream that is ordered after the caller's
+stream on entry and before it on exit (see `transfer.py`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from .cuda_build import KernelError, check_cuda, cuda_driver
+
+BATCH_ENTRIES = 1024  # queue in slices so the copy engines start while later entries are built
+
+_streams: dict[int, torch.cuda.Stream] = {}
+_lock = threading.Lock()
+_attrs: object | None = None
+
+
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The per-device stream all DMA batches run on (created once)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        s = _streams.get(index)
+        if s is None:
+            s = _streams[index] = torch.cuda.Stream(device=index)
+        return s
+
+
+def runs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Maximal (a_start, b_start, length) runs where both index lists advance by one together."""
+    out: list[tuple[int, int, int]] = []
+    i, n = 0, len(a)
+    while i < n:
+        j = i + 1
+        while j < n and a[j] == a[j - 1] + 1 and b[j] == b[j - 1] + 1:
+            j += 1
+        out.append((a[i], b[i], j - i))
+        i = j
+    return out
+
+
+def _attributes() -> object:
+    global _attrs
+    if _attrs is None:
+        driver = cuda_driver()
+        attrs = driver.CUmemcpyAttributes()
+        attrs.srcAccessOrder = driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+        attrs.flags = driver.CUmemcpyFlags.CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE
+        _attrs = attrs
+    return _attrs
+
+
+def memcpy_batch(dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int], stream: torch.cuda.Stream) -> None:
+    """Queue `dsts[i] <- srcs[i]` (`sizes[i]` bytes each) on `stream` through the copy engines."""
+    if stream.cuda_stream == 0:
+        raise KernelError("cuMemcpyBatchAsync cannot run on the legacy default stream; use copy_stream()")
+    driver = cuda_driver()
+    attrs = [_attributes()]
+    for start in range(0, len(dsts), BATCH_ENTRIES):
+        stop = min(start + BATCH_ENTRIES, len(dsts))
+        count = stop - start
+        d = [driver.CUdeviceptr(x) for x in dsts[start:stop]]
+        s = [driver.CUdeviceptr(x) for x in srcs[start:stop]]
+        check_cuda(
+            driver.cuMemcpyBatchAsync(d, s, list(sizes[start:stop]), count, attrs, [0], 1, stream.cuda_stream),
+            f"cuMemcpyBatchAsync ({count} copies)",
+        )
