@@ -139,3 +139,15 @@ def test_memory_tier_copy_to_and_read_write() -> None:
         a.copy_to([0], c, [0])
     with pytest.raises(ValueError, match="write needs uint8 rows"):
         a.write([0], rows[:2])
+
+
+def test_dma_runs_merge_rows_that_advance_together() -> None:
+    from tierkv.ops import dma
+
+    a = torch.tensor([3, 4, 5, 9, 10, 2])
+    b = torch.tensor([7, 8, 0, 1, 2, 3])
+    starts_a, starts_b, lengths = dma.runs(a, b)
+    assert list(zip(starts_a.tolist(), starts_b.tolist(), lengths.tolist())) == [(3, 7, 2), (5, 0, 1), (9, 1, 2), (2, 3, 1)]
+    dsts, srcs, sizes = dma.entries(1000, a, 0, b, row_bytes=10)
+    assert dsts == [1030, 1050, 1090, 1020] and srcs == [70, 0, 10, 30] and sizes == [20, 10, 20, 10]
+    assert [t.numel() for t in dma.runs(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))] == [0, 0, 0]

@@ -170,7 +170,7 @@ class Module:
         self._make_current()
         params = (tuple(a.value for a in args), tuple(a.ctype for a in args))
         check_cuda(
-            driver.cuLaunchKernel(self.function(name), grid, 1, 1, block, 1, 1, 0, stream.cuda_stream, params, 0),
+            driver.cuLaunchKernel(self.function(name), grid, 1, 1, block, 1, 1, 0, driver.CUstream(stream.cuda_stream), params, 0),
             f"kernel {name} ({self.source})",
         )
 

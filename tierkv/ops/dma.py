@@ -32,17 +32,24 @@ def copy_stream(device: torch.device) -> torch.cuda.Stream:
         return s
 
 
-def runs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Maximal (a_start, b_start, length) runs where both index lists advance by one together."""
-    out: list[tuple[int, int, int]] = []
-    i, n = 0, len(a)
-    while i < n:
-        j = i + 1
-        while j < n and a[j] == a[j - 1] + 1 and b[j] == b[j - 1] + 1:
-            j += 1
-        out.append((a[i], b[i], j - i))
-        i = j
-    return out
+def runs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Maximal runs where both int64 CPU index tensors advance by one together: (a_starts, b_starts, lengths)."""
+    n = a.numel()
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty, empty
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = (a[1:] != a[:-1] + 1) | (b[1:] != b[:-1] + 1)
+    idx = starts.nonzero().flatten()
+    lengths = torch.diff(idx, append=torch.tensor([n]))
+    return a[idx], b[idx], lengths
+
+
+def entries(dst_base: int, dst_rows: torch.Tensor, src_base: int, src_rows: torch.Tensor,
+            row_bytes: int) -> tuple[list[int], list[int], list[int]]:
+    """DMA (dsts, srcs, sizes) copying row `src_rows[i]` to row `dst_rows[i]`, one entry per joint run."""
+    d0, s0, k = runs(dst_rows, src_rows)
+    return ((dst_base + d0 * row_bytes).tolist(), (src_base + s0 * row_bytes).tolist(), (k * row_bytes).tolist())
 
 
 def _attributes() -> object:
@@ -68,6 +75,6 @@ def memcpy_batch(dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int],
         d = [driver.CUdeviceptr(x) for x in dsts[start:stop]]
         s = [driver.CUdeviceptr(x) for x in srcs[start:stop]]
         check_cuda(
-            driver.cuMemcpyBatchAsync(d, s, list(sizes[start:stop]), count, attrs, [0], 1, stream.cuda_stream),
+            driver.cuMemcpyBatchAsync(d, s, list(sizes[start:stop]), count, attrs, [0], 1, driver.CUstream(stream.cuda_stream)),
             f"cuMemcpyBatchAsync ({count} copies)",
         )

@@ -233,9 +233,7 @@ def copy_slots(src: torch.Tensor, src_rows: Rows, dst: torch.Tensor, dst_rows: R
             kernels.copy_rows(s_pool, _upload(sr, s), d_pool, _upload(dr, s), row_bytes, s)
         return _done(s)
     if chosen == "dma":
-        entries = [(d_pool.data_ptr() + d * row_bytes, s_pool.data_ptr() + a * row_bytes, k * row_bytes)
-                   for a, d, k in dma.runs(sr.tolist(), dr.tolist())]
-        _dma(entries, s)
+        _dma(dma.entries(d_pool.data_ptr(), dr, s_pool.data_ptr(), sr, row_bytes), s)
         return _done(s)
     if s_pool.is_cuda:  # staged device -> host
         def fill(buf: torch.Tensor, items: torch.Tensor, start: int, stop: int) -> None:
@@ -345,11 +343,11 @@ def _arange(n: int, s: torch.cuda.Stream) -> torch.Tensor:
         return torch.arange(n, dtype=torch.int64, device=s.device)
 
 
-def _dma(entries: list[tuple[int, int, int]], s: torch.cuda.Stream) -> None:
+def _dma(entries: tuple[list[int], list[int], list[int]], s: torch.cuda.Stream) -> None:
     """Queue DMA entries on the copy stream, ordered after everything on `s` and before what follows on it."""
     cs = dma.copy_stream(s.device)
     cs.wait_stream(s)
-    dma.memcpy_batch([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries], cs)
+    dma.memcpy_batch(*entries, cs)
     s.wait_stream(cs)
 
 
@@ -369,11 +367,11 @@ def _staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Te
     copy stream; a buffer is refilled only after its DMA's event.
     """
     order = torch.argsort(host_rows)
-    sorted_rows = host_rows[order].tolist()
+    sorted_rows = host_rows[order]
     dev_items = _upload(items[order], s)
     cs = dma.copy_stream(s.device)
     cs.wait_stream(s)
-    chunks = _chunks(len(sorted_rows), row_bytes)
+    chunks = _chunks(sorted_rows.numel(), row_bytes)
     bufs, freed = _staging(len(chunks), chunks, row_bytes, s)
     for k, (a, b) in enumerate(chunks):
         buf = bufs[k % 2]
@@ -384,9 +382,8 @@ def _staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Te
         ready = torch.cuda.Event()
         ready.record(s)
         cs.wait_event(ready)
-        entries = [(host.data_ptr() + r0 * row_bytes, buf.data_ptr() + (i0 - a) * row_bytes, k_ * row_bytes)
-                   for r0, i0, k_ in dma.runs(sorted_rows[a:b], range(a, b))]
-        dma.memcpy_batch([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries], cs)
+        staged = torch.arange(b - a, dtype=torch.int64)
+        dma.memcpy_batch(*dma.entries(host.data_ptr(), sorted_rows[a:b], buf.data_ptr(), staged, row_bytes), cs)
         ev = torch.cuda.Event()
         ev.record(cs)
         freed[k % 2] = ev
@@ -397,19 +394,18 @@ def _staged_from_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.
                       drain: Kernel, s: torch.cuda.Stream) -> None:
     """Copy engines fill a staging buffer from host rows (sorted), a device kernel scatters it."""
     order = torch.argsort(host_rows)
-    sorted_rows = host_rows[order].tolist()
+    sorted_rows = host_rows[order]
     dev_items = _upload(items[order], s)
     cs = dma.copy_stream(s.device)
     cs.wait_stream(s)
-    chunks = _chunks(len(sorted_rows), row_bytes)
+    chunks = _chunks(sorted_rows.numel(), row_bytes)
     bufs, freed = _staging(len(chunks), chunks, row_bytes, s)
     for k, (a, b) in enumerate(chunks):
         buf = bufs[k % 2]
         if freed[k % 2] is not None:
             cs.wait_event(freed[k % 2])
-        entries = [(buf.data_ptr() + (i0 - a) * row_bytes, host.data_ptr() + r0 * row_bytes, k_ * row_bytes)
-                   for r0, i0, k_ in dma.runs(sorted_rows[a:b], range(a, b))]
-        dma.memcpy_batch([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries], cs)
+        staged = torch.arange(b - a, dtype=torch.int64)
+        dma.memcpy_batch(*dma.entries(buf.data_ptr(), staged, host.data_ptr(), sorted_rows[a:b], row_bytes), cs)
         ready = torch.cuda.Event()
         ready.record(cs)
         s.wait_event(ready)
