@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .keys import longest_stored_prefix
 
@@ -75,6 +75,7 @@ class Index:
         self._heaps: list[list[tuple[int, int, Block]]] = [[] for _ in range(num_tiers)]
         self._seq = itertools.count()
         self._resident = [0] * num_tiers  # blocks with a real or pending slot, per tier
+        self.leased_copies = 0  # slots, over all tiers, held by leased blocks: capacity that cannot move
         self._tick = 0
 
     def __len__(self) -> int:
@@ -116,6 +117,8 @@ class Index:
         was = block.fastest
         if block.slots[tier] == ABSENT:
             self._resident[tier] += 1
+            if block.leases:
+                self.leased_copies += 1
         block.slots[tier] = slot
         if slot != PENDING:
             self._maybe_push(block, tier)
@@ -134,6 +137,8 @@ class Index:
         was = block.fastest
         block.slots[tier] = ABSENT
         self._resident[tier] -= 1
+        if block.leases:
+            self.leased_copies -= 1
         if tier == self.persistent_tier:
             self.dirty[block.key] = block
         if block.fastest == ABSENT:
@@ -143,20 +148,43 @@ class Index:
         self._fastest_changed(block, was)
         return slot
 
+    def _children(self) -> dict[int, list[Block]]:
+        children: dict[int, list[Block]] = {}
+        for b in self.blocks.values():
+            if b.parent is not None:
+                children.setdefault(id(b.parent), []).append(b)
+        return children
+
+    @staticmethod
+    def _descend(root: Block, children: dict[int, list[Block]]) -> list[Block]:
+        order = [root]
+        for b in order:
+            order.extend(children.get(id(b), ()))
+        return order
+
     def subtree(self, root: Block) -> list[Block]:
         """`root` and every indexed descendant, children after their parents.
 
         O(number of blocks): used only when a corrupt block must be removed together with
         everything that depends on it, which is rare by construction.
         """
-        children: dict[int, list[Block]] = {}
-        for b in self.blocks.values():
-            if b.parent is not None:
-                children.setdefault(id(b.parent), []).append(b)
-        order = [root]
-        for b in order:
-            order.extend(children.get(id(b), ()))
-        return order
+        return self._descend(root, self._children())
+
+    def cold_branches(self, tier: int) -> Iterator[list[Block]]:
+        """Subtrees rooted in `tier`, coldest root first, with no leased or in-flight block.
+
+        The last resort of eviction, when no leaf of a tier can leave (every block there is the
+        parent of something resident above it): deleting a whole cold branch frees room without
+        stranding anything. O(number of blocks) per call, so only that rare path uses it.
+        """
+        children = self._children()
+        roots = sorted((b for b in self.blocks.values() if b.slots[tier] >= 0), key=lambda b: b.last_use)
+        for root in roots:
+            if self.blocks.get(root.key) is not root or root.slots[tier] < 0:
+                continue  # went with an earlier branch
+            branch = self._descend(root, children)
+            if all(b.leases == 0 and PENDING not in b.slots for b in branch):
+                yield branch
 
     def resident_count(self, tier: int) -> int:
         return self._resident[tier]
@@ -179,7 +207,13 @@ class Index:
 
     def acquire(self, blocks: Sequence[Block]) -> None:
         for b in blocks:
+            if b.leases == 0:
+                self.leased_copies += self._copies(b)
             b.leases += 1
+
+    @staticmethod
+    def _copies(block: Block) -> int:
+        return sum(1 for s in block.slots if s != ABSENT)
 
     def release(self, blocks: Sequence[Block]) -> None:
         for b in blocks:
@@ -187,6 +221,7 @@ class Index:
                 raise AssertionError("lease released more often than taken")
             b.leases -= 1
             if b.leases == 0:
+                self.leased_copies -= self._copies(b)
                 for t in range(self.num_tiers):
                     if b.slots[t] >= 0:
                         self._maybe_push(b, t)

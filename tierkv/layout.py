@@ -58,7 +58,7 @@ class KVLayout:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
-        if self.kv_factor not in (1, 2):
+        if isinstance(self.kv_factor, bool) or not isinstance(self.kv_factor, int) or self.kv_factor not in (1, 2):
             raise ValueError(
                 f"KVLayout.kv_factor must be 2 (separate K and V) or 1 (MLA latent), got {self.kv_factor!r}"
             )

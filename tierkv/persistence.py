@@ -31,7 +31,7 @@ def prepare_directory(path: str) -> Path:
             p.mkdir()
         except OSError as e:
             raise TierKVError(f"disk_path {p} cannot be created: {e.strerror}") from None
-    if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
+    if not os.access(p, os.R_OK | os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         raise TierKVError(f"disk_path {p}: permission denied (the store needs read and write access)")
     return p
 

@@ -239,18 +239,30 @@ class BlockStore:
             self._counters.puts += 1
             if k == n:
                 return 0
+            # A key already taken by other tokens (a hash collision) ends the chain we can store.
+            chain = []
+            for key, ident in iter_chain(existing[-1].key if existing else seed, chunks[k:]):
+                if key in self.index.blocks:
+                    break
+                chain.append((key, ident))
+            if not chain:
+                return 0
+            m = len(chain)
             self.index.acquire(existing)  # their children are about to arrive: keep them here
             try:
-                tiers_of, slots_of = self._place(n - k)
+                movable = sum(t.num_slots for t in self.tiers) - self.index.leased_copies
+                if m > movable:  # refuse before evicting anything
+                    raise CapacityError(self._capacity_message(m, max(movable, 0)))
+                tiers_of, slots_of = self._place(m)
                 tick = self.index.tick()
                 parent = existing[-1] if existing else None
                 added: list[Block] = []
-                for i, (key, ident) in enumerate(iter_chain(parent.key if parent else seed, chunks[k:])):
+                for i, (key, ident) in enumerate(chain):
                     parent = self.index.add(key, ident, parent, tiers_of[i], slots_of[i], tick)
                     added.append(parent)
-                rows = kv[k:].contiguous().view(torch.uint8).reshape(n - k, self.layout.block_bytes)
+                rows = kv[k : k + m].contiguous().view(torch.uint8).reshape(m, self.layout.block_bytes)
                 try:
-                    for t, positions in _group_by(range(n - k), tiers_of).items():
+                    for t, positions in _group_by(range(m), tiers_of).items():
                         span = slice(positions[0], positions[-1] + 1)  # positions are consecutive
                         self._write(t, slots_of[span], rows[span], added[span])
                         self._counters.moved_bytes("put", self._names[t], len(positions) * self.layout.block_bytes)
@@ -262,7 +274,7 @@ class BlockStore:
                     raise
             finally:
                 self.index.release(existing)
-            return n - k
+            return m
 
     def get(self, tokens: Tokens, device: torch.device | str | None = None, tenant: str | None = None) -> torch.Tensor:
         """Blocks of the longest stored prefix, bit-exact, as `[n, *layout.block_shape]` on `device`.
@@ -411,11 +423,10 @@ class BlockStore:
         return tiers_of, slots_of
 
     def _capacity_message(self, need: int, room: int) -> str:
-        leased = sum(1 for b in self.index.blocks.values() if b.leases)
         sizes = ", ".join(f"{t.name} {t.num_slots}" for t in self.tiers)
         return (
             f"cannot store {need} new blocks of {self.layout.block_bytes} bytes: only {room} fit "
-            f"(slots per tier: {sizes}; {leased} stored blocks are leased and cannot move). "
+            f"(slots per tier: {sizes}; {self.index.leased_copies} slots hold leased blocks that cannot move). "
             "Release leases, store a shorter prefix, or raise device_bytes / host_bytes."
         )
 
@@ -425,7 +436,8 @@ class BlockStore:
         A victim that has a copy in a slower tier just leaves; one that has not is demoted to
         the next tier (which may evict in turn); the last tier deletes. A victim that cannot
         be demoted for lack of room below stays, and fewer slots are returned — unless
-        `drop_stuck` and no resident block depends on it: then it is deleted.
+        `drop_stuck`: then a stuck victim that no resident block depends on is deleted, and if
+        leaves alone cannot make room, whole cold branches are (see `Index.cold_branches`).
         """
         index, tier = self.index, self.tiers[t]
         slots = tier.allocate(n)
@@ -443,6 +455,8 @@ class BlockStore:
             else:
                 index.set_slot(victim, t + 1, PENDING)  # so its parent sees it stay resident
                 moving.append((victim, index.clear_slot(victim, t)))
+        if drop_stuck and len(slots) + len(moving) < n:
+            self._drop_cold_branches(t, n - len(moving), slots)
         if not moving:
             return slots
         dst = self._reserve(t + 1, len(moving))
@@ -465,6 +479,25 @@ class BlockStore:
                 slots.append(old)
                 self._counters.dropped += 1
         return slots
+
+    def _drop_cold_branches(self, t: int, want: int, slots: list[int]) -> None:
+        """Delete cold unleased branches rooted in tier `t` until `slots` holds `want` of its slots."""
+        for branch in self.index.cold_branches(t):
+            if len(slots) >= want:
+                break
+            self._counters.tiers[self._names[t]].evictions += 1
+            for b in reversed(branch):  # children first: nothing is ever stranded
+                self._counters.dropped += 1
+                for u, s in enumerate(b.slots):
+                    if s >= 0:
+                        slot = self.index.clear_slot(b, u)
+                        if u == t:
+                            slots.append(slot)
+                        else:
+                            self.tiers[u].free([slot])
+        if len(slots) > want:
+            self.tiers[t].free(slots[want:])
+            del slots[want:]
 
     def _promote(self, blocks: list[Block]) -> list[tuple[Block, int]]:
         """Copy leased `blocks` that live only in slower tiers up to the device tier, as room allows.
