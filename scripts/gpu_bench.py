@@ -63,6 +63,31 @@ def timed(fn: Callable[[], object], reps: int = 3, stream: torch.cuda.Stream | N
     return statistics.median(times)
 
 
+def streamed(fn: Callable[[], object], stream: torch.cuda.Stream, reps: int = 4) -> tuple[float, float]:
+    """(seconds per call with calls queued back to back, at most two in flight; median CPU seconds per call).
+
+    Back to back is how a store moves a stream of batches: the host-side preparation of one call
+    (index checks, DMA entry lists) overlaps the transfer of the one before.
+    """
+    fn()
+    torch.cuda.synchronize()
+    first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cpu, ends = [], []
+    first.record(stream)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        cpu.append(time.perf_counter() - t0)
+        e = torch.cuda.Event()
+        e.record(stream)
+        ends.append(e)
+        if len(ends) >= 2:
+            ends[-2].synchronize()
+    last.record(stream)
+    last.synchronize()
+    return first.elapsed_time(last) / 1e3 / reps, statistics.median(cpu)
+
+
 def reference_copies() -> dict[str, float]:
     dev = torch.empty(GiB, dtype=torch.uint8, device="cuda")
     host = torch.empty(GiB, dtype=torch.uint8).pin_memory()
@@ -116,14 +141,24 @@ def matmul_loop(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, iters: int, s
     return start, end
 
 
-def under_load(call: Callable[[], object], mm: tuple, mm_alone: float, t_stream: torch.cuda.Stream,
+def matmul_alone(mm: tuple, m_stream: torch.cuda.Stream) -> float:
+    a, b, c, iters = mm
+    s, e = matmul_loop(a, b, c, iters, m_stream)
+    e.synchronize()
+    return s.elapsed_time(e) / 1e3
+
+
+def under_load(call: Callable[[], object], mm: tuple, t_stream: torch.cuda.Stream,
                m_stream: torch.cuda.Stream) -> tuple[float, float | None, int]:
     """(matmul slowdown, median seconds of the transfers run entirely inside the matmul window, their count).
 
-    Transfers are queued back to back, at most two in flight, until the matmul loop has finished,
-    so the whole matmul window runs beside transfers however much either slows the other.
+    The matmul loop runs alone right before and right after the loaded run (the clocks of a GPU
+    at full power drift, so a baseline from minutes earlier would mislead); the baseline is the
+    mean of the two. Transfers are queued back to back, at most two in flight, until the matmul
+    loop has finished, so the whole matmul window runs beside transfers.
     """
     a, b, c, iters = mm
+    before = matmul_alone(mm, m_stream)
     torch.cuda.synchronize()
     origin = torch.cuda.Event(enable_timing=True)
     origin.record()
@@ -140,8 +175,9 @@ def under_load(call: Callable[[], object], mm: tuple, mm_alone: float, t_stream:
         if mm_end.query():
             break
     torch.cuda.synchronize()
+    after = matmul_alone(mm, m_stream)
     w0, w1 = origin.elapsed_time(mm_start), origin.elapsed_time(mm_end)
-    slowdown = (w1 - w0) / 1e3 / mm_alone - 1
+    slowdown = (w1 - w0) / 1e3 / ((before + after) / 2) - 1
     inside = [origin.elapsed_time(e) - origin.elapsed_time(s) for s, e in marks
               if origin.elapsed_time(s) >= w0 and origin.elapsed_time(e) <= w1]
     return slowdown, (statistics.median(inside) / 1e3 if inside else None), len(inside)
@@ -156,28 +192,33 @@ def bench_transfers(ref: dict[str, float]) -> None:
     out(f"Large pinned copy in this run: device->host {ref['d2h'] / 1e9:.1f} GB/s, host->device {ref['h2d'] / 1e9:.1f} GB/s, "
         f"device->device {ref['d2d'] / 1e12:.2f} TB/s (read + write).")
     out()
-    out("| host side | direction | block | " + " | ".join(PATHS + ["torch"]) + " |")
-    out("| --- | --- | --- | " + " | ".join("---" for _ in PATHS + ["torch"]) + " |")
+    out("| host side | direction | block | " + " | ".join(PATHS + ["torch"]) + " | host CPU per call (kernel / dma / staged) |")
+    out("| --- | --- | --- | " + " | ".join("---" for _ in PATHS + ["torch"]) + " | --- |")
     results: dict[tuple, float] = {}
     for scattered in (False, True):
         for to_host in (True, False):
             key = "d2h" if to_host else "h2d"
             for block in SIZES:
                 dev, host = slot_sets(block, scattered, gen)
-                cells = []
+                cells, cpus = [], []
                 for path in PATHS + ["torch"]:
                     if path == "torch" and block not in (SIZES[0], SIZES[-1]):
                         cells.append("-")  # the slow CPU-side path: two sizes are enough to show it
                         continue
-                    reps = 1 if path == "torch" else 3
-                    t = timed(transfer_call(pools, block, dev, host, to_host, path, stream), reps=reps, stream=stream)
+                    call = transfer_call(pools, block, dev, host, to_host, path, stream)
+                    if path == "torch":
+                        t = timed(call, reps=1, stream=stream)
+                    else:
+                        t, cpu = streamed(call, stream)
+                        cpus.append(f"{cpu * 1e3:.1f}")
                     bw = TOTAL / t
                     results[(scattered, key, block, path)] = bw
                     cells.append(f"{bw / 1e9:.1f} GB/s ({bw / ref[key]:.2f})")
                 out(f"| {'scattered' if scattered else 'contiguous'} | {'D->H' if to_host else 'H->D'} | {size_name(block)} | "
-                    + " | ".join(cells) + " |")
+                    + " | ".join(cells) + f" | {' / '.join(cpus)} ms |")
     out()
-    out("Cells: bandwidth (ratio to the large pinned copy of the same direction).")
+    out("Cells: bandwidth with calls queued back to back (ratio to the large pinned copy of the same direction); "
+        "torch: one call, synchronous.")
     out()
 
     # -- under load
@@ -207,7 +248,7 @@ def bench_transfers(ref: dict[str, float]) -> None:
                 dev, host = slot_sets(block, scattered, gen)
                 for path in PATHS:
                     call = transfer_call(pools, block, dev, host, to_host, path, stream)
-                    slow, t, count = under_load(call, (a, b, c, iters), mm_alone, stream, m_stream)
+                    slow, t, count = under_load(call, (a, b, c, iters), stream, m_stream)
                     cell = (f"{TOTAL / t / 1e9:.1f} GB/s ({TOTAL / t / ref[key]:.2f}, {count} inside)" if t
                             else "no transfer inside the window")
                     out(f"| {'scattered' if scattered else 'contiguous'} | {'D->H' if to_host else 'H->D'} | "
@@ -229,11 +270,7 @@ def bench_engine(ref: dict[str, float]) -> None:
     c = torch.empty_like(a)
     m_stream, stream = torch.cuda.Stream(), torch.cuda.Stream()
     iters = 40
-    s, e = matmul_loop(a, b, c, iters, m_stream)
-    e.synchronize()
-    s, e = matmul_loop(a, b, c, iters, m_stream)
-    e.synchronize()
-    mm_alone = s.elapsed_time(e) / 1e3
+    matmul_alone((a, b, c, 5), m_stream)
     for bt in (16, 64):
         num_blocks = 2 * TOTAL // (layers * 2 * eb * heads * hd * 2)
         lay = EngineKVLayout(DimOrder.LBNHSC, num_layers=layers, num_blocks=num_blocks, block_size=eb, num_kv_heads=heads,
@@ -252,8 +289,8 @@ def bench_engine(ref: dict[str, float]) -> None:
                     call = lambda p=path: transfer.gather_engine_blocks(engine, slots, host, store, rows, stream=stream, path=p)  # noqa: E731
                 else:
                     call = lambda p=path: transfer.scatter_engine_blocks(engine, slots, host, store, rows, stream=stream, path=p)  # noqa: E731
-                t = timed(call, stream=stream)
-                slow, tl_, _ = under_load(call, (a, b, c, iters), mm_alone, stream, m_stream)
+                t, _ = streamed(call, stream)
+                slow, tl_, _ = under_load(call, (a, b, c, iters), stream, m_stream)
                 loaded = f"{TOTAL / tl_ / 1e9:.1f} GB/s ({TOTAL / tl_ / ref[key]:.2f})" if tl_ else "n/a"
                 out(f"| {bt} | {size_name(store.block_bytes)} | {'D->H gather' if to_host else 'H->D scatter'} | {path} | "
                     f"{TOTAL / t / 1e9:.1f} GB/s ({TOTAL / t / ref[key]:.2f}) | {loaded} | {slow * 100:+.1f}% |")
@@ -268,8 +305,11 @@ def bench_attention() -> None:
     dtype = torch.bfloat16
     out(f"## Paged attention vs SDPA, decode (bf16, {hq} query / {hkv} KV heads, head_dim {d}, store blocks of {bt} tokens)")
     out()
-    out("| context | batch | SDPA contiguous | paged (tierkv) | gather + SDPA | paged / SDPA | paged / (gather + SDPA) |")
-    out("| --- | --- | --- | --- | --- | --- | --- |")
+    out("GPU time: each call replayed from a CUDA graph (as engines run decode), so launch overhead is left out. "
+        "Eager: plain Python calls, launch overhead included. SDPA runs on contiguous KV it does not have to gather.")
+    out()
+    out("| context | batch | SDPA | paged (tierkv) | gather + SDPA | paged / SDPA | paged / (gather + SDPA) | eager: SDPA / paged / gather+SDPA |")
+    out("| --- | --- | --- | --- | --- | --- | --- | --- |")
     lay = KVLayout(num_layers=1, kv_factor=2, num_kv_heads=hkv, head_dim=d, dtype=dtype, block_tokens=bt)
     for ctx in (1024, 8192, 32768):
         for batch in (1, 32):
@@ -301,11 +341,12 @@ def bench_attention() -> None:
             want = sdpa().transpose(1, 2).float()
             got = paged().float()
             rel = ((got - want).norm() / want.norm()).item()
-            ts = triton.testing.do_bench(sdpa, warmup=25, rep=100, return_mode="median")
-            tp = triton.testing.do_bench(paged, warmup=25, rep=100, return_mode="median")
-            tg = triton.testing.do_bench(gather_sdpa, warmup=25, rep=100, return_mode="median")
+            fns = (sdpa, paged, gather_sdpa)
+            graph = [triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median") for f in fns]
+            eager = [triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median") for f in fns]
+            ts, tp, tg = graph
             out(f"| {ctx // 1024}k | {batch} | {ts * 1e3:.1f} us | {tp * 1e3:.1f} us (rel err {rel:.1e}) | {tg * 1e3:.1f} us | "
-                f"{tp / ts:.2f} | {tp / tg:.2f} |")
+                f"{tp / ts:.2f} | {tp / tg:.2f} | {' / '.join(f'{x * 1e3:.0f}' for x in eager)} us |")
             del pool, k, v, flat
             torch.cuda.empty_cache()
     out()

@@ -14,6 +14,7 @@ kernel merges the partial softmaxes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -42,13 +43,15 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _attn_kernel(Q, KV, BT, CTX, O, M, L,
-                     sq_b, sq_t, sq_h, so_s, so_b, so_t, so_h, sm_s, sm_b, sm_t, sm_h,
-                     slot_stride, layer_off, v_off, tok_stride, head_stride, bt_stride,
-                     scale, Tq, split_tokens,
-                     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     DIRECT: tl.constexpr, IEEE: tl.constexpr):
+    def _attn_kernel(Q, KV, BT, CTX, O, M, L, slot_stride, layer, bt_stride, scale, B, Tq, split_tokens,
+                     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr):
+        # q, out: contiguous [B, Tq, Hq, D]; partials: contiguous [splits, B, Tq, Hq(, D)].
+        # A store block is [layers, 2, BLOCK_TOKENS, NUM_KV_HEADS, HEAD_DIM]: every stride but the
+        # slot's follows from the constexprs, which keeps the launch short.
+        HQ = NUM_KV_HEADS * GROUP
+        TOK = NUM_KV_HEADS * HEAD_DIM
+        KV_SPAN = BLOCK_TOKENS * TOK
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
         split = tl.program_id(2)
@@ -60,7 +63,8 @@ if triton is not None:
         qh = kvh * GROUP + rows % GROUP
         row_ok = qi < Tq
         d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * sq_b + qi[:, None] * sq_t + qh[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+        q_row = (b * Tq + qi) * HQ + qh
+        q = tl.load(Q + q_row[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0)
         qpos = n_ctx - Tq + qi
         last_q = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, Tq * GROUP - 1) // GROUP
         start = split * split_tokens
@@ -68,14 +72,14 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        kv = KV + layer_off + kvh * head_stride
+        kv = KV + layer * (2 * KV_SPAN) + kvh * HEAD_DIM
         for n0 in range(start, end, BLOCK_N):
             t = n0 + tl.arange(0, BLOCK_N)
             t_ok = t < end
             slot = tl.load(BT + b * bt_stride + t // BLOCK_TOKENS, mask=t_ok, other=0).to(tl.int64)
-            off = slot * slot_stride + (t % BLOCK_TOKENS) * tok_stride
+            off = slot * slot_stride + (t % BLOCK_TOKENS) * TOK
             k = tl.load(kv + off[:, None] + d[None, :], mask=t_ok[:, None], other=0.0)
-            v = tl.load(kv + v_off + off[:, None] + d[None, :], mask=t_ok[:, None], other=0.0)
+            v = tl.load(kv + KV_SPAN + off[:, None] + d[None, :], mask=t_ok[:, None], other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -91,34 +95,29 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        o_ptr = O + split * so_s + b * so_b + qi[:, None] * so_t + qh[:, None] * so_h + d[None, :]
         if DIRECT:
-            tl.store(o_ptr, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(O + q_row[:, None] * HEAD_DIM + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+                     mask=row_ok[:, None])
         else:
-            tl.store(o_ptr, acc, mask=row_ok[:, None])
-            ml = split * sm_s + b * sm_b + qi * sm_t + qh * sm_h
-            tl.store(M + ml, m_i, mask=row_ok)
-            tl.store(L + ml, l_i, mask=row_ok)
+            p_row = ((split * B + b) * Tq + qi) * HQ + qh
+            tl.store(O + p_row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+            tl.store(M + p_row, m_i, mask=row_ok)
+            tl.store(L + p_row, l_i, mask=row_ok)
 
     @triton.jit
-    def _combine_kernel(O, M, L, Out, num_splits, Tq, Hq,
-                        so_s, so_b, so_t, so_h, sm_s, sm_b, sm_t, sm_h, sout_b, sout_t, sout_h,
-                        HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
-        pid = tl.program_id(0)
-        qh = pid % Hq
-        qi = (pid // Hq) % Tq
-        b = pid // (Hq * Tq)
+    def _combine_kernel(O, M, L, Out, num_splits, rows_per_split, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        row = tl.program_id(0)  # one (b, qi, qh) row of the output
         sp = tl.arange(0, SPLITS)
         ok = sp < num_splits
         d = tl.arange(0, HEAD_DIM)
-        ml = sp * sm_s + b * sm_b + qi * sm_t + qh * sm_h
-        m = tl.load(M + ml, mask=ok, other=float("-inf"))
-        lsum = tl.load(L + ml, mask=ok, other=0.0)
+        p_row = sp.to(tl.int64) * rows_per_split + row
+        m = tl.load(M + p_row, mask=ok, other=float("-inf"))
+        lsum = tl.load(L + p_row, mask=ok, other=0.0)
         m_max = tl.max(m, 0)
         w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-        o = tl.load(O + sp[:, None] * so_s + b * so_b + qi * so_t + qh * so_h + d[None, :], mask=ok[:, None], other=0.0)
+        o = tl.load(O + p_row[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(o * w[:, None], 0) / tl.sum(lsum * w, 0)
-        tl.store(Out + b * sout_b + qi * sout_t + qh * sout_h + d, out.to(Out.dtype.element_ty))
+        tl.store(Out + row.to(tl.int64) * HEAD_DIM + d, out.to(Out.dtype.element_ty))
 
 
 def _check(q: torch.Tensor, kv_pool: torch.Tensor, layout: KVLayout, layer: int, block_table: torch.Tensor,
@@ -173,49 +172,40 @@ def paged_attention(q: torch.Tensor, kv_pool: torch.Tensor, layout: KVLayout, la
 def _triton_attention(q: torch.Tensor, kv_pool: torch.Tensor, layout: KVLayout, layer: int, block_table: torch.Tensor,
                       lens: torch.Tensor, scale: float | None, num_splits: int | None) -> torch.Tensor:
     b, tq, hq, d = q.shape
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = q.contiguous()
     lens = lens.to(device=q.device, dtype=torch.int32, non_blocking=True)
     bt, hkv = layout.block_tokens, layout.num_kv_heads
     group = hq // hkv
-    es = layout.element_size
     pool = kv_pool.view(torch.uint8).reshape(kv_pool.shape[0], -1).view(layout.dtype)
-    slot_stride = layout.block_bytes // es
-    tok_stride = hkv * d
-    kv_span = bt * tok_stride  # K of one layer, then V
     block_m = max(16, triton.next_power_of_2(min(tq * group, 64)))
     m_tiles = triton.cdiv(tq * group, block_m)
     max_ctx = block_table.shape[1] * bt
     if num_splits is None:
         programs = b * hkv * m_tiles
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        num_splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max_ctx, 4 * BLOCK_N), 64))
+        num_splits = max(1, min(triton.cdiv(2 * _sm_count(q.device), programs), triton.cdiv(max_ctx, 4 * BLOCK_N), 64))
     split_tokens = triton.cdiv(triton.cdiv(max_ctx, num_splits), BLOCK_N) * BLOCK_N
     num_splits = triton.cdiv(max_ctx, split_tokens)
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     direct = num_splits == 1
     if direct:
-        o, m, lsum = out, out, out
-        so = (0, *out.stride()[:3])
-        sm = (0, 0, 0, 0)
+        o = m = lsum = out
     else:
         o = torch.empty((num_splits, b, tq, hq, d), dtype=torch.float32, device=q.device)
         m = torch.empty((num_splits, b, tq, hq), dtype=torch.float32, device=q.device)
         lsum = torch.empty_like(m)
-        so, sm = o.stride()[:4], m.stride()
-    grid = (b * hkv, m_tiles, num_splits)
-    _attn_kernel[grid](
-        q, pool, block_table, lens, o, m, lsum,
-        q.stride(0), q.stride(1), q.stride(2), *so, *sm,
-        slot_stride, layer * 2 * kv_span, kv_span, tok_stride, d, block_table.stride(0),
-        scale, tq, split_tokens,
+    _attn_kernel[(b * hkv, m_tiles, num_splits)](
+        q, pool, block_table, lens, o, m, lsum, layout.block_bytes // layout.element_size, layer,
+        block_table.stride(0), scale, b, tq, split_tokens,
         GROUP=group, NUM_KV_HEADS=hkv, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_TOKENS=bt, HEAD_DIM=d,
         DIRECT=direct, IEEE=q.dtype == torch.float32, num_warps=4,
     )
     if not direct:
-        _combine_kernel[(b * tq * hq,)](
-            o, m, lsum, out, num_splits, tq, hq, *so, *sm, *out.stride()[:3],
-            HEAD_DIM=d, SPLITS=triton.next_power_of_2(num_splits), num_warps=4,
-        )
+        _combine_kernel[(b * tq * hq,)](o, m, lsum, out, num_splits, b * tq * hq, HEAD_DIM=d,
+                                        SPLITS=triton.next_power_of_2(num_splits), num_warps=4)
     return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -19,9 +19,11 @@ synchronises with the device; index checks run on the host before anything is qu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import LayoutMismatchError
@@ -34,8 +36,9 @@ from .engine_layout import EngineKV
 log = logging.getLogger("tierkv.ops")
 
 PATHS = ("torch", "kernel", "dma", "staged")
-STAGING_BYTES = 32 << 20  # per staging buffer; two of them alternate so gathers overlap DMA
-DMA_DIRECT_MIN = 1 << 20  # from this block size on, DMA straight from slot to slot (no staging pass)
+STAGING_BYTES = 16 << 20  # per staging buffer
+STAGING_BUFFERS = 4  # filled ahead of the copy engines, so a fill that waits for free SMs rarely starves them
+DMA_DIRECT_MIN = 256 << 10  # from this block size on, DMA straight from slot to slot (no staging pass)
 
 # (operation, direction) -> path for blocks below DMA_DIRECT_MIN, path from it on.
 AUTO: dict[tuple[str, str], tuple[str, str]] = {
@@ -122,21 +125,26 @@ def transfer_paths() -> dict[str, object]:
 
 
 def _rows_tensor(rows: Rows, name: str) -> torch.Tensor:
-    t = torch.as_tensor(rows)
-    if t.dim() != 1:
-        t = t.reshape(-1)
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be integers, got {t.dtype}")
-    return t.to(device="cpu", dtype=torch.int64)
+    """Row indices as a 1-D int64 CPU tensor; lists go through numpy, which converts them fastest."""
+    if isinstance(rows, torch.Tensor):
+        t = rows.reshape(-1)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be integers, got {t.dtype}")
+        return t.to(device="cpu", dtype=torch.int64)
+    arr = np.asarray(rows).reshape(-1)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got {arr.dtype}")
+    return torch.from_numpy(arr.astype(np.int64, copy=False))
 
 
 def _check_rows(rows: torch.Tensor, limit: int, name: str, unique: bool) -> None:
     if rows.numel() == 0:
         return
-    lo, hi = int(rows.min()), int(rows.max())
+    arr = rows.numpy()
+    lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= limit:
         raise IndexError(f"{name} holds row {lo if lo < 0 else hi}, outside [0, {limit})")
-    if unique and torch.unique(rows).numel() != rows.numel():
+    if unique and int(np.bincount(arr, minlength=1).max()) > 1:
         raise ValueError(f"{name} names a row twice: the copy would write it twice")
 
 
@@ -229,20 +237,20 @@ def copy_slots(src: torch.Tensor, src_rows: Rows, dst: torch.Tensor, dst_rows: R
         return _done(s)
     assert s is not None
     if chosen == "kernel":
-        with torch.cuda.stream(s):
-            kernels.copy_rows(s_pool, _upload(sr, s), d_pool, _upload(dr, s), row_bytes, s)
+        idx = _upload(torch.stack([sr, dr]), s)  # one small host->device copy for both index lists
+        kernels.copy_rows(s_pool, idx[0], d_pool, idx[1], row_bytes, s)
         return _done(s)
     if chosen == "dma":
         _dma(dma.entries(d_pool.data_ptr(), dr, s_pool.data_ptr(), sr, row_bytes), s)
         return _done(s)
     if s_pool.is_cuda:  # staged device -> host
-        def fill(buf: torch.Tensor, items: torch.Tensor, start: int, stop: int) -> None:
-            kernels.copy_rows(s_pool, items[start:stop], buf, _arange(stop - start, s), row_bytes, s)
+        def fill(buf: torch.Tensor, items: torch.Tensor, buf_rows: torch.Tensor, fs: torch.cuda.Stream) -> None:
+            kernels.copy_rows(s_pool, items, buf, buf_rows, row_bytes, fs)
 
         _staged_to_host(sr, dr, d_pool, row_bytes, fill, s)
     else:
-        def drain(buf: torch.Tensor, items: torch.Tensor, start: int, stop: int) -> None:
-            kernels.copy_rows(buf, _arange(stop - start, s), d_pool, items[start:stop], row_bytes, s)
+        def drain(buf: torch.Tensor, items: torch.Tensor, buf_rows: torch.Tensor, fs: torch.cuda.Stream) -> None:
+            kernels.copy_rows(buf, buf_rows, d_pool, items, row_bytes, fs)
 
         _staged_from_host(dr, sr, s_pool, row_bytes, drain, s)
     return _done(s)
@@ -299,12 +307,11 @@ def _engine_op(to_store: bool, engine: EngineKV, slots: torch.Tensor, store: tor
     assert s is not None
     g = engine.layout.chunk_tokens(bt)
     if chosen == "kernel":
-        with torch.cuda.stream(s):
-            kernels.engine_copy(to_store, engine, _upload(slots, s), g, bt, pool, _upload(r, s), bb, s)
+        kernels.engine_copy(to_store, engine, _upload(slots, s), g, bt, pool, _upload(r, s), bb, s)
         return _done(s)
 
-    def kernel(buf: torch.Tensor, items: torch.Tensor, start: int, stop: int) -> None:
-        kernels.engine_copy(to_store, engine, items[start:stop], g, bt, buf, _arange(stop - start, s), bb, s)
+    def kernel(buf: torch.Tensor, items: torch.Tensor, buf_rows: torch.Tensor, fs: torch.cuda.Stream) -> None:
+        kernels.engine_copy(to_store, engine, items, g, bt, buf, buf_rows, bb, fs)
 
     # Staged: the items are the engine slots themselves, permuted to host-row order.
     if to_store:
@@ -317,19 +324,9 @@ def _engine_op(to_store: bool, engine: EngineKV, slots: torch.Tensor, store: tor
 # -- machinery -------------------------------------------------------------------------
 
 
-class _on:
+def _on(s: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
     """`torch.cuda.stream(s)` when there is a stream, else nothing (CPU-only work)."""
-
-    def __init__(self, s: torch.cuda.Stream | None) -> None:
-        self._ctx = torch.cuda.stream(s) if s is not None else None
-
-    def __enter__(self) -> None:
-        if self._ctx is not None:
-            self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
+    return torch.cuda.stream(s) if s is not None else contextlib.nullcontext()
 
 
 def _upload(t: torch.Tensor, s: torch.cuda.Stream) -> torch.Tensor:
@@ -351,7 +348,19 @@ def _dma(entries: tuple[list[int], list[int], list[int]], s: torch.cuda.Stream) 
     s.wait_stream(cs)
 
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, int, int], None]
+# (staging buffer, this chunk's device items, rows 0..m-1 of the buffer, stream to launch on)
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.Stream], None]
+_fill_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _fill_stream(device: torch.device) -> torch.cuda.Stream:
+    """A highest-priority stream for the staging kernels: when the model's kernels hold every SM,
+    the block scheduler gives the next free SM to these short fills first, so the copy engines
+    are not left waiting behind the model's queue."""
+    s = _fill_streams.get(device.index)
+    if s is None:
+        s = _fill_streams[device.index] = torch.cuda.Stream(device=device, priority=-100)
+    return s
 
 
 def _chunks(n: int, row_bytes: int) -> list[tuple[int, int]]:
@@ -359,69 +368,81 @@ def _chunks(n: int, row_bytes: int) -> list[tuple[int, int]]:
     return [(a, min(a + per, n)) for a in range(0, n, per)]
 
 
+def _host_order(host_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, host rows in that order): ascending host rows, so consecutive slots merge into one DMA entry."""
+    arr = host_rows.numpy()
+    if arr.size < 2 or bool(np.all(arr[1:] > arr[:-1])):
+        return torch.arange(arr.size, dtype=torch.int64), host_rows
+    order = torch.from_numpy(np.argsort(arr))
+    return order, host_rows[order]
+
+
 def _staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Tensor, row_bytes: int,
                     fill: Kernel, s: torch.cuda.Stream) -> None:
-    """Device kernel fills a staging buffer (items in host-row order), copy engines drain it to host rows.
+    """Device kernels fill staging buffers (items in host-row order), the copy engines drain them to host rows.
 
-    Two buffers alternate: the kernel for chunk k+1 runs on `s` while chunk k's DMA runs on the
-    copy stream; a buffer is refilled only after its DMA's event.
+    Fills run on a high-priority stream `fs`, DMA on the copy stream `cs`; a buffer is refilled
+    only after its DMA's event. Both streams start after `s` and `s` continues after both.
     """
-    order = torch.argsort(host_rows)
-    sorted_rows = host_rows[order]
-    dev_items = _upload(items[order], s)
-    cs = dma.copy_stream(s.device)
+    order, sorted_rows = _host_order(host_rows)
+    fs, cs = _fill_stream(s.device), dma.copy_stream(s.device)
+    fs.wait_stream(s)
     cs.wait_stream(s)
+    dev_items = _upload(items[order], fs)
     chunks = _chunks(sorted_rows.numel(), row_bytes)
-    bufs, freed = _staging(len(chunks), chunks, row_bytes, s)
+    bufs = _staging(chunks, row_bytes, fs)
+    buf_rows = _arange(bufs[0].shape[0], fs)
+    freed: list[torch.cuda.Event | None] = [None] * len(bufs)
     for k, (a, b) in enumerate(chunks):
-        buf = bufs[k % 2]
-        if freed[k % 2] is not None:
-            s.wait_event(freed[k % 2])
-        with torch.cuda.stream(s):
-            fill(buf, dev_items, a, b)
+        i = k % len(bufs)
+        if freed[i] is not None:
+            fs.wait_event(freed[i])
+        fill(bufs[i], dev_items[a:b], buf_rows[: b - a], fs)
         ready = torch.cuda.Event()
-        ready.record(s)
+        ready.record(fs)
         cs.wait_event(ready)
         staged = torch.arange(b - a, dtype=torch.int64)
-        dma.memcpy_batch(*dma.entries(host.data_ptr(), sorted_rows[a:b], buf.data_ptr(), staged, row_bytes), cs)
-        ev = torch.cuda.Event()
-        ev.record(cs)
-        freed[k % 2] = ev
+        dma.memcpy_batch(*dma.entries(host.data_ptr(), sorted_rows[a:b], bufs[i].data_ptr(), staged, row_bytes), cs)
+        freed[i] = torch.cuda.Event()
+        freed[i].record(cs)
+    s.wait_stream(fs)
     s.wait_stream(cs)
 
 
 def _staged_from_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Tensor, row_bytes: int,
                       drain: Kernel, s: torch.cuda.Stream) -> None:
-    """Copy engines fill a staging buffer from host rows (sorted), a device kernel scatters it."""
-    order = torch.argsort(host_rows)
-    sorted_rows = host_rows[order]
-    dev_items = _upload(items[order], s)
-    cs = dma.copy_stream(s.device)
+    """The copy engines fill staging buffers from host rows (ascending), device kernels scatter them."""
+    order, sorted_rows = _host_order(host_rows)
+    fs, cs = _fill_stream(s.device), dma.copy_stream(s.device)
+    fs.wait_stream(s)
     cs.wait_stream(s)
+    dev_items = _upload(items[order], fs)
     chunks = _chunks(sorted_rows.numel(), row_bytes)
-    bufs, freed = _staging(len(chunks), chunks, row_bytes, s)
+    bufs = _staging(chunks, row_bytes, fs)
+    buf_rows = _arange(bufs[0].shape[0], fs)
+    freed: list[torch.cuda.Event | None] = [None] * len(bufs)
     for k, (a, b) in enumerate(chunks):
-        buf = bufs[k % 2]
-        if freed[k % 2] is not None:
-            cs.wait_event(freed[k % 2])
+        i = k % len(bufs)
+        if freed[i] is not None:
+            cs.wait_event(freed[i])
         staged = torch.arange(b - a, dtype=torch.int64)
-        dma.memcpy_batch(*dma.entries(buf.data_ptr(), staged, host.data_ptr(), sorted_rows[a:b], row_bytes), cs)
+        dma.memcpy_batch(*dma.entries(bufs[i].data_ptr(), staged, host.data_ptr(), sorted_rows[a:b], row_bytes), cs)
         ready = torch.cuda.Event()
         ready.record(cs)
-        s.wait_event(ready)
-        with torch.cuda.stream(s):
-            drain(buf, dev_items, a, b)
-        ev = torch.cuda.Event()
-        ev.record(s)
-        freed[k % 2] = ev
+        fs.wait_event(ready)
+        drain(bufs[i], dev_items[a:b], buf_rows[: b - a], fs)
+        freed[i] = torch.cuda.Event()
+        freed[i].record(fs)
+    s.wait_stream(fs)
     s.wait_stream(cs)
 
 
-def _staging(count: int, chunks: list[tuple[int, int]], row_bytes: int,
-             s: torch.cuda.Stream) -> tuple[list[torch.Tensor], list[torch.cuda.Event | None]]:
-    """One or two staging buffers from torch's allocator on `s`: freed memory is reused only in `s`'s order,
-    and `s` waits for the copy stream before returning, so no later user of the memory can overtake the DMA."""
+def _staging(chunks: list[tuple[int, int]], row_bytes: int, fs: torch.cuda.Stream) -> list[torch.Tensor]:
+    """Up to STAGING_BUFFERS buffers from torch's allocator on the fill stream.
+
+    Freed memory is reused only in `fs`'s order, and `fs` ends after waiting for the copy
+    stream, so no later user of the memory can overtake a DMA still reading or writing it."""
     rows = max(b - a for a, b in chunks)
-    with torch.cuda.stream(s):
-        bufs = [torch.empty((rows, row_bytes), dtype=torch.uint8, device=s.device) for _ in range(min(count, 2))]
-    return bufs, [None, None]
+    with torch.cuda.stream(fs):
+        return [torch.empty((rows, row_bytes), dtype=torch.uint8, device=fs.device)
+                for _ in range(min(len(chunks), STAGING_BUFFERS))]
