@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from tierkv import BlockStore, CapacityError, LayoutMismatchError, TierKVError
 
-from .hf_blocks import blocks_to_tokens, tokens_to_blocks
+from .hf_blocks import copy_blocks_to_tokens, tokens_to_blocks
 from .hf_model import ModelKV
 
 
@@ -98,10 +98,11 @@ class TierKVCache(DynamicCache):
         if start > 0:
             layout = store.layout
             shape = (layout.num_layers, 2, len(rows), layout.num_kv_heads, start, layout.head_dim)
-            kv = torch.zeros(shape, dtype=layout.dtype, device=home)
+            kv = torch.empty(shape, dtype=layout.dtype, device=home)
             for i, ((pad, _), blocks, n) in enumerate(zip(rows, found, reused)):
+                kv[:, :, i, :, : min(pad, start)].zero_()  # padding: hidden by the mask, but never garbage
                 if n:
-                    kv[:, :, i, :, pad:start] = blocks_to_tokens(blocks[: -(-n // bt)])[:, :, :, :n]
+                    copy_blocks_to_tokens(blocks, kv[:, :, i, :, pad:start])
             data = [(kv[layer, 0].to(dev), kv[layer, 1].to(dev)) for layer, dev in enumerate(model_kv.layer_devices)]
             super().__init__(ddp_cache_data=data)
         else:
@@ -158,8 +159,8 @@ class TierKVCache(DynamicCache):
             full = len(tokens) // bt * bt
             if full <= hit:  # every full block was found stored when the cache was built
                 continue
-            keys = [layer.keys[i, :, pad : pad + full] for layer in self.layers]
-            values = [layer.values[i, :, pad : pad + full] for layer in self.layers]
+            keys = [layer.keys[i, :, pad : pad + full].detach() for layer in self.layers]
+            values = [layer.values[i, :, pad : pad + full].detach() for layer in self.layers]
             home = keys[0].device
             blocks = tokens_to_blocks([k.to(home) for k in keys], [v.to(home) for v in values], bt)
             try:

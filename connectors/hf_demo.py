@@ -119,6 +119,8 @@ class DemoReport:
 
 
 class ChatTokenizer(Protocol):
+    """Chat messages, as `(role, text)` with role "system", "user" or "assistant", to prompt token ids."""
+
     description: str
     eos_id: int
 
@@ -133,11 +135,11 @@ class MistralV3Tokenizer:
     def __init__(self) -> None:
         from importlib.metadata import version
 
-        from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-        self._messages = {"user": UserMessage, "assistant": AssistantMessage}
+        self._messages = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
         self._request = ChatCompletionRequest
         self._tokenizer = MistralTokenizer.v3()
         inner = self._tokenizer.instruct_tokenizer.tokenizer
@@ -223,19 +225,20 @@ class _FirstTokenClock(BaseStreamer):
         pass
 
 
-def _load(options: DemoOptions, device: str) -> tuple[PreTrainedModel, ChatTokenizer, str]:
-    if options.model_path is None:
+def load_chat_model(model_path: str | None, device: str, seed: int = 0) -> tuple[PreTrainedModel, ChatTokenizer, str]:
+    """A model, its chat tokenizer and a line describing them: from `model_path`, else the random demo model."""
+    if model_path is None:
         tokenizer = MistralV3Tokenizer()
-        model = build_demo_model(tokenizer.vocab_size, seed=options.seed, device=device)
+        model = build_demo_model(tokenizer.vocab_size, seed=seed, device=device)
         about = (
             f"random-weight Llama-architecture model ({DEMO_LAYERS} layers, hidden {DEMO_HIDDEN}, "
             f"{DEMO_HEADS} heads / {DEMO_KV_HEADS} KV heads, float32). THE WEIGHTS ARE RANDOM: replies are "
             "gibberish; the timings and the reuse are real."
         )
         return model, tokenizer, about
-    local = LocalTokenizer(options.model_path)
-    model = AutoModelForCausalLM.from_pretrained(options.model_path, local_files_only=True).to(device).eval()
-    return model, local, f"{type(model).__name__} from {options.model_path} ({model.dtype})"
+    local = LocalTokenizer(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True).to(device).eval()
+    return model, local, f"{type(model).__name__} from {model_path} ({model.dtype})"
 
 
 def _generation_config(new_tokens: int, eos_id: int) -> GenerationConfig:
@@ -279,7 +282,7 @@ def run_demo(options: DemoOptions | None = None, out: TextIO = sys.stdout) -> De
     """Run the chat without and then with tierkv, print the comparison, and return it."""
     options = options or DemoOptions()
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, about = _load(options, device)
+    model, tokenizer, about = load_chat_model(options.model_path, device, options.seed)
     document = _document(tokenizer, options.document_tokens)
     store_config = StoreConfig(device_bytes=options.device_bytes, host_bytes=options.host_bytes, device=device)
     print("tierkv demo: multi-turn chat about a long document, with and without prefix reuse", file=out)

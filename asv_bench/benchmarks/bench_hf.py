@@ -1,0 +1,106 @@
+"""Time to first token in transformers with tierkv: a 2048-token prompt whose first 1792 tokens are stored.
+
+Target (issue 5, GPU, a model where prefill dominates): >= 5x lower TTFT than recomputing.
+The model is the demo's random-weight Llama (4 layers, hidden 512, float32) on the device the
+store picks (CUDA when available, else CPU). TTFT is the wall time of `generate` with
+`max_new_tokens=1`: for tierkv that includes finding and loading the 112 stored blocks and
+storing the prompt's 16 new ones.
+
+- `TimeToFirstToken.time_ttft`: "plain" is `model.generate` with no tierkv; "tierkv miss" is
+  tierkv with an empty store (the overhead of looking up and storing); "tierkv hit 1792" is
+  the case the target is about.
+- `track_ttft_speedup`: plain median / hit median over `TRIALS` runs in one process, so the
+  ratio against the target reads off directly.
+"""
+
+import functools
+import statistics
+import time
+
+import torch
+
+from tierkv import StoreConfig
+from tierkv_connectors.hf import TierKV
+from tierkv_connectors.hf_demo import build_demo_model
+
+PROMPT_TOKENS = 2048
+STORED_TOKENS = 1792
+BLOCK_TOKENS = 16
+VOCAB = 32768  # the demo tokenizer's
+TRIALS = 5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+STORE = StoreConfig(device_bytes="64MiB", host_bytes="64MiB", device=DEVICE)
+
+
+@functools.cache
+def model():
+    return build_demo_model(VOCAB, device=DEVICE)
+
+
+@functools.cache
+def prompt() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=gen).to(DEVICE)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def tierkv_with_prefix(stored_tokens: int) -> TierKV:
+    """A fresh TierKV whose store holds the KV of the prompt's first `stored_tokens` tokens."""
+    tkv = TierKV(model(), STORE, block_tokens=BLOCK_TOKENS)
+    if stored_tokens:
+        tkv.generate(prompt()[:, :stored_tokens], max_new_tokens=1)
+    return tkv
+
+
+def ttft(run) -> float:
+    _sync()
+    start = time.perf_counter()
+    run()
+    _sync()
+    return time.perf_counter() - start
+
+
+def plain_generate() -> None:
+    ids = prompt()
+    model().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+
+
+class TimeToFirstToken:
+    params = ["plain", "tierkv miss", "tierkv hit 1792"]
+    param_names = ["run"]
+    number = 1
+    repeat = (3, 7, 60.0)
+    warmup_time = 0
+    timeout = 300
+
+    def setup(self, run):
+        plain_generate()  # first-call allocations and kernel choice are not TTFT
+        self.tkv = None if run == "plain" else tierkv_with_prefix(STORED_TOKENS if run.startswith("tierkv hit") else 0)
+
+    def teardown(self, run):
+        if self.tkv is not None:
+            self.tkv.close()
+
+    def time_ttft(self, run):
+        if self.tkv is None:
+            plain_generate()
+        else:
+            self.tkv.generate(prompt(), max_new_tokens=1)
+
+
+def track_ttft_speedup():
+    plain_generate()
+    plain = [ttft(plain_generate) for _ in range(TRIALS)]
+    hits = []
+    for _ in range(TRIALS):
+        with tierkv_with_prefix(STORED_TOKENS) as tkv:
+            hits.append(ttft(lambda: tkv.generate(prompt(), max_new_tokens=1)))
+    return statistics.median(plain) / statistics.median(hits)
+
+
+track_ttft_speedup.unit = "x"
+track_ttft_speedup.timeout = 600
