@@ -219,6 +219,8 @@ def demo_report(workload: ChatWorkload, config: StoreConfig, result: ReplayResul
         "served_tokens": result.served_tokens,
         "computed_tokens": result.computed_tokens,
         "verified_blocks": result.verified_blocks,
+        "unstored_requests": result.unstored_requests,
+        "first_capacity_error": result.first_capacity_error,
         "hit_rate": hit_rates(stats),
         "bytes_moved": stats["bytes_moved"],
         "evictions": {name: t["evictions"] for name, t in stats["tiers"].items()},
@@ -256,6 +258,8 @@ def format_demo(r: dict[str, Any]) -> str:
                                  f"{r['verified_blocks']:,} blocks verified"),
             ("  computed", f"{r['computed_tokens']:,} (synthetic prefill)"),
         ]),
+        *([f"  {r['unstored_requests']:,} requests could not store their new blocks; the first refusal was:",
+           f"  {r['first_capacity_error']}"] if r["unstored_requests"] else []),
         "",
         *_table([("tier", "looked up", "hits", "hit rate", "evictions", "used")]
                 + [(name, f"{t['hits'] + t['misses']:,}", f"{t['hits']:,}", _pct(r["hit_rate"][name]),

@@ -160,6 +160,8 @@ class ReplayResult:
     served_tokens: int  # loaded from the store instead of computed
     computed_tokens: int  # synthetic prefill: the uncached blocks and each prompt's partial tail
     verified_blocks: int  # served blocks checked bit-exact against their synthetic KV
+    unstored_requests: int  # put refused with CapacityError: served, but their new blocks not kept
+    first_capacity_error: str | None
     elapsed_s: float
 
 
@@ -176,11 +178,16 @@ def check_fits(store: BlockStore, workload: ChatWorkload) -> None:
 
 
 def replay(store: BlockStore, requests: Iterable[ChatRequest]) -> ReplayResult:
-    """Serve each request from `store`: get its stored prefix, compute the rest, put the whole prompt."""
+    """Serve each request from `store`: get its stored prefix, compute the rest, put the whole prompt.
+
+    A `put` refused for lack of room does not fail the request, as in an engine: the request
+    was served, its new blocks are just not kept. Such refusals are counted.
+    """
     layout = store.layout
     bt = layout.block_tokens
     seed = store.namespace.digest(layout)
-    count = prompt = served = verified = 0
+    count = prompt = served = verified = unstored = 0
+    first_error: str | None = None
     start = time.perf_counter()
     for req in requests:
         keys = chain_keys(seed, req.tokens, bt)
@@ -194,7 +201,11 @@ def replay(store: BlockStore, requests: Iterable[ChatRequest]) -> ReplayResult:
             )
         if k < len(keys):
             fresh = synthetic_kv(keys[k:], layout, cached.device)
-            store.put(req.tokens, torch.cat([cached, fresh]))
+            try:
+                store.put(req.tokens, torch.cat([cached, fresh]))
+            except CapacityError as e:
+                unstored += 1
+                first_error = first_error or f"user {req.user} turn {req.turn}: {e}"
         count += 1
         prompt += len(req.tokens)
         served += k * bt
@@ -205,5 +216,7 @@ def replay(store: BlockStore, requests: Iterable[ChatRequest]) -> ReplayResult:
         served_tokens=served,
         computed_tokens=prompt - served,
         verified_blocks=verified,
+        unstored_requests=unstored,
+        first_capacity_error=first_error,
         elapsed_s=time.perf_counter() - start,
     )

@@ -1,0 +1,206 @@
+"""The `tierkv` command, run for real: as a subprocess (`python -m tierkv`) and through `main()`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tierkv.cli import format_bytes, main
+
+# A demo small enough for a test yet overflowing both tiers: ~470 distinct blocks, 64 + 128 slots.
+SMALL_DEMO = ["demo", "--users", "6", "--turns", "3", "--device-bytes", "4MiB", "--host-bytes", "8MiB"]
+
+
+def tierkv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TIERKV_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "tierkv", *args], capture_output=True, text=True, timeout=180, env=full_env)
+
+
+def assert_usage_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr  # one line, no traceback
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _no_tierkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("TIERKV_"):
+            monkeypatch.delenv(name)
+
+
+# -- help ----------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands() -> None:
+    done = tierkv("--help")
+    assert done.returncode == 0
+    assert "usage: tierkv" in done.stdout
+    for text in ("info", "demo", "TIERKV_DEVICE_BYTES"):
+        assert text in done.stdout
+
+
+def test_demo_help_documents_its_options_and_says_the_kv_is_synthetic(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--users", "--turns", "--device-bytes", "--host-bytes", "--seed", "--json"):
+        assert option in out
+    assert "SYNTHETIC" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import tierkv
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"tierkv {tierkv.__version__}"
+
+
+# -- info ----------------------------------------------------------------------------
+
+
+def test_info_table() -> None:
+    done = tierkv("info")
+    assert done.returncode == 0, done.stderr
+    for label in ("torch", "GPUs", "CUDA driver", "pinned memory", "kvikio / GDS", "device tier", "device_bytes"):
+        assert label in done.stdout
+    if not torch.cuda.is_available():
+        assert "none visible to torch" in done.stdout
+        assert "no: no CUDA driver" in done.stdout
+
+
+def test_info_json_is_valid_and_says_there_is_no_gpu_here(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["torch_version"] == torch.__version__
+    assert data["config"]["device_bytes"] == 1 << 30 and data["config_error"] is None
+    if not torch.cuda.is_available():
+        assert data["gpus"] == []
+        assert data["cuda_driver"]["available"] is False
+        assert data["pinned_memory"]["available"] is False
+
+
+def test_info_shows_a_config_error_instead_of_failing(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_HOST_BYTES", "plenty")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "error: host_bytes" in out and "'plenty'" in out
+
+
+def test_info_shows_the_environment_config(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_DEVICE_BYTES", "3GiB")
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["device_bytes"] == 3 << 30
+
+
+# -- demo ----------------------------------------------------------------------------
+
+
+def test_demo_report_shows_hits_demotion_and_drops() -> None:
+    done = tierkv(*SMALL_DEMO)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "SYNTHETIC" in out
+    for label in ("requests", "prompt tokens", "from the store", "computed", "hit rate", "evictions", "bytes moved",
+                  "device -> host"):
+        assert label in out
+    device_row = next(line for line in out.splitlines() if line.startswith("device ") and "%" in line)
+    hit_rate = float(next(cell for cell in device_row.split() if cell.endswith("%")).rstrip("%"))
+    assert hit_rate > 0
+
+
+def test_demo_json_counts_add_up(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*SMALL_DEMO, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["requests"] == 18
+    assert r["served_tokens"] + r["computed_tokens"] == r["prompt_tokens"]
+    assert r["verified_blocks"] * 16 == r["served_tokens"] > 0
+    assert r["hit_rate"]["device"] > 0
+    assert r["bytes_moved"]["device->host"] > 0  # demotion happened
+    assert r["evictions"]["device"] > 0 and r["dropped_blocks"] > 0  # and both tiers overflowed
+    assert r["config"]["device_bytes"] == 4 << 20 and r["config"]["host_bytes"] == 8 << 20
+    assert r["kv"].startswith("synthetic")
+
+
+def test_demo_is_reproducible_and_seeded(capsys: pytest.CaptureFixture[str]) -> None:
+    runs = []
+    for seed in ("1", "1", "3"):
+        assert main([*SMALL_DEMO, "--turns", "2", "--json", "--seed", seed]) == 0
+        r = json.loads(capsys.readouterr().out)
+        runs.append((r["served_tokens"], r["stats"]["tiers"], r["bytes_moved"]))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_demo_flags_override_the_environment(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_DEVICE_BYTES", "1GiB")
+    monkeypatch.setenv("TIERKV_HOST_BYTES", "6MiB")
+    assert main([*SMALL_DEMO[:5], "--device-bytes", "2MiB", "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert config["device_bytes"] == 2 << 20  # flag beats environment
+    assert config["host_bytes"] == 6 << 20  # environment beats the demo default
+
+
+# -- mistakes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        ((), ("tierkv: error:", "COMMAND", "tierkv --help")),
+        (("serve",), ("invalid choice: 'serve'",)),
+        (("demo", "--device-bytes", "lots"), ("--device-bytes", "expected a size such as 64MiB", "'lots'")),
+        (("demo", "--host-bytes=-1GiB"), ("--host-bytes", "'-1GiB'")),
+        (("demo", "--users", "0"), ("--users", "expected a whole number >= 1", "'0'")),
+        (("demo", "--turns", "two"), ("--turns", "'two'")),
+        (("demo", "--seed", "-1"), ("--seed", "expected a whole number >= 0")),
+        (("info", "--verbose"), ("unrecognized arguments: --verbose",)),
+    ],
+)
+def test_bad_arguments_return_2_with_one_line(args: tuple[str, ...], fragments: tuple[str, ...],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(list(args)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_bad_arguments_exit_2_from_the_real_command() -> None:
+    assert_usage_error(tierkv("demo", "--device-bytes", "12XB"), "tierkv demo: error: argument --device-bytes:", "'12XB'")
+    assert_usage_error(tierkv(), "tierkv: error:", "COMMAND")
+
+
+def test_demo_with_tiers_too_small_for_one_prompt_says_what_to_raise(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--device-bytes", "1MiB", "--host-bytes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tierkv demo: error: the longest prompt needs") and "raise device_bytes / host_bytes" in err
+
+
+def test_demo_with_a_bad_environment_names_the_variable_family() -> None:
+    done = tierkv("demo", env={"TIERKV_DEVICE_BYTES": "abc"})
+    assert_usage_error(done, "TIERKV_* environment", "device_bytes", "'abc'")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_demo_on_cuda_without_cuda_is_a_usage_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_DEVICE", "cuda")
+    assert main(SMALL_DEMO) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (65536, "64.0 KiB"),
+                                     (3 << 30, "3.0 GiB"), (5 << 40, "5.0 TiB"), (5 << 50, "5120.0 TiB")])
+def test_format_bytes(n: int, text: str) -> None:
+    assert format_bytes(n) == text

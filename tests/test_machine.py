@@ -1,0 +1,100 @@
+"""`tierkv.machine`: truthful about this machine, never hanging, never raising over a bad config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tierkv.machine import (
+    Probe,
+    collect,
+    config_in_effect,
+    detect_gpus,
+    probe_cuda_driver,
+    probe_kvikio,
+    probe_pinned_memory,
+    torch_build,
+)
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without a GPU")
+
+
+def kvikio_installed() -> bool:
+    try:
+        import kvikio  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_collect_finishes_in_a_fresh_process_and_serialises() -> None:
+    """A fresh interpreter: no state of this test session can hide a hang at import or driver init."""
+    code = "import json; from tierkv.machine import collect; print(json.dumps(collect().to_dict()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["torch_version"] == torch.__version__
+    assert set(data["cuda_driver"]) == {"available", "detail"}
+
+
+@no_gpu
+def test_without_a_gpu_everything_says_why_it_is_unavailable() -> None:
+    info = collect()
+    assert info.gpus == [] and detect_gpus() == []
+    assert not info.cuda_driver.available
+    assert info.cuda_driver.detail.startswith("no CUDA driver")
+    assert not info.pinned_memory.available
+    assert "no CUDA device" in info.pinned_memory.detail
+    assert info.device_tier.startswith("cpu")
+    assert not info.kvikio.available
+
+
+@no_gpu
+def test_torch_build_names_the_cpu_build() -> None:
+    assert torch.version.cuda is None
+    assert torch_build() == "CPU"
+
+
+def test_driver_probe_agrees_with_torch() -> None:
+    """torch needs a driver for CUDA, so torch seeing a GPU without the probe finding a driver is a bug."""
+    if torch.cuda.is_available():
+        assert probe_cuda_driver().available
+    assert probe_pinned_memory().available == torch.cuda.is_available()
+
+
+@pytest.mark.skipif(kvikio_installed(), reason="kvikio is installed here")
+def test_kvikio_absent_is_reported_not_raised() -> None:
+    probe = probe_kvikio(Probe(True, "a driver"))
+    assert probe == Probe(False, "kvikio not installed (the 'gpu' extra installs it)")
+
+
+def test_config_errors_are_reported_not_raised() -> None:
+    config, error = config_in_effect({"TIERKV_HOST_BYTES": "lots"})
+    assert config is None
+    assert error is not None and "host_bytes" in error and "'lots'" in error
+    info = collect({"TIERKV_DEVICE_BYTES": "-1"})
+    assert info.config is None and "device_bytes" in (info.config_error or "")
+    assert info.device_tier == "unknown (config error)"
+
+
+def test_config_in_effect_reads_the_environment_given() -> None:
+    config, error = config_in_effect({"TIERKV_DEVICE_BYTES": "2GiB", "TIERKV_DEVICE": "cpu"})
+    assert error is None and config is not None
+    assert config["device_bytes"] == 2 << 30 and config["device"] == "cpu"
+    assert collect({"TIERKV_DEVICE": "cpu"}).device_tier == "cpu"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_machine_gpus_driver_and_pinned_memory_are_found() -> None:
+    info = collect()
+    assert info.gpus and all(g.memory_bytes > 0 and "." in g.compute_capability for g in info.gpus)
+    assert info.cuda_driver.available and info.cuda_driver.detail.startswith("CUDA driver API ")
+    assert info.pinned_memory.available
+    assert info.torch_build.startswith(("CUDA ", "ROCm "))
+    assert info.device_tier == "cuda"
+    if kvikio_installed():
+        assert info.kvikio.available and "compat_mode" in info.kvikio.detail
