@@ -64,7 +64,8 @@ class StoreConfig:
         batch of writes; "every": after each block. Reads are verified in every mode.
     flush_on_close: a clean close() writes blocks that live only in faster tiers to disk.
     verify_reads: check each block read from host or disk against its xxh3 checksum.
-    io_threads: threads issuing disk reads and writes.
+    io_threads: threads issuing disk reads and writes (posix path).
+    disk_io: "auto" (kvikio where it can work, else posix), "posix" or "kvikio".
     """
 
     device_bytes: int = 1 << 30
@@ -77,6 +78,7 @@ class StoreConfig:
     flush_on_close: bool = True
     verify_reads: bool = True
     io_threads: int = 4
+    disk_io: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device_bytes", parse_bytes(self.device_bytes, "device_bytes"))
@@ -101,6 +103,8 @@ class StoreConfig:
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
             raise ConfigError(f"io_threads: expected an int from 1 to 256, got {self.io_threads!r}")
         object.__setattr__(self, "io_threads", threads)
+        if self.disk_io not in ("auto", "posix", "kvikio"):
+            raise ConfigError(f"disk_io: expected 'auto', 'posix' or 'kvikio', got {self.disk_io!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StoreConfig:

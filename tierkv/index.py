@@ -112,6 +112,36 @@ class Index:
         self.set_slot(block, tier, slot)
         return block
 
+    def restore(self, tier: int, entries: Sequence[tuple[bytes, bytes, bool, int, int, int]]) -> list[Block]:
+        """Bulk-insert blocks recovered from disk: (key, ident, is_root, slot, last_use, checksum).
+
+        Parents must come before their children (a non-root's parent key is `ident[:16]`).
+        One pass and one heapify instead of an insertion per block: this is what makes a warm
+        restart of 100k blocks fast.
+        """
+        bit = 1 << tier
+        added = []
+        blocks = self.blocks
+        for key, ident, is_root, slot, last_use, checksum in entries:
+            parent = None if is_root else blocks[ident[:16]]
+            b = Block(key, ident, parent, self.num_tiers)
+            b.slots[tier] = slot
+            b.last_use = last_use
+            b.checksum = checksum
+            blocks[key] = b
+            if parent is not None:
+                parent.child_fast[tier] += 1
+            added.append(b)
+        self._resident[tier] += len(added)
+        heap = self._heaps[tier]
+        for b in added:
+            if b.is_leaf(tier):
+                b.in_heap |= bit
+                heap.append((b.last_use, next(self._seq), b))
+        heapq.heapify(heap)
+        self.advance_tick(max((b.last_use for b in added), default=0))
+        return added
+
     def set_slot(self, block: Block, tier: int, slot: int) -> None:
         """Record that `block` lives in `tier` at `slot` (or PENDING)."""
         was = block.fastest

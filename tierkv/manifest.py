@@ -37,10 +37,6 @@ class Record:
     is_root: bool
     ident: bytes  # parent key (or namespace seed) || token bytes
 
-    @property
-    def parent_key(self) -> bytes:
-        return self.ident[:16]
-
 
 def pack(record: Record) -> bytes:
     return _RECORD.pack(record.slot, record.checksum, record.last_use, record.is_root) + record.ident
@@ -115,14 +111,12 @@ class Manifest:
             )
         return True
 
-    def load(self) -> list[Record]:
-        records = []
+    def load(self) -> dict[bytes, tuple[int, int, int, int, bytes]]:
+        """key -> (slot, checksum, last_use, is_root, ident) for every entry: plain tuples, fast."""
         size = _RECORD.size
+        unpack = _RECORD.unpack_from
         with self.env.begin(db=self.blocks) as txn:
-            for key, value in txn.cursor():
-                slot, checksum, last_use, is_root = _RECORD.unpack_from(value)
-                records.append(Record(bytes(key), slot, checksum, last_use, bool(is_root), bytes(value[size:])))
-        return records
+            return {key: (*unpack(value), value[size:]) for key, value in txn.cursor().iternext()}
 
     def commit(self, put: list[Record], delete: list[bytes]) -> None:
         """Apply deletions then insertions in one atomic transaction."""

@@ -51,6 +51,7 @@ class DiskPersistence:
         assert config.disk_path is not None
         self.directory = prepare_directory(config.disk_path)
         self.durability = config.durability
+        self._recovered_tick = 0
         self._lock = DirectoryLock(self.directory)
         try:
             self.manifest = Manifest(self.directory, durable=config.durability != "none")
@@ -61,7 +62,8 @@ class DiskPersistence:
             }
             self.existed = self.manifest.check_identity(identity)
             num_slots = config.disk_bytes // slot_stride(layout.block_bytes)
-            self.tier = DiskTier(self.directory, num_slots, layout.block_bytes, io_threads=config.io_threads)
+            self.tier = DiskTier(self.directory, num_slots, layout.block_bytes, io_threads=config.io_threads,
+                                 io=config.disk_io)
         except BaseException:
             if hasattr(self, "manifest"):
                 self.manifest.close()
@@ -75,46 +77,43 @@ class DiskPersistence:
         shrank) or already taken, or its parent chain loops: none of them can be served.
         """
         records = self.manifest.load()
-        by_key = {r.key: r for r in records}
-        resolved: dict[bytes, Block | None] = {}  # key -> Block, or None when dropped
+        num_slots = self.tier.num_slots
+        accepted: dict[bytes, bool] = {}  # key -> kept (True) or dropped (False)
         used: set[int] = set()
+        order: list[tuple[bytes, bytes, bool, int, int, int]] = []
         dropped: list[bytes] = []
-        for record in records:
-            chain: list[Record] = []
-            seen: set[bytes] = set()
-            cur: Record | None = record
-            parent: Block | None = None
-            parent_ok = True
-            while cur is not None:
-                if cur.key in resolved:
-                    parent = resolved[cur.key]
-                    parent_ok = parent is not None
+        for key in records:
+            # Walk up to a settled ancestor (or a root), then settle the chain top-down.
+            chain: list[bytes] = []
+            on_chain: set[bytes] = set()
+            cur = key
+            ok = True
+            while cur not in accepted:
+                record = records.get(cur)
+                if record is None or cur in on_chain:  # missing parent, or a loop
+                    ok = False
                     break
-                if cur.key in seen:
-                    parent_ok = False
-                    break
-                seen.add(cur.key)
                 chain.append(cur)
-                if cur.is_root:
+                on_chain.add(cur)
+                if record[3]:  # is_root
                     break
-                cur = by_key.get(cur.parent_key)
-                if cur is None:
-                    parent_ok = False
-            for rec in reversed(chain):
-                if parent_ok and 0 <= rec.slot < self.tier.num_slots and rec.slot not in used:
-                    parent = index.add(rec.key, rec.ident, parent, tier, rec.slot, rec.last_use)
-                    parent.checksum = rec.checksum
-                    used.add(rec.slot)
-                    resolved[rec.key] = parent
+                cur = record[4][:16]
+            else:
+                ok = accepted[cur]
+            for k in reversed(chain):
+                slot, checksum, last_use, is_root, ident = records[k]
+                ok = ok and 0 <= slot < num_slots and slot not in used
+                accepted[k] = ok
+                if ok:
+                    used.add(slot)
+                    order.append((k, ident, bool(is_root), slot, last_use, checksum))
                 else:
-                    parent_ok = False
-                    resolved[rec.key] = None
-                    dropped.append(rec.key)
-        index.dirty.clear()
-        index.advance_tick(max((r.last_use for r in records), default=0))
+                    dropped.append(k)
+        self._recovered_tick = max((e[4] for e in order), default=0)
+        index.restore(tier, order)
         self.tier.take(used)
         self.manifest.commit([], dropped)
-        return Recovery(blocks=len(used), dropped=len(dropped))
+        return Recovery(blocks=len(order), dropped=len(dropped))
 
     def commit(self, index: Index, tier: int) -> None:
         """Make pending disk writes durable, then record them (and removals) in the manifest."""
@@ -141,8 +140,9 @@ class DiskPersistence:
         self.manifest.commit([Record(block.key, slot, block.checksum, block.last_use, block.parent is None, block.ident)], [])
 
     def save_recency(self, index: Index, tier: int) -> None:
-        """Write every disk block's last use, so a restart evicts in the order we would have."""
-        index.dirty.update((b.key, b) for b in index.blocks.values() if b.slots[tier] >= 0)
+        """Write the last use of disk blocks touched since open, so a restart evicts in our order."""
+        since = self._recovered_tick
+        index.dirty.update((b.key, b) for b in index.blocks.values() if b.slots[tier] >= 0 and b.last_use > since)
         self.commit(index, tier)
 
     def close(self) -> None:

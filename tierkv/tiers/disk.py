@@ -75,24 +75,126 @@ def _open_data_file(path: Path, size: int) -> tuple[int, bool]:
     return fd, False
 
 
+def kvikio_status() -> tuple[bool, str]:
+    """Whether kvikio can do file I/O here, and why (or why not), without ever hanging.
+
+    kvikio `dlopen`s libcuda even in compatibility mode and its driver probe hangs without
+    a GPU, so it is only tried where torch already sees a working CUDA driver.
+    """
+    try:
+        import kvikio  # noqa: F401
+    except ImportError:
+        return False, "kvikio is not installed (pip install 'tierkv[gpu]')"
+    if not torch.cuda.is_available():
+        return False, "kvikio is installed but there is no CUDA driver, which its file I/O needs"
+    import kvikio.defaults
+
+    mode = kvikio.defaults.get("compat_mode")
+    return True, f"kvikio {kvikio.__version__}, compat_mode={getattr(mode, 'name', mode)}"
+
+
+class _PosixFiles:
+    """Positional I/O on plain descriptors, O_DIRECT where the file system takes it."""
+
+    def __init__(self, paths: list[Path], sizes: list[int], threads: int) -> None:
+        self.fds: list[int] = []
+        self.direct = True
+        for path, size in zip(paths, sizes):
+            fd, direct = _open_data_file(path, size)
+            self.fds.append(fd)
+            self.direct &= direct
+        self.name = "posix O_DIRECT" if self.direct else "posix buffered"
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tierkv-disk")
+
+    @staticmethod
+    def _pread(fd: int, view: memoryview, offset: int) -> None:
+        got = os.preadv(fd, [view], offset)
+        if got != len(view):
+            raise TierKVError(f"disk tier: short read ({got} of {len(view)} bytes) at offset {offset}")
+
+    @staticmethod
+    def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def run(self, write: bool, reqs: list[tuple[int, int, int, int]], buf: np.ndarray) -> None:
+        fn = self._pwrite if write else self._pread
+        view = memoryview(buf)
+        futures = [self._pool.submit(fn, self.fds[f], view[b : b + n], off) for f, off, b, n in reqs]
+        for fut in futures:
+            fut.result()
+
+    def sync(self, f: int) -> None:
+        os.fdatasync(self.fds[f])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+class _KvikioFiles:
+    """kvikio `CuFile`s: GPUDirect Storage where the machine has it, kvikio's POSIX path otherwise.
+
+    Buffers may be host arrays or CUDA tensors; kvikio splits and parallelises each request.
+    """
+
+    def __init__(self, paths: list[Path], sizes: list[int]) -> None:
+        import kvikio
+
+        for path, size in zip(paths, sizes):
+            os.close(_open_data_file(path, size)[0])  # create and preallocate with our checks
+        self.files = [kvikio.CuFile(path, "r+") for path in paths]
+        self.name = kvikio_status()[1]
+
+    def run(self, write: bool, reqs: list[tuple[int, int, int, int]], buf: np.ndarray | torch.Tensor) -> None:
+        futures = []
+        for f, off, b, n in reqs:
+            part = buf[b : b + n]
+            io = self.files[f].pwrite if write else self.files[f].pread
+            futures.append((io(part, n, off), n, off))
+        for fut, n, off in futures:
+            got = fut.get()
+            if got != n:
+                raise TierKVError(f"disk tier: kvikio moved {got} of {n} bytes at offset {off}")
+
+    def sync(self, f: int) -> None:
+        os.fdatasync(self.files[f].fileno())
+
+    def close(self) -> None:
+        for file in self.files:
+            file.close()
+        self.files = []
+
+
 class DiskTier(Tier):
-    """Slots in data files under `directory`; the manifest lives beside them (store's job)."""
+    """Slots in data files under `directory`; the manifest lives beside them (store's job).
+
+    `io` picks the file I/O: "posix" (everywhere), "kvikio" (needs kvikio and a CUDA driver)
+    or "auto" (kvikio when it can work, else posix).
+    """
 
     def __init__(self, directory: Path, num_slots: int, block_bytes: int, file_bytes: int = 16 << 30,
-                 io_threads: int = 4) -> None:
+                 io_threads: int = 4, io: str = "auto") -> None:
         super().__init__("disk", num_slots, block_bytes)
         self.directory = directory
         self.stride = slot_stride(block_bytes)
         self.slots_per_file = max(1, file_bytes // self.stride)
         num_files = -(-num_slots // self.slots_per_file) if num_slots else 0
-        self._fds: list[int] = []
-        self.direct = True
-        for i in range(num_files):
-            slots_here = min(self.slots_per_file, num_slots - i * self.slots_per_file)
-            fd, direct = _open_data_file(directory / f"data{i:03d}.bin", slots_here * self.stride)
-            self._fds.append(fd)
-            self.direct &= direct
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="tierkv-disk")
+        paths = [directory / f"data{i:03d}.bin" for i in range(num_files)]
+        sizes = [min(self.slots_per_file, num_slots - i * self.slots_per_file) * self.stride for i in range(num_files)]
+        usable, why = kvikio_status()
+        if io == "kvikio" and not usable:
+            raise TierKVError(f"disk tier: disk_io='kvikio' was asked for but {why}; use disk_io='posix' or 'auto'")
+        if io not in ("auto", "posix", "kvikio"):
+            raise TierKVError(f"disk tier: disk_io must be 'auto', 'posix' or 'kvikio', got {io!r}")
+        self._files: _PosixFiles | _KvikioFiles
+        if io == "kvikio" or (io == "auto" and usable):
+            self._files = _KvikioFiles(paths, sizes)
+        else:
+            self._files = _PosixFiles(paths, sizes, io_threads)
         self._dirty: set[int] = set()
 
     @property
@@ -101,7 +203,7 @@ class DiskTier(Tier):
 
     @property
     def io_path(self) -> str:
-        return "posix O_DIRECT" if self.direct else "posix buffered"
+        return self._files.name
 
     def take(self, slots: Sequence[int]) -> None:
         """Mark slots recovered from the manifest as used."""
@@ -111,10 +213,10 @@ class DiskTier(Tier):
     # -- I/O -----------------------------------------------------------------------
 
     def _requests(self, slots: Sequence[int]) -> list[tuple[int, int, int, int]]:
-        """Merge slots into (fd index, file offset, buffer offset, length) requests.
+        """Merge slots into (file index, file offset, buffer offset, length) requests.
 
         The buffer holds the slots in the order given; consecutive slots of one file become
-        one request, split at MAX_REQUEST so the thread pool can work on them in parallel.
+        one request, split at MAX_REQUEST so that several threads share a big batch.
         """
         reqs: list[tuple[int, int, int, int]] = []
         spf, stride = self.slots_per_file, self.stride
@@ -128,22 +230,10 @@ class DiskTier(Tier):
             reqs.append((f, off * stride, pos * stride, stride))
         return reqs
 
-    def _run(self, fn, reqs: list[tuple[int, int, int, int]], buf: np.ndarray) -> None:
-        view = memoryview(buf)
-        futures = [self._pool.submit(fn, self._fds[f], view[b : b + n], off) for f, off, b, n in reqs]
-        for fut in futures:
-            fut.result()
-
     def read(self, slots: Sequence[int]) -> torch.Tensor:
         buf = aligned_empty(len(slots) * self.stride)
-
-        def pread(fd: int, view: memoryview, offset: int) -> None:
-            got = os.preadv(fd, [view], offset)
-            if got != len(view):
-                raise TierKVError(f"disk tier: short read ({got} of {len(view)} bytes) at offset {offset}")
-
         if slots:
-            self._run(pread, self._requests(slots), buf)
+            self._files.run(False, self._requests(slots), buf)
         rows = torch.from_numpy(buf).view(len(slots), self.stride)
         return rows if self.stride == self.slot_bytes else rows[:, : self.slot_bytes].contiguous()
 
@@ -160,26 +250,44 @@ class DiskTier(Tier):
         staged[:, : self.slot_bytes].copy_(rows)
         if self.stride != self.slot_bytes:
             staged[:, self.slot_bytes :].zero_()
+        self._write_buffer(slots, buf)
 
-        def pwrite(fd: int, view: memoryview, offset: int) -> None:
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
-
+    def _write_buffer(self, slots: Sequence[int], buf: np.ndarray | torch.Tensor) -> None:
         try:
-            self._run(pwrite, self._requests(slots), buf)
+            self._files.run(True, self._requests(slots), buf)
         except OSError as e:
             raise TierKVError(f"disk tier: write failed in {self.directory}: {e.strerror}") from e
         self._dirty.update(s // self.slots_per_file for s in slots)
 
+    # -- device memory (kvikio / GPUDirect Storage) -----------------------------------
+
+    def read_to_device(self, slots: Sequence[int], device: torch.device) -> torch.Tensor:
+        """Rows read straight into CUDA memory (GDS where available): needs the kvikio path."""
+        self._need_kvikio()
+        out = torch.empty((len(slots) * self.stride,), dtype=torch.uint8, device=device)
+        if slots:
+            self._files.run(False, self._requests(slots), out)
+        rows = out.view(len(slots), self.stride)
+        return rows if self.stride == self.slot_bytes else rows[:, : self.slot_bytes].contiguous()
+
+    def write_from_device(self, slots: Sequence[int], rows: torch.Tensor) -> None:
+        """Write CUDA rows straight to the files (GDS where available): needs the kvikio path."""
+        self._need_kvikio()
+        if rows.shape != (len(slots), self.slot_bytes) or rows.dtype != torch.uint8 or not rows.is_cuda:
+            raise ValueError(f"disk tier: write_from_device needs CUDA uint8 rows of shape {(len(slots), self.slot_bytes)}")
+        staged = torch.zeros((len(slots), self.stride), dtype=torch.uint8, device=rows.device)
+        staged[:, : self.slot_bytes].copy_(rows)
+        self._write_buffer(slots, staged.view(-1))
+
+    def _need_kvikio(self) -> None:
+        if not isinstance(self._files, _KvikioFiles):
+            raise TierKVError(f"disk tier: device-memory I/O needs the kvikio path; this tier uses {self.io_path}")
+
     def sync(self) -> None:
         """Make every write so far durable (fdatasync of the files written since the last sync)."""
         for f in sorted(self._dirty):
-            os.fdatasync(self._fds[f])
+            self._files.sync(f)
         self._dirty.clear()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        self._files.close()
