@@ -71,7 +71,8 @@ def check_index_invariants(store: BlockStore) -> None:
     - `child_fast` equals a recount of children by their fastest tier;
     - `resident_count(t)` equals the number of blocks holding a slot in t;
     - no slot of a tier is held twice, none is both held and free, and held + free == num_slots;
-    - leases are never negative.
+    - leases are never negative, and `leased_copies` (the capacity `put` may not count on)
+      equals the number of slots held by leased blocks.
     """
     with store._lock:
         index = store.index
@@ -90,6 +91,8 @@ def check_index_invariants(store: BlockStore) -> None:
                 recount[id(b.parent)][b.fastest] += 1
         for b in blocks:
             assert b.child_fast == recount[id(b)], f"child_fast {b.child_fast} != recount {recount[id(b)]}"
+        leased = sum(1 for b in blocks if b.leases for s in b.slots if s != ABSENT)
+        assert index.leased_copies == leased, f"leased_copies {index.leased_copies} != recount {leased}"
         for t, tier in enumerate(store.tiers):
             held = [b.slots[t] for b in blocks if b.slots[t] != ABSENT]
             assert index.resident_count(t) == len(held), f"{tier.name}: resident_count disagrees with slots"
