@@ -149,38 +149,40 @@ def matmul_alone(mm: tuple, m_stream: torch.cuda.Stream) -> float:
 
 
 def under_load(call: Callable[[], object], mm: tuple, t_stream: torch.cuda.Stream,
-               m_stream: torch.cuda.Stream) -> tuple[float, float | None, int]:
-    """(matmul slowdown, median seconds of the transfers run entirely inside the matmul window, their count).
+               m_stream: torch.cuda.Stream, rounds: int = 3) -> tuple[float, float | None, int]:
+    """(matmul slowdown, median seconds of the transfers run entirely inside a matmul window, their count).
 
-    The matmul loop runs alone right before and right after the loaded run (the clocks of a GPU
-    at full power drift, so a baseline from minutes earlier would mislead); the baseline is the
-    mean of the two. Transfers are queued back to back, at most two in flight, until the matmul
-    loop has finished, so the whole matmul window runs beside transfers.
+    Each round runs the matmul loop alone, then beside transfers; the slowdown is the median over
+    rounds of loaded / alone - 1 (a GPU at full power drifts in clock speed, so each loaded run is
+    compared with the alone run next to it). Transfers are queued back to back, at most two in
+    flight, until the matmul loop has finished, so the whole matmul window runs beside transfers.
     """
     a, b, c, iters = mm
-    before = matmul_alone(mm, m_stream)
-    torch.cuda.synchronize()
-    origin = torch.cuda.Event(enable_timing=True)
-    origin.record()
-    mm_start, mm_end = matmul_loop(a, b, c, iters, m_stream)
-    marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-    while True:
-        s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s0.record(t_stream)
-        call()
-        s1.record(t_stream)
-        marks.append((s0, s1))
-        if len(marks) >= 2:
-            marks[-2][1].synchronize()
-        if mm_end.query():
-            break
-    torch.cuda.synchronize()
-    after = matmul_alone(mm, m_stream)
-    w0, w1 = origin.elapsed_time(mm_start), origin.elapsed_time(mm_end)
-    slowdown = (w1 - w0) / 1e3 / ((before + after) / 2) - 1
-    inside = [origin.elapsed_time(e) - origin.elapsed_time(s) for s, e in marks
-              if origin.elapsed_time(s) >= w0 and origin.elapsed_time(e) <= w1]
-    return slowdown, (statistics.median(inside) / 1e3 if inside else None), len(inside)
+    ratios: list[float] = []
+    inside: list[float] = []
+    for _ in range(rounds):
+        alone = matmul_alone(mm, m_stream)
+        torch.cuda.synchronize()
+        origin = torch.cuda.Event(enable_timing=True)
+        origin.record()
+        mm_start, mm_end = matmul_loop(a, b, c, iters, m_stream)
+        marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        while True:
+            s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s0.record(t_stream)
+            call()
+            s1.record(t_stream)
+            marks.append((s0, s1))
+            if len(marks) >= 2:
+                marks[-2][1].synchronize()
+            if mm_end.query():
+                break
+        torch.cuda.synchronize()
+        w0, w1 = origin.elapsed_time(mm_start), origin.elapsed_time(mm_end)
+        ratios.append((w1 - w0) / 1e3 / alone)
+        inside += [origin.elapsed_time(e) - origin.elapsed_time(s) for s, e in marks
+                   if origin.elapsed_time(s) >= w0 and origin.elapsed_time(e) <= w1]
+    return statistics.median(ratios) - 1, (statistics.median(inside) / 1e3 if inside else None), len(inside)
 
 
 def bench_transfers(ref: dict[str, float]) -> None:
@@ -311,6 +313,7 @@ def bench_attention() -> None:
     out("| context | batch | SDPA | paged (tierkv) | gather + SDPA | paged / SDPA | paged / (gather + SDPA) | eager: SDPA / paged / gather+SDPA |")
     out("| --- | --- | --- | --- | --- | --- | --- | --- |")
     lay = KVLayout(num_layers=1, kv_factor=2, num_kv_heads=hkv, head_dim=d, dtype=dtype, block_tokens=bt)
+    sweep: dict[int, dict[int, float]] = {}
     for ctx in (1024, 8192, 32768):
         for batch in (1, 32):
             nb = ctx // bt
@@ -347,8 +350,15 @@ def bench_attention() -> None:
             ts, tp, tg = graph
             out(f"| {ctx // 1024}k | {batch} | {ts * 1e3:.1f} us | {tp * 1e3:.1f} us (rel err {rel:.1e}) | {tg * 1e3:.1f} us | "
                 f"{tp / ts:.2f} | {tp / tg:.2f} | {' / '.join(f'{x * 1e3:.0f}' for x in eager)} us |")
+            if batch == 1 and ctx <= 8192:
+                sweep[ctx] = {n: triton.testing.do_bench_cudagraph(
+                    lambda n=n: paged_attention(q, flat, lay, 0, table, lens, num_splits=n), rep=50, return_mode="median")
+                    for n in (1, 2, 4, 8, 16, 32)}
             del pool, k, v, flat
             torch.cuda.empty_cache()
+    out()
+    out("KV splits at batch 1 (GPU time; the table above uses the default heuristic): " + "; ".join(
+        f"{ctx // 1024}k: " + ", ".join(f"{n}: {t * 1e3:.1f} us" for n, t in times.items()) for ctx, times in sweep.items()))
     out()
 
 
