@@ -430,13 +430,6 @@ def test_put_larger_than_unleased_room_evicts_nothing(layout) -> None:
         assert_get_exact(store, d, 3)
 
 
-@pytest.mark.xfail(
-    reason="bug: BlockStore._place walks the tiers device->host once per pass, so a device block "
-    "that becomes a leaf only after the host pass dropped its children is never evicted; the put "
-    "is refused although the unleased slots suffice, and the refused put has already dropped blocks "
-    "(found by test_store_statemachine)",
-    strict=True,
-)
 def test_put_fits_whenever_unleased_slots_suffice(layout) -> None:
     """Device 3 + host 5 slots, 3 leased: a 5-block put must fit, whatever the tiers hold."""
 

@@ -66,6 +66,8 @@ class StoreConfig:
     verify_reads: check each block read from host or disk against its xxh3 checksum.
     io_threads: threads issuing disk reads and writes (posix path).
     disk_io: "auto" (kvikio where it can work, else posix), "posix" or "kvikio".
+    writeback_bytes: bound of the queue of blocks on their way to disk; demotions to disk
+        wait for the disk only when it is full.
     """
 
     device_bytes: int = 1 << 30
@@ -79,6 +81,7 @@ class StoreConfig:
     verify_reads: bool = True
     io_threads: int = 4
     disk_io: str = "auto"
+    writeback_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device_bytes", parse_bytes(self.device_bytes, "device_bytes"))
@@ -103,6 +106,7 @@ class StoreConfig:
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
             raise ConfigError(f"io_threads: expected an int from 1 to 256, got {self.io_threads!r}")
         object.__setattr__(self, "io_threads", threads)
+        object.__setattr__(self, "writeback_bytes", parse_bytes(self.writeback_bytes, "writeback_bytes"))
         if self.disk_io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"disk_io: expected 'auto', 'posix' or 'kvikio', got {self.disk_io!r}")
 

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .config import StoreConfig
 from .errors import TierKVError
 from .index import Block, Index
@@ -52,6 +54,7 @@ class DiskPersistence:
         self.directory = prepare_directory(config.disk_path)
         self.durability = config.durability
         self._recovered_tick = 0
+        self._in_flight: dict[int, tuple[int, Block]] = {}  # slot -> (write generation, block)
         self._lock = DirectoryLock(self.directory)
         try:
             self.manifest = Manifest(self.directory, durable=config.durability != "none")
@@ -63,7 +66,8 @@ class DiskPersistence:
             self.existed = self.manifest.check_identity(identity)
             num_slots = config.disk_bytes // slot_stride(layout.block_bytes)
             self.tier = DiskTier(self.directory, num_slots, layout.block_bytes, io_threads=config.io_threads,
-                                 io=config.disk_io)
+                                 io=config.disk_io, writeback_bytes=config.writeback_bytes,
+                                 sync_writes=config.durability != "none")
         except BaseException:
             if hasattr(self, "manifest"):
                 self.manifest.close()
@@ -115,15 +119,40 @@ class DiskPersistence:
         self.manifest.commit([], dropped)
         return Recovery(blocks=len(order), dropped=len(dropped))
 
-    def commit(self, index: Index, tier: int) -> None:
-        """Make pending disk writes durable, then record them (and removals) in the manifest."""
+    def write_behind(self, slots: list[int], rows: torch.Tensor, blocks: list[Block]) -> None:
+        """Hand a batch to the write-back thread; its manifest entries wait for the write."""
+        for slot, gen, block in zip(slots, self.tier.write_behind(slots, rows), blocks):
+            self._in_flight[slot] = (gen, block)
+
+    def commit(self, index: Index, tier: int) -> list[Block]:
+        """Record in the manifest what reached disk since the last commit, and what left it.
+
+        Entries of blocks still in the write-back queue wait until their write completes, so
+        the manifest never names bytes that are not on disk. Returns blocks whose write-back
+        failed: the store drops those disk copies.
+        """
+        completed, failed = self.tier.queue.take_results()
+        for slot, gen in completed:
+            entry = self._in_flight.get(slot)
+            if entry is not None and entry[0] == gen:
+                del self._in_flight[slot]
+                index.dirty[entry[1].key] = entry[1]
+        lost = []
+        for slot, gen, _error in failed:
+            entry = self._in_flight.get(slot)
+            if entry is not None and entry[0] == gen:
+                del self._in_flight[slot]
+                if entry[1].slots[tier] == slot:
+                    lost.append(entry[1])
         if not index.dirty:
-            return
+            return lost
         puts: list[Record] = []
         deletes: list[bytes] = []
         for key, b in index.dirty.items():
             slot = b.slots[tier]
             if slot >= 0 and index.blocks.get(key) is b:
+                if slot in self._in_flight:
+                    continue  # committed when its write completes
                 assert b.checksum is not None, "a block reached disk without a checksum"
                 puts.append(Record(key, slot, b.checksum, b.last_use, b.parent is None, b.ident))
             else:
@@ -132,6 +161,7 @@ class DiskPersistence:
         if self.durability != "none":
             self.tier.sync()
         self.manifest.commit(puts, deletes)
+        return lost
 
     def commit_written(self, block: Block, slot: int) -> None:
         """durability="every": make one block durable and record it before the next is written."""
@@ -143,7 +173,8 @@ class DiskPersistence:
         """Write the last use of disk blocks touched since open, so a restart evicts in our order."""
         since = self._recovered_tick
         index.dirty.update((b.key, b) for b in index.blocks.values() if b.slots[tier] >= 0 and b.last_use > since)
-        self.commit(index, tier)
+        if self.commit(index, tier):
+            raise AssertionError("write-back results must be drained before the recency save")
 
     def close(self) -> None:
         self.tier.close()

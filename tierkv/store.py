@@ -124,6 +124,8 @@ class BlockStore:
                 if self._disk is not None:
                     if self.config.flush_on_close:
                         self._flush_to_disk()
+                    self._disk.tier.drain()
+                    self._commit()
                     self._disk.save_recency(self.index, self._disk_tier)
             finally:
                 self._closed = True
@@ -181,8 +183,9 @@ class BlockStore:
                 self._commit()
 
     def _commit(self) -> None:
-        if self._disk is not None and self.index.dirty:
-            self._disk.commit(self.index, self._disk_tier)
+        if self._disk is not None:
+            for block in self._disk.commit(self.index, self._disk_tier):
+                self._discard_copy(block, self._disk_tier)  # its write-back failed
 
     @property
     def device(self) -> torch.device:
@@ -400,12 +403,18 @@ class BlockStore:
             # First without deleting anything that could still move down; then, if the chain
             # still does not fit, allow deleting blocks nothing depends on.
             for drop_stuck in (False, True):
-                for t in range(len(self.tiers)):
-                    if remaining == 0:
+                # Deleting in one tier can unblock another (a parent becomes a leaf once its
+                # child is gone): with deletion allowed, go round until a round frees nothing.
+                while remaining:
+                    before = remaining
+                    for t in range(len(self.tiers)):
+                        if remaining == 0:
+                            break
+                        slots = self._reserve(t, remaining, drop_stuck)
+                        reserved.append((t, slots))
+                        remaining -= len(slots)
+                    if remaining == before or not drop_stuck:
                         break
-                    slots = self._reserve(t, remaining, drop_stuck)
-                    reserved.append((t, slots))
-                    remaining -= len(slots)
             if remaining:
                 raise CapacityError(self._capacity_message(n, n - remaining))
         except BaseException:
@@ -563,12 +572,14 @@ class BlockStore:
                     if b.checksum is None:
                         b.checksum = s
         tier = self.tiers[t]
-        if t == self._disk_tier and self.config.durability == "every":
+        if t != self._disk_tier:
+            tier.write(slots, rows)
+        elif self.config.durability == "every":
             for i, (slot, block) in enumerate(zip(slots, blocks)):
                 tier.write([slot], rows[i : i + 1])
                 self._disk.commit_written(block, slot)
-            return
-        tier.write(slots, rows)
+        else:
+            self._disk.write_behind(slots, rows, blocks)
 
     def _discard_copy(self, block: Block, t: int) -> None:
         """Forget a copy that failed verification; without another copy, its subtree goes too."""

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import TierKVError
 from .base import Tier
+from .writeback import WriteQueue
 
 ALIGN = 4096
 MAX_REQUEST = 8 << 20  # split long runs so that several threads share a big batch
@@ -177,7 +178,8 @@ class DiskTier(Tier):
     """
 
     def __init__(self, directory: Path, num_slots: int, block_bytes: int, file_bytes: int = 16 << 30,
-                 io_threads: int = 4, io: str = "auto") -> None:
+                 io_threads: int = 4, io: str = "auto", writeback_bytes: int = 256 << 20,
+                 sync_writes: bool = True) -> None:
         super().__init__("disk", num_slots, block_bytes)
         self.directory = directory
         self.stride = slot_stride(block_bytes)
@@ -196,6 +198,8 @@ class DiskTier(Tier):
         else:
             self._files = _PosixFiles(paths, sizes, io_threads)
         self._dirty: set[int] = set()
+        self.sync_writes = sync_writes
+        self.queue = WriteQueue(self.stride, max(writeback_bytes, self.stride), self._write_job)
 
     @property
     def device(self) -> torch.device:
@@ -209,6 +213,13 @@ class DiskTier(Tier):
         """Mark slots recovered from the manifest as used."""
         used = set(slots)
         self._free = [s for s in self._free if s not in used]
+
+    def allocate(self, n: int) -> list[int]:
+        self._free.extend(self.queue.take_released())
+        return super().allocate(n)
+
+    def free(self, slots: Sequence[int]) -> None:
+        super().free(self.queue.cancel(slots))
 
     # -- I/O -----------------------------------------------------------------------
 
@@ -231,26 +242,58 @@ class DiskTier(Tier):
         return reqs
 
     def read(self, slots: Sequence[int]) -> torch.Tensor:
+        """Rows of the slots; those still in the write-behind queue come from the queue."""
         buf = aligned_empty(len(slots) * self.stride)
-        if slots:
-            self._files.run(False, self._requests(slots), buf)
+        queued = self.queue.lookup(slots)
+        on_disk = [s for i, s in enumerate(slots) if i not in queued]
+        if on_disk:
+            rows_on_disk = buf if not queued else aligned_empty(len(on_disk) * self.stride)
+            self._files.run(False, self._requests(on_disk), rows_on_disk)
+            if queued:
+                view = buf.reshape(len(slots), self.stride)
+                positions = [i for i in range(len(slots)) if i not in queued]
+                view[positions] = rows_on_disk.reshape(len(on_disk), self.stride)
+        for i, row in queued.items():
+            buf[i * self.stride : (i + 1) * self.stride] = row
         rows = torch.from_numpy(buf).view(len(slots), self.stride)
         return rows if self.stride == self.slot_bytes else rows[:, : self.slot_bytes].contiguous()
 
     def write(self, slots: Sequence[int], rows: torch.Tensor) -> None:
+        """Write now, on the caller's thread; durable after `sync()`."""
+        if slots:
+            self._write_buffer(slots, self._stage(slots, rows))
+
+    def write_behind(self, slots: Sequence[int], rows: torch.Tensor) -> list[int]:
+        """Queue the rows for the write-back thread; returns one generation per slot.
+
+        The rows are copied, so the caller may reuse its memory at once. Blocks while the
+        queue is full. Completion is reported through `queue.take_results()`.
+        """
+        return self.queue.submit(list(slots), self._stage(slots, rows)) if slots else []
+
+    def drain(self) -> None:
+        """Wait for the write-back queue to empty."""
+        self.queue.drain()
+
+    def _stage(self, slots: Sequence[int], rows: torch.Tensor) -> np.ndarray:
         if rows.shape != (len(slots), self.slot_bytes) or rows.dtype != torch.uint8:
             raise ValueError(
                 f"disk tier: write needs uint8 rows of shape {(len(slots), self.slot_bytes)}, "
                 f"got {rows.dtype} {tuple(rows.shape)}"
             )
-        if not slots:
-            return
         buf = aligned_empty(len(slots) * self.stride)
         staged = torch.from_numpy(buf).view(len(slots), self.stride)
         staged[:, : self.slot_bytes].copy_(rows)
         if self.stride != self.slot_bytes:
             staged[:, self.slot_bytes :].zero_()
-        self._write_buffer(slots, buf)
+        return buf
+
+    def _write_job(self, slots: Sequence[int], buf: np.ndarray) -> None:
+        """One write-back batch, made durable before it is reported complete (unless sync is off)."""
+        self._files.run(True, self._requests(slots), buf)
+        if self.sync_writes:
+            for f in sorted({s // self.slots_per_file for s in slots}):
+                self._files.sync(f)
 
     def _write_buffer(self, slots: Sequence[int], buf: np.ndarray | torch.Tensor) -> None:
         try:
@@ -290,4 +333,5 @@ class DiskTier(Tier):
         self._dirty.clear()
 
     def close(self) -> None:
+        self.queue.close()
         self._files.close()
