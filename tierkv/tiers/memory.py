@@ -62,18 +62,20 @@ class MemoryTier(Tier):
             self._held.append((event, keep))
 
     def read(self, slots: Sequence[int]) -> torch.Tensor:
+        """Rows of `slots`; a pinned tier returns pinned rows, so moving them to a GPU is an async DMA."""
         if self._device.type == "cpu":
             self._cpu_access()
         if not slots:
             return self.storage[:0].clone()
+        if self._device.type == "cuda":
+            out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, device=self._device)
+            copy_slots(self.storage, slots, out, range(len(slots)))
+            return out
+        out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, pin_memory=self.pinned)
         run = _contiguous_run(slots)
         if run is not None:
-            return self.storage[run[0] : run[1]].clone()
-        if self._device.type == "cpu":
-            return self.storage.index_select(0, torch.as_tensor(slots, dtype=torch.long))
-        out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, device=self._device)
-        copy_slots(self.storage, slots, out, range(len(slots)))
-        return out
+            return out.copy_(self.storage[run[0] : run[1]])
+        return torch.index_select(self.storage, 0, torch.as_tensor(slots, dtype=torch.long), out=out)
 
     def write(self, slots: Sequence[int], rows: torch.Tensor) -> None:
         if not slots:
