@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,11 +28,7 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machi
 
 
 def kvikio_installed() -> bool:
-    try:
-        import kvikio  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("kvikio") is not None
 
 
 def test_collect_finishes_in_a_fresh_process_and_serialises() -> None:
@@ -70,6 +70,63 @@ def test_driver_probe_agrees_with_torch() -> None:
 def test_kvikio_absent_is_reported_not_raised() -> None:
     probe = probe_kvikio(Probe(True, "a driver"))
     assert probe == Probe(False, "kvikio not installed (the 'gpu' extra installs it)")
+
+
+@pytest.fixture
+def fake_kvikio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A directory on sys.path where a test writes its own `kvikio` package.
+
+    Stands in for kvikio's three situations here (broken native libraries, no driver, a
+    driver): the code under test is the probe, not kvikio.
+    """
+    for name in [m for m in sys.modules if m == "kvikio" or m.startswith("kvikio.")]:
+        monkeypatch.delitem(sys.modules, name)
+    (tmp_path / "kvikio").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path / "kvikio"
+    for name in [m for m in sys.modules if m == "kvikio" or m.startswith("kvikio.")]:
+        del sys.modules[name]
+
+
+def write_kvikio(pkg: Path, init: str, defaults: str = "") -> None:
+    (pkg / "__init__.py").write_text(textwrap.dedent(init))
+    (pkg / "defaults.py").write_text(textwrap.dedent(defaults))
+    # Opening the cuFile driver without a CUDA driver hangs or fails: the probe must never import it.
+    (pkg / "cufile_driver.py").write_text("raise AssertionError('the probe opened the cuFile driver')\n")
+    importlib.invalidate_caches()
+
+
+def test_kvikio_whose_native_libraries_do_not_load_is_reported(fake_kvikio: Path) -> None:
+    write_kvikio(fake_kvikio, """
+        raise RuntimeError('Failure finding "libcufile.so.0": No such file\\n  listdir(...)')
+    """)
+    assert probe_kvikio(Probe(False, "no CUDA driver")) == Probe(
+        False, 'kvikio is installed but does not load: Failure finding "libcufile.so.0": No such file'
+    )
+
+
+def test_kvikio_without_a_driver_is_not_asked_anything(fake_kvikio: Path) -> None:
+    write_kvikio(fake_kvikio, "__version__ = '0.0.test'\n", """
+        def get(name):
+            raise AssertionError("kvikio settings read without a CUDA driver")
+    """)
+    assert probe_kvikio(Probe(False, "no CUDA driver")) == Probe(
+        False, "kvikio 0.0.test installed, no CUDA driver so file I/O through it is unavailable"
+    )
+
+
+@pytest.mark.parametrize("mode, meaning", [("AUTO", "where available, else POSIX"), ("ON", "no GDS"), ("OFF", "required")])
+def test_kvikio_with_a_driver_reports_its_compat_mode(fake_kvikio: Path, mode: str, meaning: str) -> None:
+    write_kvikio(fake_kvikio, "__version__ = '0.0.test'\n", f"""
+        import enum
+        CompatMode = enum.IntEnum("CompatMode", ["OFF", "ON", "AUTO"], start=0)
+        def get(name):
+            assert name == "compat_mode"
+            return CompatMode.{mode}
+    """)
+    probe = probe_kvikio(Probe(True, "CUDA driver API 13.0"))
+    assert probe.available
+    assert probe.detail.startswith(f"kvikio 0.0.test, compat_mode {mode}: ") and meaning in probe.detail
 
 
 def test_config_errors_are_reported_not_raised() -> None:

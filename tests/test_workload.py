@@ -14,6 +14,7 @@ from tierkv.workload import (
     ChatWorkload,
     WrongKVError,
     check_fits,
+    holds_synthetic_kv,
     replay,
     synthetic_kv,
 )
@@ -141,11 +142,26 @@ def test_synthetic_kv_is_a_deterministic_function_of_the_key() -> None:
     assert synthetic_kv([], SYNTHETIC_LAYOUT).shape == (0, *SYNTHETIC_LAYOUT.block_shape)
 
 
-def test_synthetic_kv_fills_blocks_whose_size_is_not_a_multiple_of_the_key() -> None:
+def test_holds_synthetic_kv_spots_any_changed_byte() -> None:
+    keys = [bytes([i]) * 8 + bytes(range(8)) for i in range(4)]
+    kv = synthetic_kv(keys, SYNTHETIC_LAYOUT)
+    assert holds_synthetic_kv(kv, keys)
+    assert holds_synthetic_kv(kv[:0], [])
+    assert not holds_synthetic_kv(kv[:3], keys)  # one block short
+    assert not holds_synthetic_kv(kv, keys[::-1])  # blocks in the wrong order
+    raw = kv.clone().view(torch.uint8).view(4, -1)
+    raw[2, 12345] ^= 1
+    assert not holds_synthetic_kv(raw.view(SYNTHETIC_LAYOUT.dtype).view(kv.shape), keys)
+
+
+def test_synthetic_kv_needs_blocks_made_of_whole_keys() -> None:
     odd = KVLayout(num_layers=1, kv_factor=1, num_kv_heads=1, head_dim=5, dtype="uint8", block_tokens=3)  # 15 bytes
-    kv = synthetic_kv([bytes(range(16))], odd)
-    assert kv.shape == (1, *odd.block_shape)
-    assert kv.flatten().tolist() == list(range(15))
+    with pytest.raises(ValueError, match="block_bytes must be a multiple of 16, got 15"):
+        synthetic_kv([bytes(16)], odd)
+    config = StoreConfig(device_bytes=10 * odd.block_bytes, host_bytes=0, device="cpu")
+    with BlockStore(odd, SYNTHETIC_NAMESPACE, config) as store:
+        with pytest.raises(ValueError, match="multiple of 16"):
+            replay(store, SMALL.requests())
 
 
 # -- replay --------------------------------------------------------------------------

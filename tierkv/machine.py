@@ -8,6 +8,7 @@ it is a costly step that `info` has no business taking.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 from dataclasses import asdict, dataclass
@@ -107,10 +108,14 @@ def probe_kvikio(driver: Probe) -> Probe:
     Whether GPUDirect Storage is really used is decided by kvikio when the first file is
     opened (compat mode AUTO tries cuFile, then falls back to POSIX); that is not done here.
     """
+    if importlib.util.find_spec("kvikio") is None:
+        return Probe(False, "kvikio not installed (the 'gpu' extra installs it)")
     try:
         import kvikio
-    except ImportError:
-        return Probe(False, "kvikio not installed (the 'gpu' extra installs it)")
+        import kvikio.defaults
+    except (ImportError, RuntimeError, OSError) as e:  # its native libraries (libkvikio, libcufile) failed to load
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return Probe(False, f"kvikio is installed but does not load: {reason}")
     version = kvikio.__version__
     if not driver.available:
         return Probe(False, f"kvikio {version} installed, no CUDA driver so file I/O through it is unavailable")

@@ -140,17 +140,39 @@ class WrongKVError(TierKVError):
     """The store served a block whose bytes differ from what was put for that prefix: a bug."""
 
 
+def _key_words(keys: Sequence[bytes], device: torch.device | str) -> torch.Tensor:
+    """Each 16-byte key as two int64 words, `[n, 1, 2]`, ready to broadcast over a block."""
+    raw = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.int64).view(len(keys), 1, 2)
+    return raw.to(device)
+
+
+def _check_synthetic_layout(layout: KVLayout) -> None:
+    if layout.block_bytes % 16:
+        raise ValueError(f"synthetic KV repeats 16-byte keys, so block_bytes must be a multiple of 16, got {layout.block_bytes}")
+
+
 def synthetic_kv(keys: Sequence[bytes], layout: KVLayout, device: torch.device | str = "cpu") -> torch.Tensor:
     """Stand-in for prefill: each block's bytes are its 16-byte chain key, repeated.
 
-    Cheap (one repeat per batch), and a function of the whole prefix, like real KV.
+    Cheap (one broadcast copy of int64 words), and a function of the whole prefix, like real KV.
     """
-    n, bb = len(keys), layout.block_bytes
+    _check_synthetic_layout(layout)
+    n, words = len(keys), layout.block_bytes // 16
     if n == 0:
         return torch.empty((0, *layout.block_shape), dtype=layout.dtype, device=device)
-    raw = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(n, 16).to(device)
-    rows = raw.repeat(1, -(-bb // 16))[:, :bb].contiguous()
-    return rows.view(layout.dtype).view(n, *layout.block_shape)
+    rows = _key_words(keys, device).expand(n, words, 2).contiguous()
+    return rows.view(torch.uint8).view(layout.dtype).view(n, *layout.block_shape)
+
+
+def holds_synthetic_kv(kv: torch.Tensor, keys: Sequence[bytes]) -> bool:
+    """Whether `kv` is bit for bit `synthetic_kv(keys)`, checked without building that tensor."""
+    n = len(keys)
+    if kv.shape[0] != n:
+        return False
+    if n == 0:
+        return True
+    words = kv.contiguous().view(torch.uint8).reshape(n, -1, 16).view(torch.int64)
+    return torch.equal(words, _key_words(keys, kv.device).expand_as(words))
 
 
 @dataclass(frozen=True)
@@ -184,6 +206,7 @@ def replay(store: BlockStore, requests: Iterable[ChatRequest]) -> ReplayResult:
     was served, its new blocks are just not kept. Such refusals are counted.
     """
     layout = store.layout
+    _check_synthetic_layout(layout)
     bt = layout.block_tokens
     seed = store.namespace.digest(layout)
     count = prompt = served = verified = unstored = 0
@@ -193,8 +216,7 @@ def replay(store: BlockStore, requests: Iterable[ChatRequest]) -> ReplayResult:
         keys = chain_keys(seed, req.tokens, bt)
         cached = store.get(req.tokens)
         k = cached.shape[0]
-        expected = synthetic_kv(keys[:k], layout, cached.device)
-        if not torch.equal(cached.view(torch.uint8), expected.view(torch.uint8)):
+        if not holds_synthetic_kv(cached, keys[:k]):
             raise WrongKVError(
                 f"user {req.user} turn {req.turn}: the store served {k} blocks and not all of them hold "
                 "the KV that was put for that prefix"
