@@ -471,9 +471,7 @@ class BlockStore:
         dst = self._reserve(t + 1, len(moving))
         if dst:
             src = [old for _, old in moving[: len(dst)]]
-            # Not verified here: a corrupt copy keeps its original checksum below and is
-            # caught when it is next read to be served.
-            self._write(t + 1, dst, tier.read(src), [victim for victim, _ in moving[: len(dst)]])
+            self._move_down(t, src, dst, [victim for victim, _ in moving[: len(dst)]])
             self._counters.moved_bytes(tier.name, self._names[t + 1], len(dst) * tier.slot_bytes)
             for (victim, old), new in zip(moving, dst):
                 index.set_slot(victim, t + 1, new)
@@ -565,21 +563,41 @@ class BlockStore:
 
     def _write(self, t: int, slots: list[int], rows: torch.Tensor, blocks: list[Block]) -> None:
         """Write rows into tier `t`; bytes entering host or disk get their checksum here."""
-        if t > 0:
-            rows = rows.to("cpu")
-            if any(b.checksum is None for b in blocks):
-                for b, s in zip(blocks, checksum_rows(rows)):
-                    if b.checksum is None:
-                        b.checksum = s
         tier = self.tiers[t]
         if t != self._disk_tier:
-            tier.write(slots, rows)
-        elif self.config.durability == "every":
+            tier.write(slots, rows)  # GPU rows into pinned host: an async DMA, waited for below
+            self._note_checksums(t, slots, blocks)
+            return
+        rows = rows.to("cpu")
+        self._note_checksums(t, slots, blocks, rows)
+        if self.config.durability == "every":
             for i, (slot, block) in enumerate(zip(slots, blocks)):
                 tier.write([slot], rows[i : i + 1])
                 self._disk.commit_written(block, slot)
         else:
             self._disk.write_behind(slots, rows, blocks)
+
+    def _move_down(self, t: int, src_slots: list[int], dst_slots: list[int], blocks: list[Block]) -> None:
+        """Demote: copy slots of tier `t` into tier `t + 1`, memory to memory without temporaries.
+
+        Not verified here: a corrupt copy keeps its original checksum below and is caught when
+        it is next read to be served.
+        """
+        src, dst = self.tiers[t], self.tiers[t + 1]
+        if isinstance(src, MemoryTier) and isinstance(dst, MemoryTier):
+            src.copy_to(src_slots, dst, dst_slots)
+            self._note_checksums(t + 1, dst_slots, blocks)
+        else:
+            self._write(t + 1, dst_slots, src.read(src_slots), blocks)
+
+    def _note_checksums(self, t: int, slots: list[int], blocks: list[Block], rows: torch.Tensor | None = None) -> None:
+        """Give blocks arriving in host or disk for the first time the checksum of their bytes."""
+        if t == 0 or all(b.checksum is not None for b in blocks):
+            return
+        sums = checksum_rows(rows if rows is not None else self.tiers[t].view(slots))
+        for b, s in zip(blocks, sums):
+            if b.checksum is None:
+                b.checksum = s
 
     def _discard_copy(self, block: Block, t: int) -> None:
         """Forget a copy that failed verification; without another copy, its subtree goes too."""
