@@ -158,7 +158,9 @@ def fingerprint_weights(model: PreTrainedModel) -> str:
         flat = tensor.detach().reshape(-1)
         if flat.numel() == 0:
             continue
-        picks = torch.linspace(0, flat.numel() - 1, min(FINGERPRINT_SAMPLES, flat.numel()), device=flat.device).long()
+        # Integer arithmetic: a float linspace rounds past the end of tensors over 2**24 elements.
+        k = min(FINGERPRINT_SAMPLES, flat.numel())
+        picks = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
         h.update(flat[picks].contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
 

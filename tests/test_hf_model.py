@@ -59,6 +59,15 @@ def test_fingerprint_follows_weights_and_config() -> None:
     assert fingerprint_weights(quiet) == base
 
 
+def test_fingerprint_samples_reach_the_last_element_of_huge_tensors() -> None:
+    model = llama(0)
+    # 2**25 + 4 elements: float32 cannot hold 2**25 + 3, so a float linspace would index past the end.
+    model.register_buffer("big", torch.zeros(2**25 + 4, dtype=torch.uint8))
+    before = fingerprint_weights(model)
+    model.big[-1] = 1
+    assert fingerprint_weights(model) != before
+
+
 def test_two_models_never_share_a_key_chain() -> None:
     (ns_a, layout_a), (ns_b, layout_b) = namespace_for(llama(0)), namespace_for(llama(1))
     assert layout_a == layout_b
