@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .budget import check_name
 from .errors import ConfigError
 
 ENV_PREFIX = "TIERKV_"
@@ -68,6 +69,16 @@ class StoreConfig:
     disk_io: "auto" (kvikio where it can work, else posix), "posix" or "kvikio".
     writeback_bytes: bound of the queue of blocks on their way to disk; demotions to disk
         wait for the disk only when it is full.
+    device_elastic: back the device tier with virtual memory whose pages are mapped as blocks
+        arrive and unmapped when empty (CUDA VMM; an mmap range on CPU); device_bytes is then
+        its maximum. See docs/elastic.md.
+    device_min_bytes: device bytes this store keeps when others sharing its GPU budget ask it
+        to shrink (needs gpu_budget_name).
+    device_page_bytes: page of the elastic tier; None is the GPU's VMM granularity (2 MiB), or
+        2 MiB on CPU.
+    gpu_budget_name: name of a GPU memory budget shared by the elastic tiers of several stores,
+        in this process or others; None: this store's tier grows alone up to device_bytes.
+    gpu_budget_bytes: size of that budget; every member must give the same size.
     """
 
     device_bytes: int = 1 << 30
@@ -82,6 +93,11 @@ class StoreConfig:
     io_threads: int = 4
     disk_io: str = "auto"
     writeback_bytes: int = 256 << 20
+    device_elastic: bool = False
+    device_min_bytes: int = 0
+    device_page_bytes: int | None = None
+    gpu_budget_name: str | None = None
+    gpu_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device_bytes", parse_bytes(self.device_bytes, "device_bytes"))
@@ -109,6 +125,32 @@ class StoreConfig:
         object.__setattr__(self, "writeback_bytes", parse_bytes(self.writeback_bytes, "writeback_bytes"))
         if self.disk_io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"disk_io: expected 'auto', 'posix' or 'kvikio', got {self.disk_io!r}")
+        self._check_elastic()
+
+    def _check_elastic(self) -> None:
+        object.__setattr__(self, "device_elastic", _parse_bool(self.device_elastic, "device_elastic"))
+        object.__setattr__(self, "device_min_bytes", parse_bytes(self.device_min_bytes, "device_min_bytes"))
+        for name in ("device_page_bytes", "gpu_budget_bytes"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parse_bytes(getattr(self, name), name))
+        if self.device_page_bytes == 0:
+            raise ConfigError("device_page_bytes: must be > 0, or unset for the GPU's granularity")
+        name = self.gpu_budget_name
+        if name is not None:
+            check_name(name)
+        if not self.device_elastic:
+            for field, unset in (("device_min_bytes", 0), ("device_page_bytes", None), ("gpu_budget_name", None), ("gpu_budget_bytes", None)):
+                if getattr(self, field) != unset:
+                    raise ConfigError(f"{field}: only used by an elastic device tier; set device_elastic=true or leave it unset")
+            return
+        if (name is None) != (self.gpu_budget_bytes is None):
+            raise ConfigError("gpu_budget_name and gpu_budget_bytes go together: name the shared budget and give its size")
+        if self.device_min_bytes and name is None:
+            raise ConfigError("device_min_bytes: a minimum only matters against others sharing a GPU budget; set gpu_budget_name")
+        if self.device_min_bytes > self.device_bytes:
+            raise ConfigError(f"device_min_bytes: {self.device_min_bytes} is above device_bytes {self.device_bytes}, the tier's maximum")
+        if self.gpu_budget_bytes is not None and self.device_min_bytes > self.gpu_budget_bytes:
+            raise ConfigError(f"device_min_bytes: {self.device_min_bytes} is above gpu_budget_bytes {self.gpu_budget_bytes}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StoreConfig:

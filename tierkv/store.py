@@ -8,6 +8,8 @@ destination per batch of blocks, never one copy per block.
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,8 +27,10 @@ from .namespace import Namespace
 from .persistence import DiskPersistence, Recovery
 from .stats import StoreCounters, to_prometheus
 from .tiers import MemoryTier, Tier
+from .tiers.elastic import ElasticTier, elastic_device_tier
 
 _MAX_GET_ATTEMPTS = 4  # a get retries after dropping corrupt copies; each retry sees fewer
+_PUBLISH_S = 0.1  # least interval between two refreshes of this store's row in a GPU budget
 
 
 def _resolve_device(config: StoreConfig) -> torch.device:
@@ -94,7 +98,8 @@ class BlockStore:
             raise ConfigError("pin_host: pinned memory needs CUDA, which is not available here; set pin_host to false")
         bb = layout.block_bytes
         self.tiers: list[Tier] = [
-            MemoryTier("device", config.device_bytes // bb, bb, device),
+            elastic_device_tier(config, bb, device, namespace.model) if config.device_elastic
+            else MemoryTier("device", config.device_bytes // bb, bb, device),
             MemoryTier("host", config.host_bytes // bb, bb, torch.device("cpu"), pin=pin),
         ]
         self._disk: DiskPersistence | None = None
@@ -112,6 +117,12 @@ class BlockStore:
         self._closed = False
         if self._disk is not None:
             self.recovery = self._disk.recover(self.index, self._disk_tier)
+        self._shrinks = 0  # shrink requests acted on, and the bytes they demoted to host
+        self._shrink_demoted = 0
+        self._published = 0.0
+        self._budget = self.tiers[0].budget if isinstance(self.tiers[0], ElasticTier) else None
+        if self._budget is not None:
+            self._watch_budget()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -174,13 +185,21 @@ class BlockStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold the store lock for one public operation; commit disk changes at its end."""
+        """Hold the store lock for one public operation; commit disk changes at its end.
+
+        With a shared GPU budget, a pending request to shrink is acted on first, and the
+        store's row in the budget is refreshed at the end (at most every `_PUBLISH_S`).
+        """
         with self._lock:
             self._check_open()
+            if self._budget is not None and self._budget.pending_target() is not None:
+                self._honour_shrink(blocking=True)
             try:
                 yield
             finally:
                 self._commit()
+                if self._budget is not None and time.monotonic() - self._published >= _PUBLISH_S:
+                    self._publish_budget()
 
     def _commit(self) -> None:
         if self._disk is not None:
@@ -377,6 +396,9 @@ class BlockStore:
                 "puts": self._counters.puts,
                 "gets": self._counters.gets,
                 "leased_owners": len(self._leases),
+                "elastic": None if not isinstance(self.tiers[0], ElasticTier) else {
+                    **self.tiers[0].describe(), "shrinks": self._shrinks, "demoted_bytes": self._shrink_demoted,
+                },
                 "disk": None if self._disk is None else {
                     "path": str(self._disk.directory),
                     "io": self._disk.tier.io_path,
@@ -389,6 +411,103 @@ class BlockStore:
     def prometheus(self) -> str:
         """`stats()` in Prometheus text format, for a /metrics endpoint."""
         return to_prometheus(self.stats())
+
+    # -- the elastic device tier ---------------------------------------------------
+
+    def shrink_device(self, target_bytes: int) -> int:
+        """Demote device blocks to host until the elastic device tier maps at most `target_bytes`.
+
+        Whole pages are emptied, coldest first (`ElasticTier.plan_shrink`); any unleased block may
+        be demoted, since its copy stays resident below. A block that finds no room in host is
+        dropped only when nothing depends on it. Returns the bytes of pages given back, which
+        is less than asked when leased blocks hold the rest.
+        """
+        if not isinstance(self.tiers[0], ElasticTier):
+            raise TierKVError("shrink_device needs an elastic device tier (StoreConfig(device_elastic=True))")
+        with self._locked():
+            return self._shrink_device(target_bytes)
+
+    def _shrink_device(self, target_bytes: int) -> int:
+        tier = self.tiers[0]
+        assert isinstance(tier, ElasticTier)
+        before = tier.mapped_bytes
+        if before <= target_bytes:
+            return 0
+        resident = [b for b in self.index.blocks.values() if b.slots[0] >= 0]
+        picks = tier.plan_shrink([b.slots[0] for b in resident], [b.last_use for b in resident],
+                                 [b.leases > 0 or PENDING in b.slots for b in resident], before - target_bytes)
+        self._vacate_device([resident[i] for i in picks])
+        return before - tier.mapped_bytes
+
+    def _vacate_device(self, victims: list[Block]) -> None:
+        """Move `victims` out of the device tier in one batch, then free their slots (and pages)."""
+        index, dev = self.index, self.tiers[0]
+        alone = [v for v in victims if all(s == ABSENT for s in v.slots[1:])]
+        freed = [index.clear_slot(v, 0) for v in victims if any(s != ABSENT for s in v.slots[1:])]
+        dst = self._reserve(1, len(alone)) if alone else []
+        moved = alone[: len(dst)]
+        if moved:
+            self._write(1, dst, dev.read([v.slots[0] for v in moved]), moved)
+            nbytes = len(moved) * dev.slot_bytes
+            self._counters.moved_bytes(self._names[0], self._names[1], nbytes)
+            self._shrink_demoted += nbytes
+            for v, slot in zip(moved, dst):
+                index.set_slot(v, 1, slot)
+                freed.append(index.clear_slot(v, 0))
+        for v in alone[len(dst) :]:  # no room below: only what nothing depends on may go
+            if not v.has_resident_children():
+                freed.append(index.clear_slot(v, 0))
+                self._counters.dropped += 1
+        self._counters.tiers[self._names[0]].evictions += len(freed)
+        dev.free(freed)
+
+    def _honour_shrink(self, blocking: bool) -> bool:
+        """Act on this store's pending shrink request; False if the lock was busy and `blocking` is off."""
+        assert self._budget is not None
+        if not self._lock.acquire(blocking=blocking):
+            return False
+        try:
+            target = self._budget.pending_target()
+            if target is not None and not self._closed:
+                try:
+                    self._shrink_device(target)
+                    self._shrinks += 1
+                finally:  # even after a failure: a request left pending would be retried by every operation
+                    self._budget.settle(target)
+                self._publish_budget()
+            return True
+        finally:
+            self._lock.release()
+
+    def _publish_budget(self) -> None:
+        assert self._budget is not None
+        c = self._counters.tiers[self._names[0]]
+        resident = self.index.resident_count(0)
+        self._budget.publish(resident * self.layout.block_bytes, c.hits, c.hits + c.misses, resident, self._shrink_demoted)
+        self._published = time.monotonic()
+
+    def _watch_budget(self) -> None:
+        """Let the budget's watcher thread act for this store while it is idle, without keeping it alive."""
+        ref = weakref.ref(self)
+
+        def on_request(blocking: bool) -> bool:
+            store = ref()
+            return store is None or store._honour_shrink(blocking)
+
+        def on_tick() -> bool:
+            store = ref()
+            if store is None:
+                return False
+            if store._lock.acquire(blocking=False):  # never wait here: close() joins this thread
+                try:
+                    if not store._closed:
+                        store._publish_budget()
+                finally:
+                    store._lock.release()
+            return True
+
+        assert self._budget is not None
+        self._budget.start_watcher(on_request, on_tick)
 
     # -- placement and eviction ----------------------------------------------------
 
