@@ -1,4 +1,5 @@
-"""The `tierkv` command: `tierkv info` (what this machine offers) and `tierkv demo` (the store at work).
+"""The `tierkv` command: `tierkv info` (what this machine offers), `tierkv demo` (the store at work)
+and `tierkv top` (stores sharing GPU budgets, live).
 
 Mistakes on the command line or in the configuration end with one line saying what to fix and
 exit status 2, never a traceback: a traceback is for bugs.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn
@@ -16,6 +18,7 @@ from typing import Any, NoReturn
 from tqdm import tqdm
 
 from . import __version__
+from .budget import BudgetError, BudgetSnapshot, list_budgets, read_budget
 from .config import StoreConfig, parse_bytes
 from .errors import ConfigError, TierKVError
 from .layout import KVLayout, dtype_name
@@ -100,7 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"host tier capacity, e.g. 1GiB (default {DEMO_HOST_BYTES}, or TIERKV_HOST_BYTES)")
     demo.add_argument("--seed", type=_non_negative_int, default=ChatWorkload.seed, help="workload seed (default %(default)s)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
+
+    top = commands.add_parser(
+        "top",
+        help="stores sharing GPU budgets: mapped bytes, min/max, device hit rates, shrink requests",
+        description="Show every store on a shared GPU budget (StoreConfig gpu_budget_name), refreshed "
+        "until Ctrl-C, the way nvidia-smi shows processes: the bytes its elastic device tier maps, its "
+        "min/max, the bytes its blocks fill, its device hit rate, what shrink requests demoted, and a "
+        "pending request. Counters are at most about a second old.",
+    )
+    top.add_argument("budgets", nargs="*", metavar="BUDGET", help="budget names (default: every budget on this machine)")
+    top.add_argument("--once", action="store_true", help="print the table once and exit")
+    top.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS", help="refresh period (default %(default)s)")
+    top.add_argument("--json", action="store_true", help="print one JSON object and exit")
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             return _info(args)
+        if args.command == "top":
+            return _top(args)
         return _demo(args)
     except TierKVError as e:
         print(f"tierkv {args.command}: error: {e}", file=sys.stderr)
@@ -279,6 +307,60 @@ def format_demo(r: dict[str, Any]) -> str:
 def _layout_text(layout: KVLayout) -> str:
     return (f"{layout.num_layers} layers x {layout.kv_factor} x {layout.block_tokens} tokens x "
             f"{layout.num_kv_heads} heads x {layout.head_dim} dims, {dtype_name(layout.dtype)}")
+
+
+# -- top ---------------------------------------------------------------------------
+
+
+def _budgets(names: Sequence[str]) -> list[BudgetSnapshot]:
+    if names:
+        return [read_budget(n) for n in names]
+    snaps = []
+    for name in list_budgets():
+        try:
+            snaps.append(read_budget(name))
+        except BudgetError:  # removed by its last member since the listing, or not ours
+            continue
+    return snaps
+
+
+def _top(args: argparse.Namespace) -> int:
+    try:
+        while True:
+            snaps = _budgets(args.budgets)
+            if args.json:
+                print(json.dumps([top_report(s) for s in snaps], indent=2))
+                return 0
+            if args.once:
+                print(format_top(snaps))
+                return 0
+            print("\033[H\033[2J" + format_top(snaps), flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def top_report(s: BudgetSnapshot) -> dict[str, Any]:
+    return {"name": s.name, "total_bytes": s.total_bytes, "held_bytes": s.held_bytes, "free_bytes": s.free_bytes,
+            "members": [{**asdict(m), "hit_rate": m.hit_rate} for m in s.members]}
+
+
+def format_top(snaps: Sequence[BudgetSnapshot]) -> str:
+    if not snaps:
+        return "no GPU budgets on this machine (stores join one with gpu_budget_name in their StoreConfig)"
+    lines: list[str] = []
+    for s in snaps:
+        live = sum(m.alive for m in s.members)
+        lines.append(f"GPU budget {s.name}: {format_bytes(s.total_bytes)}, {format_bytes(s.held_bytes)} mapped by "
+                     f"{live} store{'s' * (live != 1)}, {format_bytes(s.free_bytes)} free")
+        rows = [("STORE", "PID", "MAPPED", "MIN", "MAX", "USED", "BLOCKS", "DEVICE HITS", "DEMOTED", "SHRINK TO", "STATE")]
+        rows += [(m.label, str(m.pid), format_bytes(m.held_bytes), format_bytes(m.min_bytes), format_bytes(m.max_bytes),
+                  format_bytes(m.used_bytes), f"{m.blocks:,}", _pct(m.hit_rate), format_bytes(m.demoted_bytes),
+                  "-" if m.target_bytes is None else format_bytes(m.target_bytes),
+                  "alive" if m.alive else "dead: freed at the next change")
+                 for m in s.members]
+        lines += ["  " + line for line in _table(rows)] + [""]
+    return "\n".join(lines).rstrip()
 
 
 # -- formatting --------------------------------------------------------------------
