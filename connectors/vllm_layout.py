@@ -1,0 +1,148 @@
+"""vLLM's KV cache described as data: the store layout (both roles) and the engine layout (workers).
+
+vLLM hands a connector one view per attention layer, logically `[blocks, heads, tokens, content]`
+where content is K's channels then V's; the physical order of blocks, heads and tokens is the
+resolved `KVCacheLayout`, and how the attention backend reads the content is the backend's own
+business. Both are mapped here to a `DimOrder` of `tierkv.ops.engine_layout`, and every view's
+strides are checked against that order before a single byte moves: a layout this module does not
+know is refused at start, never guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tierkv import ConfigError, KVLayout, LayoutMismatchError
+from tierkv.ops.engine_layout import DimOrder, EngineKV, EngineKVLayout
+
+# Attention backends whose kernels read a (block, head) page as all K rows, then all V rows.
+_K_THEN_V_PAGES = frozenset({"CPU_ATTN"})
+
+# Resolved vLLM layout -> our order, for backends that split the content dimension into K | V.
+_SHARED_ORDERS = {
+    "LBNHC": DimOrder.LBNHSC,
+    "LBHNC": DimOrder.LBHNSC,
+    "BLNHC": DimOrder.BLNHSC,
+    "BLHNC": DimOrder.BLHNSC,
+}
+
+
+@dataclass(frozen=True)
+class AttentionKV:
+    """The one KV cache group tierkv can store: plain full attention, every layer alike."""
+
+    layer_names: tuple[str, ...]  # in layer order
+    block_size: int  # vLLM's (manager) block size: the unit of the scheduler's block ids
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def store_layout(self, block_tokens: int) -> KVLayout:
+        return KVLayout(num_layers=len(self.layer_names), kv_factor=2, num_kv_heads=self.num_kv_heads,
+                        head_dim=self.head_dim, dtype=self.dtype, block_tokens=block_tokens)
+
+
+def _layer_index(name: str) -> int:
+    digits = [int(part) for part in name.split(".") if part.isdigit()]
+    if len(digits) != 1:
+        raise ConfigError(f"cannot tell the layer index of attention layer {name!r}")
+    return digits[0]
+
+
+def attention_kv(kv_cache_config: object) -> AttentionKV:
+    """Read vLLM's `KVCacheConfig`; refuse anything whose KV does not follow from the token ids alone."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups  # type: ignore[attr-defined]
+    if len(groups) != 1:
+        raise ConfigError(
+            f"tierkv stores models with one KV cache group; this model has {len(groups)} "
+            "(hybrid, sliding-window or multi-type attention)"
+        )
+    spec = groups[0].kv_cache_spec
+    problems = []
+    if not isinstance(spec, FullAttentionSpec) or isinstance(spec, MLAAttentionSpec):
+        problems.append(f"its KV cache spec is {type(spec).__name__}, not plain full attention")
+    else:
+        if spec.sliding_window is not None or spec.attention_chunk_size is not None:
+            problems.append("it uses windowed or chunked-local attention")
+        if spec.non_causal:
+            problems.append("its attention is not causal")
+        if spec.head_size_v != spec.head_size:
+            problems.append(f"K and V head sizes differ ({spec.head_size} vs {spec.head_size_v})")
+        if getattr(spec, "page_size_padded", None) is not None:
+            problems.append("its KV pages are padded")
+        if spec.kv_quant_mode.name != "NONE":
+            problems.append(f"its KV cache is quantized with separate scales ({spec.kv_quant_mode.name})")
+    if problems:
+        raise ConfigError("tierkv cannot store this model's KV: " + "; ".join(problems))
+    names = tuple(sorted(groups[0].layer_names, key=_layer_index))
+    return AttentionKV(layer_names=names, block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
+                       head_dim=spec.head_size, dtype=spec.dtype)
+
+
+def engine_order(backend: str, vllm_layout: str) -> DimOrder:
+    """Our `DimOrder` for vLLM's per-layer views of `backend` under resolved layout `vllm_layout`."""
+    if backend in _K_THEN_V_PAGES:
+        if vllm_layout != "LBHNC":
+            raise LayoutMismatchError(f"attention backend {backend} with KV cache layout {vllm_layout} is not supported")
+        return DimOrder.BHSNC
+    order = _SHARED_ORDERS.get(vllm_layout)
+    if order is None:
+        raise LayoutMismatchError(
+            f"vLLM KV cache layout {vllm_layout} (backend {backend}) has no tierkv engine layout; "
+            f"supported: {sorted(_SHARED_ORDERS)}"
+        )
+    return order
+
+
+def _expected_view_strides(engine: EngineKVLayout) -> tuple[int, int, int, int]:
+    """Element strides vLLM's `[B, H, N, K|V channels]` view must have for `engine.order`."""
+    st = engine.strides()
+    if engine.order is DimOrder.BHSNC:  # the view is the contiguous `[B, H, N, 2C]` allocation shape
+        c2 = 2 * engine.head_dim
+        return (engine.num_kv_heads * engine.block_size * c2, engine.block_size * c2, c2, 1)
+    return (st["B"], st["H"], st["N"], 1)
+
+
+def engine_kv(kv_caches: Mapping[str, torch.Tensor], attention: AttentionKV, backend: str, vllm_layout: str) -> EngineKV:
+    """Bind vLLM's per-layer views to an `EngineKV`, after checking every view against the layout."""
+    missing = [n for n in attention.layer_names if n not in kv_caches]
+    if missing:
+        raise LayoutMismatchError(f"vLLM registered no KV cache for attention layers {missing}")
+    views = [kv_caches[n] for n in attention.layer_names]
+    first = views[0]
+    if first.dim() != 4:
+        raise LayoutMismatchError(f"expected 4-D [blocks, heads, tokens, channels] KV views, got shape {tuple(first.shape)}")
+    num_blocks, heads, tokens, content = first.shape
+    if heads != attention.num_kv_heads or content != 2 * attention.head_dim:
+        raise LayoutMismatchError(
+            f"KV view {tuple(first.shape)} does not hold {attention.num_kv_heads} heads of K and V "
+            f"with {attention.head_dim} channels each"
+        )
+    if attention.block_size % tokens:
+        raise LayoutMismatchError(f"kernel block of {tokens} tokens does not divide vLLM's block size {attention.block_size}")
+    layout = EngineKVLayout(order=engine_order(backend, vllm_layout), num_layers=len(views), num_blocks=num_blocks,
+                            block_size=tokens, num_kv_heads=heads, head_dim=attention.head_dim, dtype=first.dtype)
+    expected = _expected_view_strides(layout)
+    for name, view in zip(attention.layer_names, views):
+        if tuple(view.shape) != tuple(first.shape) or view.dtype != first.dtype:
+            raise LayoutMismatchError(f"KV view of {name} is {view.dtype} {tuple(view.shape)}, unlike the first layer's")
+        bad = [i for i in range(4) if view.shape[i] > 1 and view.stride(i) != expected[i]]
+        if bad:
+            raise LayoutMismatchError(
+                f"KV view of {name} has strides {view.stride()}, but layout {vllm_layout} read as "
+                f"{layout.order.value} needs {expected}"
+            )
+    return EngineKV(layout, views)
+
+
+def engine_block_table(block_ids: Sequence[int], attention: AttentionKV, engine: EngineKVLayout) -> list[int]:
+    """vLLM block ids (manager blocks) as engine blocks of `engine.block_size` tokens, in sequence order."""
+    ratio = attention.block_size // engine.block_size
+    if ratio == 1:
+        return list(block_ids)
+    return [b * ratio + j for b in block_ids for j in range(ratio)]
