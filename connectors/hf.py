@@ -156,6 +156,11 @@ def _check_generation_config(config: GenerationConfig) -> None:
             "quantized, static and offloaded caches cannot hold the stored blocks"
         )
     config.cache_implementation = None  # generate refuses a cache object next to any cache_implementation
+    if config.prefill_chunk_size is not None:
+        raise ValueError(
+            f"prefill_chunk_size={config.prefill_chunk_size}: chunked prefill is not supported with prefix reuse; "
+            "the stored prefix already spares most of the prompt"
+        )
     if config.use_cache is False:
         raise ValueError("use_cache=False: prefix reuse needs the KV cache")
     if config.return_dict_in_generate:

@@ -57,8 +57,9 @@ class TierKVCache(DynamicCache):
     """A `DynamicCache` pre-filled from a `BlockStore` with the longest stored prefix of each prompt.
 
     Pass it as `past_key_values` to `model.generate(input_ids, attention_mask=..., ...)` with the
-    same `input_ids` and `attention_mask` it was built from. When prefill has run through the
-    last layer it stores the prompts' new full blocks (unless `save_prompt=False`);
+    same `input_ids` and `attention_mask` it was built from; a first forward pass that does not
+    complete exactly that prompt raises `TierKVError`. When that pass has run through the last
+    layer, the cache stores the prompts' new full blocks (unless `save_prompt=False`);
     `save_sequences` stores the generated tokens' blocks too.
 
     At least the last prompt token is always computed, so there are logits to sample from. One
@@ -114,7 +115,9 @@ class TierKVCache(DynamicCache):
         self._prompt_columns = input_ids.shape[1]
         self._prompt_ids = input_ids.detach().cpu()
         self._last_layer = store.layout.num_layers - 1
-        self._prompt_saved = not save_prompt
+        self._start = start
+        self._save_prompt = save_prompt
+        self._prefilled = False
         self.prompt_tokens = [len(tokens) for _, tokens in rows]
         self.hit_tokens = hits
         self.reused_tokens = reused
@@ -130,10 +133,19 @@ class TierKVCache(DynamicCache):
                 f"this TierKVCache was built for {self._batch} prompt row(s) but the model ran {key_states.shape[0]}; "
                 "beam search and num_return_sequences > 1 are not supported with prefix reuse"
             )
+        if not self._prefilled and layer_idx == 0 and self._start + key_states.shape[-2] != self._prompt_columns:
+            # The loaded KV belongs to the prompt the cache was built for; any other prompt would
+            # attend to it, and its KV would be stored under that prompt's keys.
+            raise TierKVError(
+                f"the first forward pass brings the cache to {self._start + key_states.shape[-2]} columns, but this "
+                f"TierKVCache was built for a prompt of {self._prompt_columns}: pass the input_ids and attention_mask "
+                "it was built from, and compute the rest of the prompt in one forward pass (no chunked prefill)"
+            )
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if not self._prompt_saved and layer_idx == self._last_layer and keys.shape[-2] >= self._prompt_columns:
-            self._prompt_saved = True
-            self._store([tokens for _, tokens in self._rows])
+        if not self._prefilled and layer_idx == self._last_layer:
+            self._prefilled = True
+            if self._save_prompt:
+                self._store([tokens for _, tokens in self._rows])
         return keys, values
 
     def save_sequences(self, sequences: torch.Tensor) -> int:
@@ -166,4 +178,4 @@ class TierKVCache(DynamicCache):
             try:
                 self.stored_blocks += self.store.put(tokens[:full], blocks, tenant=self.tenant)
             except CapacityError as e:
-                warnings.warn(f"tierkv stored no KV for prompt row {i}: {e}", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"tierkv stored no KV for row {i}: {e}", RuntimeWarning, stacklevel=3)

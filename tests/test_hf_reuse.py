@@ -221,7 +221,7 @@ def test_store_too_small_warns_and_generation_still_matches() -> None:
     model = build("llama")
     with TierKV(model, store_config(model, device_blocks=1, host_blocks=1), block_tokens=BT) as tkv:
         prompt = tokens(80, 60).unsqueeze(0)
-        with pytest.warns(RuntimeWarning, match="stored no KV for prompt row 0"):
+        with pytest.warns(RuntimeWarning, match="stored no KV for row 0"):
             out = tkv.generate(prompt, max_new_tokens=NEW)
         assert out.stored_blocks == 0
         assert torch.equal(out.sequences, reference(model, prompt))
@@ -234,6 +234,7 @@ def test_store_too_small_warns_and_generation_still_matches() -> None:
         (dict(num_return_sequences=2, do_sample=True), "num_return_sequences=2"),
         (dict(cache_implementation="quantized"), "quantized"),
         (dict(use_cache=False), "use_cache=False"),
+        (dict(prefill_chunk_size=8), "chunked prefill"),
         (dict(return_dict_in_generate=True), "return_dict_in_generate"),
     ],
 )
@@ -254,6 +255,19 @@ def test_cache_used_with_more_rows_than_it_was_built_for_is_refused() -> None:
         with pytest.raises(TierKVError, match="built for 1 prompt row"):
             model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=2,
                            do_sample=True, num_return_sequences=2)
+
+
+@pytest.mark.parametrize("other_length", [36, 45])
+def test_cache_used_with_another_prompt_is_refused_before_anything_is_stored(other_length: int) -> None:
+    model = build("llama")
+    with TierKV(model, store_config(model), block_tokens=BT) as tkv:
+        built_for = tokens(94, 40).unsqueeze(0)
+        tkv.generate(built_for[:, :32], max_new_tokens=1)
+        cache = tkv.cache(built_for)
+        other = torch.cat([built_for[0, :32], tokens(95, other_length - 32)]).unsqueeze(0)
+        with pytest.raises(TierKVError, match=f"brings the cache to {other_length} columns.*built for a prompt of 40"):
+            model.generate(other, attention_mask=torch.ones_like(other), past_key_values=cache, max_new_tokens=8)
+        assert tkv.store.match(other[0]) == tkv.store.match(built_for[0]) == 32
 
 
 @pytest.mark.parametrize(
