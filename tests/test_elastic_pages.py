@@ -217,6 +217,24 @@ def test_plan_shrink_skips_pages_with_pinned_blocks_and_counts_straddling_slots(
     t.close()
 
 
+def test_plan_shrink_keeps_at_least_keep_bytes_mapped() -> None:
+    sb = PAGE // 2 + PAGE // 4  # 3 slots on 2 pages: slot 1 straddles pages 0 and 1
+    t = tier(6, sb)
+    slots = t.allocate(6)  # 3 pages... and a bit: 6 x 0.75 pages = 4.5 -> 5 pages
+    assert t.mapped_bytes == 5 * PAGE
+    cold_first = [0, 1, 2, 3, 4, 5]
+    everything = t.plan_shrink(slots, cold_first, [False] * 6, 5 * PAGE)
+    assert sorted(everything) == list(range(6))
+    kept = t.plan_shrink(slots, cold_first, [False] * 6, 5 * PAGE, keep_bytes=2 * PAGE)
+    remaining = t._page_use.copy()
+    for i in kept:
+        for p in t._pages_of(slots[i]):
+            remaining[p] -= 1
+    assert (remaining > 0).sum() >= 2 and kept  # moved what it could without going below
+    assert t.plan_shrink(slots, cold_first, [False] * 6, PAGE, keep_bytes=5 * PAGE) == []
+    t.close()
+
+
 def test_plan_shrink_ignores_pages_holding_slots_it_was_not_told_about() -> None:
     sb = PAGE // 4
     t = tier(8, sb)

@@ -434,19 +434,26 @@ class BlockStore:
         if before <= target_bytes:
             return 0
         resident = [b for b in self.index.blocks.values() if b.slots[0] >= 0]
+        # Never below the store's promised minimum by overshooting (a slot straddling pages can
+        # empty two at once), unless asked explicitly for less than that.
+        keep = min(target_bytes, tier.budget.min_bytes if tier.budget is not None else 0)
         picks = tier.plan_shrink([b.slots[0] for b in resident], [b.last_use for b in resident],
-                                 [b.leases > 0 or PENDING in b.slots for b in resident], before - target_bytes)
+                                 [b.leases > 0 or PENDING in b.slots for b in resident], before - target_bytes, keep)
         self._vacate_device([resident[i] for i in picks])
         return before - tier.mapped_bytes
 
     def _vacate_device(self, victims: list[Block]) -> None:
         """Move `victims` out of the device tier in one batch, then free their slots (and pages)."""
         index, dev = self.index, self.tiers[0]
-        alone = [v for v in victims if all(s == ABSENT for s in v.slots[1:])]
+        # Children before parents: a demoted child is a leaf of host at once, so when host is
+        # full the next round can push it on to disk and make room for its parent.
+        alone = [v for v in reversed(victims) if all(s == ABSENT for s in v.slots[1:])]
         freed = [index.clear_slot(v, 0) for v in victims if any(s != ABSENT for s in v.slots[1:])]
-        dst = self._reserve(1, len(alone)) if alone else []
-        moved = alone[: len(dst)]
-        if moved:
+        while alone:
+            dst = self._reserve(1, len(alone))
+            if not dst:
+                break
+            moved, alone = alone[: len(dst)], alone[len(dst) :]
             self._write(1, dst, dev.read([v.slots[0] for v in moved]), moved)
             nbytes = len(moved) * dev.slot_bytes
             self._counters.moved_bytes(self._names[0], self._names[1], nbytes)
@@ -454,7 +461,7 @@ class BlockStore:
             for v, slot in zip(moved, dst):
                 index.set_slot(v, 1, slot)
                 freed.append(index.clear_slot(v, 0))
-        for v in alone[len(dst) :]:  # no room below: only what nothing depends on may go
+        for v in alone:  # no room below: only what nothing depends on may go
             if not v.has_resident_children():
                 freed.append(index.clear_slot(v, 0))
                 self._counters.dropped += 1

@@ -157,16 +157,20 @@ class ElasticTier(Tier):
 
     # -- shrinking ----------------------------------------------------------------------------
 
-    def plan_shrink(self, slots: Sequence[int], last_use: Sequence[int], pinned: Sequence[bool], nbytes: int) -> list[int]:
+    def plan_shrink(self, slots: Sequence[int], last_use: Sequence[int], pinned: Sequence[bool], nbytes: int,
+                    keep_bytes: int = 0) -> list[int]:
         """Which blocks to move out so that at least `nbytes` of pages become empty.
 
         Inputs describe every block resident here: its slot, its last use, and whether it may not
         move (leased or in flight). Whole pages are emptied coldest first; a page holding a
-        pinned block is never chosen. Returns positions into the inputs, coldest block first;
-        fewer pages than asked when the rest are pinned.
+        pinned block is never chosen, nor one whose blocks would (through slots straddling into
+        neighbours) empty so many pages that fewer than `keep_bytes` stay mapped. Returns
+        positions into the inputs, coldest block first; fewer pages than asked when the rest
+        are pinned.
         """
         want_pages = -(-nbytes // self.page_bytes)
-        if want_pages <= 0 or not len(slots):
+        max_pages = self._mapped_pages - -(-keep_bytes // self.page_bytes)
+        if want_pages <= 0 or max_pages <= 0 or not len(slots):
             return []
         slot_arr = np.asarray(slots, dtype=np.int64)
         use = np.asarray(last_use, dtype=np.int64)
@@ -187,13 +191,18 @@ class ElasticTier(Tier):
         for p in order.tolist():
             if remaining[p] == 0:
                 continue
-            for e in entry[by_page[starts[p] : starts[p + 1]]].tolist():
-                if chosen[e]:
-                    continue
-                chosen[e] = True
+            new = [e for e in set(entry[by_page[starts[p] : starts[p + 1]]].tolist()) if not chosen[e]]
+            leaving: dict[int, int] = {}
+            for e in new:
                 for q in self._pages_of(int(slot_arr[e])):
-                    remaining[q] -= 1
-                    freed += int(remaining[q] == 0)
+                    leaving[q] = leaving.get(q, 0) + 1
+            emptied = sum(1 for q, k in leaving.items() if remaining[q] == k)
+            if freed + emptied > max_pages:
+                continue
+            chosen[new] = True
+            for q, k in leaving.items():
+                remaining[q] -= k
+            freed += emptied
             if freed >= want_pages:
                 break
         picks = np.flatnonzero(chosen)
