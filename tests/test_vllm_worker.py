@@ -1,0 +1,214 @@
+"""The vLLM connector's worker and scheduler halves, without an engine.
+
+vLLM's CPU KV cache is rebuilt here exactly as vLLM allocates it (one buffer, per-layer
+`[blocks, heads, tokens, K|V channels]` views, layer-major), so saves and loads run through the
+same layout checks and gather/scatter as in a real engine, against a real store with a real disk
+tier. What the engine adds (scheduling, the forward pass) is covered by test_vllm_engine.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.request import Request  # noqa: E402
+
+from tierkv import LayoutMismatchError, Namespace, StoreConfig  # noqa: E402
+from tierkv.manifest import Manifest  # noqa: E402
+from tierkv.tiers.disk import slot_stride  # noqa: E402
+from tierkv_connectors.vllm_layout import AttentionKV, engine_kv  # noqa: E402
+from tierkv_connectors.vllm_meta import GONE, LoadJob, RankResidency, ResidencyReport, SaveJob  # noqa: E402
+from tierkv_connectors.vllm_scheduler import SchedulerSide  # noqa: E402
+from tierkv_connectors.vllm_worker import WorkerSide, rank_store_config  # noqa: E402
+
+LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 2, 32, 128, 12
+NAMES = tuple(f"model.layers.{i}.self_attn.attn" for i in range(LAYERS))
+NAMESPACE = Namespace(model="tiny-vllm", weights_fingerprint="w0")
+
+
+def attention(block_size: int = BLOCK_SIZE) -> AttentionKV:
+    return AttentionKV(layer_names=NAMES, block_size=block_size, num_kv_heads=HEADS, head_dim=HEAD_DIM,
+                       dtype=torch.float32)
+
+
+def cpu_kv_cache(fill: bool, seed: int = 0, kernel_block: int = BLOCK_SIZE) -> dict[str, torch.Tensor]:
+    """vLLM's CPU allocation: one buffer, layer l's `[B, H, N, 2C]` view at offset l * layer_size."""
+    blocks = NUM_BLOCKS * (BLOCK_SIZE // kernel_block)
+    per_layer = blocks * HEADS * kernel_block * 2 * HEAD_DIM
+    buf = torch.zeros(LAYERS * per_layer, dtype=torch.float32)
+    if fill:
+        buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed)))
+    return {n: buf[i * per_layer:(i + 1) * per_layer].view(blocks, HEADS, kernel_block, 2 * HEAD_DIM)
+            for i, n in enumerate(NAMES)}
+
+
+def token_kv(kv: dict[str, torch.Tensor], table: list[int], t: int) -> torch.Tensor:
+    """K and V of sequence token t for every layer and head, read the way CPU attention reads them."""
+    out = []
+    for view in kv.values():
+        b, n = table[t // BLOCK_SIZE], t % BLOCK_SIZE
+        page = view[b].reshape(HEADS, 2 * BLOCK_SIZE, HEAD_DIM)  # K rows, then V rows
+        out.append(torch.stack([page[:, n], page[:, BLOCK_SIZE + n]]))
+    return torch.stack(out)
+
+
+def worker(tmp_path: Path, block_tokens: int, **store: object) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
+    att = attention()
+    config = rank_store_config(StoreConfig(device_bytes=0, device="cpu", disk_path=str(tmp_path),
+                                           disk_bytes=store.pop("disk_bytes", "16MiB"), **store), 0, 1)
+    side = WorkerSide(att.store_layout(block_tokens), NAMESPACE, config, att)
+    kv = cpu_kv_cache(fill=False)
+    side.open(engine_kv(kv, att, "CPU_ATTN", "LBHNC"))
+    return side, kv
+
+
+TOKENS = list(range(3, 3 + 3 * BLOCK_SIZE + 40))  # 3 full vLLM blocks and a partial one
+SRC_TABLE = [7, 2, 9, 4]
+DST_TABLE = [1, 11, 5, 0]
+
+
+def save(side: WorkerSide, src: dict[str, torch.Tensor], end: int, tenant: str = "") -> None:
+    side.engine = engine_kv(src, side.attention, "CPU_ATTN", "LBHNC")
+    side._save(SaveJob(req_id="r0", tenant=tenant, token_ids=TOKENS[:end], block_ids=SRC_TABLE))
+
+
+@pytest.mark.parametrize("block_tokens", [32, 128, 256])
+def test_saved_blocks_load_bit_exact_and_only_past_what_vllm_holds(tmp_path: Path, block_tokens: int) -> None:
+    side, dst = worker(tmp_path, block_tokens)
+    src = cpu_kv_cache(fill=True)
+    end = (3 * BLOCK_SIZE) // block_tokens * block_tokens
+    save(side, src, block_tokens)  # the first step completes one block,
+    save(side, src, end)  # a later one the rest: only the new blocks are gathered
+    side.bind(engine_kv(dst, side.attention, "CPU_ATTN", "LBHNC"))
+    start = BLOCK_SIZE if BLOCK_SIZE % block_tokens == 0 else 0  # vLLM already holds its first block
+    failed = side._load(LoadJob("r1", "", TOKENS[:end], start, end, DST_TABLE, False), wait=True)
+    assert failed == set()
+    for t in range(end):
+        got = token_kv(dst, DST_TABLE, t)
+        if t < start:
+            assert not got.any(), f"token {t}: vLLM's own block was overwritten"
+        else:
+            assert torch.equal(got, token_kv(src, SRC_TABLE, t)), f"token {t} differs"
+    assert side.counters["loaded_blocks"] == (end - start) // block_tokens
+    side.close()
+
+
+def test_blocks_the_store_lacks_are_reported_as_vllm_blocks_to_recompute(tmp_path: Path) -> None:
+    side, dst = worker(tmp_path, 32)
+    save(side, cpu_kv_cache(fill=True), 160)  # 5 blocks of 32: vLLM block 0 and a quarter of block 1
+    failed = side._load(LoadJob("r1", "", TOKENS[:320], 0, 320, DST_TABLE, False), wait=True)
+    assert failed == {DST_TABLE[1], DST_TABLE[2]}, "tokens 160.. live in vLLM blocks 1 and 2"
+    assert side.counters["load_errors"] == 2
+    side.close()
+
+
+def test_other_tenants_blocks_are_never_loaded(tmp_path: Path) -> None:
+    side, dst = worker(tmp_path, 32)
+    save(side, cpu_kv_cache(fill=True), 256, tenant="alice")
+    failed = side._load(LoadJob("r1", "bob", TOKENS[:256], 0, 256, DST_TABLE, False), wait=True)
+    assert failed == {DST_TABLE[0], DST_TABLE[1]}
+    assert not any(v.any() for v in dst.values()), "bob got alice's KV"
+    side.close()
+
+
+def _corrupt_block(directory: Path, block_bytes: int, block_tokens_bytes: bytes) -> None:
+    """Flip one byte in the stored block whose own token ids are `block_tokens_bytes`."""
+    manifest = Manifest(directory, durable=False)
+    try:
+        records = manifest.load()
+    finally:
+        manifest.close()
+    (slot,) = [r[0] for r in records.values() if r[4][16:] == block_tokens_bytes]
+    with (directory / "data000.bin").open("r+b") as f:
+        f.seek(slot * slot_stride(block_bytes) + 100)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_corrupt_disk_block_is_detected_and_reported_not_served(tmp_path: Path) -> None:
+    side, _ = worker(tmp_path, 32)
+    src = cpu_kv_cache(fill=True)
+    save(side, src, 320)
+    side.close()  # flushes every block to disk
+    layout = side.layout
+    _corrupt_block(tmp_path / "rank0-of-1", layout.block_bytes,
+                   torch.tensor(TOKENS[160:192], dtype=torch.int32).numpy().tobytes())
+    side, dst = worker(tmp_path, 32)
+    failed = side._load(LoadJob("r1", "", TOKENS[:320], 0, 320, DST_TABLE, False), wait=True)
+    assert failed == {DST_TABLE[1], DST_TABLE[2]}, "block 5 (tokens 160..191) is in vLLM block 1"
+    for t in range(160):
+        assert torch.equal(token_kv(dst, DST_TABLE, t), token_kv(src, SRC_TABLE, t))
+    assert side.store.stats()["tiers"]["disk"]["corrupt"] == 1
+    report = side.report()
+    assert report is not None and report.ranks[0].full
+    assert len(report.ranks[0].tiers) == 5, "the corrupt block and its descendants left the store"
+    side.close()
+
+
+def test_residency_reports_full_then_changes_then_evictions(tmp_path: Path) -> None:
+    att = attention()
+    layout = att.store_layout(32)
+    side = WorkerSide(layout, NAMESPACE, StoreConfig(device_bytes=0, host_bytes=4 * layout.block_bytes, device="cpu"), att)
+    src = cpu_kv_cache(fill=True)
+    side.open(engine_kv(src, att, "CPU_ATTN", "LBHNC"))
+    first = side.report()
+    assert first is not None and first.ranks[0].full and first.ranks[0].tiers == {}
+    assert side.report() is None, "nothing changed"
+    save(side, src, 96)
+    added = side.report().ranks[0]
+    assert not added.full and sorted(added.tiers.values()) == [1, 1, 1], "three blocks, all in host"
+    side._save(SaveJob("r2", "other", TOKENS[:96], SRC_TABLE))  # host holds 4: two of r0's blocks go
+    change = side.report().ranks[0].tiers
+    assert list(change.values()).count(GONE) == 2 and list(change.values()).count(1) == 3
+    side.close()
+
+
+def _request(req_id: str, tokens: list[int], salt: str | None = None) -> Request:
+    return Request(req_id, tokens, SamplingParams(max_tokens=4), None, cache_salt=salt)
+
+
+def test_scheduler_waits_for_reports_then_hits_only_what_every_rank_holds() -> None:
+    att = attention()
+    layout = att.store_layout(32)
+    namespaces = [Namespace(model="tiny-vllm", tp_rank=r, tp_size=2) for r in range(2)]
+    sched = SchedulerSide(layout, namespaces, async_disk_loads=True)
+    req = _request("a", TOKENS[:300])
+    sched.on_new_request(req)
+    assert sched.match(req, 0) == (None, False), "no report yet: ask again later"
+    keys = sched._keys_for(req, 9)
+    sched.apply(ResidencyReport({0: RankResidency(True, {k: 1 for k in keys[0][:8]}),
+                                 1: RankResidency(True, {k: 1 for k in keys[1][:6]} | {keys[1][6]: 2})}))
+    assert sched.match(req, 0) == (224, True), "rank 1 holds 7 blocks, the 7th on disk: an async load"
+    assert sched.match(req, 128) == (96, True)
+    assert sched.match(req, 64) == (160, True)
+    sched.apply(ResidencyReport({1: RankResidency(False, {keys[1][6]: GONE})}))
+    assert sched.match(req, 0) == (192, False), "host only now: a synchronous load"
+    assert sched.match(_request("b", TOKENS[:300], salt="t2"), 0) == (0, False), "another tenant's keys"
+
+
+def test_hit_never_covers_the_last_prompt_token() -> None:
+    att = attention()
+    layout = att.store_layout(32)
+    sched = SchedulerSide(layout, [NAMESPACE], async_disk_loads=False)
+    req = _request("a", TOKENS[:256])
+    keys = sched._keys_for(req, 8)
+    sched.apply(ResidencyReport({0: RankResidency(True, {k: 1 for k in keys[0]})}))
+    assert sched.match(req, 0) == (224, False), "256 tokens stored, but vLLM must compute the last one"
+
+
+def test_engine_view_with_wrong_strides_is_refused() -> None:
+    att = attention()
+    kv = cpu_kv_cache(fill=False)
+    transposed = {n: v.transpose(1, 2).contiguous().transpose(1, 2) for n, v in kv.items()}  # heads inside tokens
+    with pytest.raises(LayoutMismatchError, match="strides"):
+        engine_kv(transposed, att, "CPU_ATTN", "LBHNC")
+    with pytest.raises(LayoutMismatchError, match="LHBNC"):
+        engine_kv(kv, att, "FLASH_ATTN", "LHBNC")
+    with pytest.raises(LayoutMismatchError, match="heads"):
+        engine_kv(kv, AttentionKV(NAMES, BLOCK_SIZE, 4, HEAD_DIM, torch.float32), "CPU_ATTN", "LBHNC")
