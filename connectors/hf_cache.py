@@ -171,11 +171,13 @@ class TierKVCache(DynamicCache):
             full = len(tokens) // bt * bt
             if full <= hit:  # every full block was found stored when the cache was built
                 continue
-            keys = [layer.keys[i, :, pad : pad + full].detach() for layer in self.layers]
-            values = [layer.values[i, :, pad : pad + full].detach() for layer in self.layers]
+            first = hit // bt  # blocks that were loaded from the store: only the rest is converted
+            start = pad + first * bt
+            keys = [layer.keys[i, :, start : pad + full].detach() for layer in self.layers]
+            values = [layer.values[i, :, start : pad + full].detach() for layer in self.layers]
             home = keys[0].device
             blocks = tokens_to_blocks([k.to(home) for k in keys], [v.to(home) for v in values], bt)
             try:
-                self.stored_blocks += self.store.put(tokens[:full], blocks, tenant=self.tenant)
+                self.stored_blocks += self.store.put(tokens[:full], blocks, tenant=self.tenant, first_block=first)
             except CapacityError as e:
                 warnings.warn(f"tierkv stored no KV for row {i}: {e}", RuntimeWarning, stacklevel=3)

@@ -504,3 +504,35 @@ def test_default_config_and_device(layout, namespace) -> None:
         assert store.device.type == expected
         assert [t.name for t in store.tiers[:2]] == ["device", "host"]
         assert store.tiers[0].num_slots == 4096 // layout.block_bytes
+
+
+# -- put from a known prefix -------------------------------------------------------
+
+
+def test_put_with_first_block_stores_only_the_tail(layout) -> None:
+    with make_store(8, 8, layout) as store:
+        tokens = prompt(0, 5)
+        kv = kv_for(layout, tokens)
+        store.put(tokens[:8], kv[:2])
+        assert store.put(tokens, kv[2:], first_block=2) == 3
+        assert same_bits(store.get(tokens), kv)
+        assert store.put(tokens, kv[4:], first_block=4) == 0  # all there already
+
+
+def test_put_with_first_block_over_a_gap_stores_nothing(layout) -> None:
+    with make_store(8, 8, layout) as store:
+        tokens = prompt(0, 5)
+        kv = kv_for(layout, tokens)
+        store.put(tokens[:4], kv[:1])
+        assert store.put(tokens, kv[3:], first_block=3) == 0
+        assert store.match(tokens) == 4
+
+
+def test_put_with_bad_first_block_names_it(layout) -> None:
+    with make_store(8, 8, layout) as store:
+        tokens = prompt(0, 2)
+        kv = kv_for(layout, tokens)
+        with pytest.raises(ValueError, match="first_block"):
+            store.put(tokens, kv, first_block=3)
+        with pytest.raises(ValueError, match="from block 1 on"):
+            store.put(tokens, kv, first_block=1)

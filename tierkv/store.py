@@ -236,22 +236,28 @@ class BlockStore:
         with self._locked():
             return len(self.index.lookup(seed, chunks)) * self.layout.block_tokens
 
-    def put(self, tokens: Tokens, kv: torch.Tensor, tenant: str | None = None) -> int:
-        """Store every full block of `tokens`; `kv` is `[num_full_blocks, *layout.block_shape]`.
+    def put(self, tokens: Tokens, kv: torch.Tensor, tenant: str | None = None, first_block: int = 0) -> int:
+        """Store every full block of `tokens`; `kv` is `[num_full_blocks - first_block, *layout.block_shape]`.
 
-        Blocks already stored are only touched. New blocks go to the fastest tier that has
-        room after evicting least-recently-used leaves; if they cannot all be placed, nothing
-        is written and `CapacityError` says why. Returns the number of blocks newly stored.
+        `first_block` lets a caller that knows blocks `0..first_block-1` are stored pass only
+        the KV of the rest (an engine after a prefix hit); if fewer are stored by then, nothing
+        is stored, since the chain would have a gap. Blocks already stored are only touched.
+        New blocks go to the fastest tier with room after evicting least-recently-used leaves;
+        if they cannot all be placed, nothing is written and `CapacityError` says why.
+        Returns the number of blocks newly stored.
         """
         arr = as_token_array(tokens)
         bt = self.layout.block_tokens
         n = len(arr) // bt
-        if isinstance(kv, torch.Tensor) and kv.dim() >= 1 and kv.shape[0] != n:
+        if isinstance(first_block, bool) or not isinstance(first_block, int) or not 0 <= first_block <= n:
+            raise ValueError(f"first_block must be an int from 0 to {n} (the full blocks of tokens), got {first_block!r}")
+        if isinstance(kv, torch.Tensor) and kv.dim() >= 1 and kv.shape[0] != n - first_block:
             raise ValueError(
-                f"kv holds {kv.shape[0]} blocks but tokens hold {n} full blocks of {bt} "
-                f"({len(arr)} tokens); pass one block of KV per full block of tokens"
+                f"kv holds {kv.shape[0]} blocks but tokens hold {n} full blocks of {bt} ({len(arr)} tokens)"
+                + (f" from block {first_block} on" if first_block else "")
+                + "; pass one block of KV per full block of tokens"
             )
-        self.layout.check_blocks(kv, n)
+        self.layout.check_blocks(kv, n - first_block)
         chunks = block_chunks(arr, bt)
         seed = self._seed(tenant)
         with self._locked():
@@ -259,7 +265,7 @@ class BlockStore:
             k = len(existing)
             self.index.touch(existing)
             self._counters.puts += 1
-            if k == n:
+            if k == n or k < first_block:
                 return 0
             # A key already taken by other tokens (a hash collision) ends the chain we can store.
             chain = []
@@ -282,7 +288,8 @@ class BlockStore:
                 for i, (key, ident) in enumerate(chain):
                     parent = self.index.add(key, ident, parent, tiers_of[i], slots_of[i], tick)
                     added.append(parent)
-                rows = kv[k : k + m].contiguous().view(torch.uint8).reshape(m, self.layout.block_bytes)
+                new_kv = kv[k - first_block : k - first_block + m]
+                rows = new_kv.contiguous().view(torch.uint8).reshape(m, self.layout.block_bytes)
                 try:
                     for t, positions in _group_by(range(m), tiers_of).items():
                         span = slice(positions[0], positions[-1] + 1)  # positions are consecutive
