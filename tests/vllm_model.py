@@ -78,14 +78,20 @@ def _session(spec: dict[str, Any]) -> dict[str, Any]:
               enable_prefix_caching=spec.get("prefix_caching", True), kv_transfer_config=kv_transfer,
               **spec.get("engine", {}))
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, ignore_eos=True)
-    phases = []
+    phases: list[list[dict[str, Any]]] = []
     for phase in spec["phases"]:
         if phase.get("reset_prefix_cache"):
             assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
-        prompts = [{"prompt_token_ids": p["tokens"], **({"cache_salt": p["salt"]} if p.get("salt") else {})}
-                   for p in phase["prompts"]]
+        prompts = []
+        for p in phase["prompts"]:
+            tokens = list(p["tokens"])
+            if "extend" in p:  # a next turn: an earlier prompt, its answer, then these tokens
+                earlier = phases[p["extend"][0]][p["extend"][1]]
+                tokens = earlier["prompt"] + earlier["tokens"] + tokens
+            prompts.append({"prompt_token_ids": tokens, **({"cache_salt": p["salt"]} if p.get("salt") else {})})
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        phases.append([{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens} for o in outputs])
+        phases.append([{"prompt": p["prompt_token_ids"], "tokens": list(o.outputs[0].token_ids),
+                        "cached": o.num_cached_tokens} for p, o in zip(prompts, outputs)])
     stats = None
     if kv_transfer is not None:
         from tierkv_connectors.vllm_connector import worker_stats
