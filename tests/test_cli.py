@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,8 +17,6 @@ SMALL_DEMO = ["demo", "--users", "6", "--turns", "3", "--device-bytes", "4MiB", 
 
 
 def tierkv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TIERKV_")}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "tierkv", *args], capture_output=True, text=True, timeout=180, env=full_env)
@@ -34,8 +33,6 @@ def assert_usage_error(done: subprocess.CompletedProcess[str], *fragments: str) 
 
 @pytest.fixture(autouse=True)
 def _no_tierkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     for name in list(os.environ):
         if name.startswith("TIERKV_"):
             monkeypatch.delenv(name)

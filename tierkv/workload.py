@@ -6,8 +6,8 @@ different users are interleaved, so a store sees the mix of shared prefixes, pri
 prefixes and cold starts that chat serving produces.
 
 Everything is drawn from numpy generators seeded by `(seed, user)`, so a user's conversation
-is the same whatever the number of other users, and the whole stream is reproducible. It is
-cheap (numpy only) because the demo and the benchmarks replay it.
+is the same whatever the number of other users, and the whole stream is reproducible. The
+stream is cheap to make (numpy only) because the demo and the benchmarks replay it.
 
 `replay` serves the stream from a `BlockStore` the way an engine would: load the stored prefix,
 "compute" the rest, store it. No model runs: a block's KV is its chain key repeated
