@@ -133,6 +133,30 @@ def test_shrink_does_not_move_leased_blocks_and_drops_only_what_nothing_depends_
         assert s.stats()["tiers"]["device"]["used_slots"] >= 5
 
 
+def test_shrink_of_part_of_a_chain_takes_its_tail_first() -> None:
+    with store(None, "solo", max_blocks=64, host_blocks=0) as s:
+        (chain,) = fill(s, 0, 1, blocks=40)  # 40 blocks on 4 pages, one put: all equally recent
+        s.shrink_device(mapped(s) - PAGE)
+        # The last page went, with the blocks at the end of the prefix; the head is whole.
+        assert mapped(s) == 3 * PAGE and s.match(chain) == 32 * LAYOUT.block_tokens
+        assert s.stats()["dropped"] == 8
+        check_index_invariants(s)
+
+
+def test_shrink_drops_a_stuck_branch_when_nothing_below_can_take_it() -> None:
+    """A cold page holds the head of a chain whose tail shares a hot page: with no room below,
+    the head cannot leave alone, so the whole chain goes and the hot prompt stays."""
+    with store(None, "solo", max_blocks=64, host_blocks=0) as s:
+        (cold,) = fill(s, 0, 1, blocks=12)  # slots 0-11: page 0 and the start of page 1
+        (hot,) = fill(s, 50_000, 1, blocks=2)  # slots 12-13: page 1
+        s.get(hot)
+        released = s.shrink_device(mapped(s) - PAGE)
+        assert released >= PAGE
+        assert s.match(cold) == 0 and s.stats()["dropped"] == 12
+        assert same_bits(s.get(hot), kv_for(LAYOUT, hot))
+        check_index_invariants(s)
+
+
 def test_shrink_device_needs_an_elastic_tier(layout) -> None:
     plain = BlockStore(layout, Namespace(model="plain"), StoreConfig(device="cpu", device_bytes=4096, host_bytes=4096))
     with plain, pytest.raises(TierKVError, match="elastic device tier"):

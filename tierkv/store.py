@@ -440,38 +440,88 @@ class BlockStore:
         before = tier.mapped_bytes
         if before <= target_bytes:
             return 0
-        resident = [b for b in self.index.blocks.values() if b.slots[0] >= 0]
+        # A block is as hot as its hottest descendant on the device, so that cold pages hold
+        # whole cold subtrees and leaves leave before their parents. The index dict is in
+        # insertion order, parents before children: walked backwards, children come first, and
+        # that position breaks ties of recency (a child colder than its parent).
+        heat: dict[int, int] = {}
+        resident: list[Block] = []
+        for b in reversed(self.index.blocks.values()):
+            if b.slots[0] >= 0:
+                h = heat[id(b)] = max(b.last_use, heat.get(id(b), 0))
+                if b.parent is not None and b.parent.slots[0] >= 0 and heat.get(id(b.parent), 0) < h:
+                    heat[id(b.parent)] = h
+                resident.append(b)
         # Never below the store's promised minimum by overshooting (a slot straddling pages can
         # empty two at once), unless asked explicitly for less than that.
         keep = min(target_bytes, tier.budget.min_bytes if tier.budget is not None else 0)
-        picks = tier.plan_shrink([b.slots[0] for b in resident], [b.last_use for b in resident],
+        n = len(resident)
+        picks = tier.plan_shrink([b.slots[0] for b in resident], [heat[id(b)] * n + i for i, b in enumerate(resident)],
                                  [b.leases > 0 or PENDING in b.slots for b in resident], before - target_bytes, keep)
-        self._vacate_device([resident[i] for i in picks])
+        self._vacate_device([resident[i] for i in sorted(picks)])  # children first, as `resident` is
         return before - tier.mapped_bytes
 
     def _vacate_device(self, victims: list[Block]) -> None:
-        """Move `victims` out of the device tier in one batch, then free their slots (and pages)."""
+        """Move `victims` (children before parents) out of the device tier, then free their slots and pages.
+
+        Blocks with a copy below just leave. The others are demoted parents first, so that when
+        host is short of room the heads of prefixes are the ones kept; what host cannot take is
+        dropped children first when nothing depends on it. That turns heads whose children all
+        went into leaves of host, which the next round may evict to make room for blocks that
+        must stay resident (parents of blocks kept on the device): rounds go on while they help.
+        When host holds nothing but parents of device blocks, the blocks still stuck go with
+        their descendants (unless one is leased): the memory must go back to the budget.
+        """
         index, dev = self.index, self.tiers[0]
-        # Children before parents: a demoted child is a leaf of host at once, so when host is
-        # full the next round can push it on to disk and make room for its parent.
-        alone = [v for v in reversed(victims) if all(s == ABSENT for s in v.slots[1:])]
         freed = [index.clear_slot(v, 0) for v in victims if any(s != ABSENT for s in v.slots[1:])]
-        while alone:
-            dst = self._reserve(1, len(alone))
-            if not dst:
-                break
-            moved, alone = alone[: len(dst)], alone[len(dst) :]
-            self._write(1, dst, dev.read([v.slots[0] for v in moved]), moved)
-            nbytes = len(moved) * dev.slot_bytes
-            self._counters.moved_bytes(self._names[0], self._names[1], nbytes)
-            self._shrink_demoted += nbytes
-            for v, slot in zip(moved, dst):
-                index.set_slot(v, 1, slot)
-                freed.append(index.clear_slot(v, 0))
-        for v in alone:  # no room below: only what nothing depends on may go
-            if not v.has_resident_children():
-                freed.append(index.clear_slot(v, 0))
-                self._counters.dropped += 1
+        alone = [v for v in reversed(victims) if all(s == ABSENT for s in v.slots[1:])]
+        progress = True
+        while alone and progress:
+            progress = False
+            while alone:
+                dst = self._reserve(1, len(alone))
+                if not dst:
+                    break
+                progress = True
+                moved, alone = alone[: len(dst)], alone[len(dst) :]
+                self._write(1, dst, dev.read([v.slots[0] for v in moved]), moved)
+                nbytes = len(moved) * dev.slot_bytes
+                self._counters.moved_bytes(self._names[0], self._names[1], nbytes)
+                self._shrink_demoted += nbytes
+                for v, slot in zip(moved, dst):
+                    index.set_slot(v, 1, slot)
+                    freed.append(index.clear_slot(v, 0))
+            stuck = []
+            for v in reversed(alone):  # children first: a parent may go once its children have
+                if v.has_resident_children():
+                    stuck.append(v)
+                else:
+                    freed.append(index.clear_slot(v, 0))
+                    self._counters.dropped += 1
+                    progress = True
+            alone = stuck[::-1]
+        if alone:
+            children: dict[int, list[Block]] = defaultdict(list)
+            for b in index.blocks.values():
+                if b.parent is not None:
+                    children[id(b.parent)].append(b)
+            for v in alone:  # parents first: a stuck child goes with its parent's branch
+                if v.slots[0] < 0:
+                    continue
+                branch = [v]
+                for b in branch:
+                    branch.extend(children.get(id(b), ()))
+                # Leases cover whole prefixes: a leased descendant would mean a leased victim.
+                assert not any(b.leases or PENDING in b.slots for b in branch), "a shrink victim's branch is leased"
+                for b in reversed(branch):
+                    self._counters.dropped += 1
+                    for u, slot in enumerate(b.slots):
+                        if slot >= 0:
+                            slot = index.clear_slot(b, u)
+                            if u == 0:
+                                freed.append(slot)
+                            else:
+                                self.tiers[u].free([slot])
         self._counters.tiers[self._names[0]].evictions += len(freed)
         dev.free(freed)
 
