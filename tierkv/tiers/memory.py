@@ -72,10 +72,8 @@ class MemoryTier(Tier):
             copy_slots(self.storage, slots, out, range(len(slots)))
             return out
         out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, pin_memory=self.pinned)
-        run = _contiguous_run(slots)
-        if run is not None:
-            return out.copy_(self.storage[run[0] : run[1]])
-        return torch.index_select(self.storage, 0, torch.as_tensor(slots, dtype=torch.long), out=out)
+        copy_slots(self.storage, slots, out, range(len(slots)))
+        return out
 
     def write(self, slots: Sequence[int], rows: torch.Tensor) -> None:
         if not slots:
