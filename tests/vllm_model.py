@@ -19,29 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tierkv_connectors.vllm_random_model import save_random_llama
+
 VOCAB = 512
 RESULT_PREFIX = "RESULT "
 
 
-def make_model(path: Path, hidden: int = 64, layers: int = 2, heads: int = 2, kv_heads: int = 1,
-               head_dim: int = 32, seed: int = 0) -> Path:
-    """Save a random-weight Llama and a WordLevel tokenizer (`w3 w4 ...`) under `path`."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=head_dim, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                         torch_dtype="float32")
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(path)
-    return path
+def make_model(path: Path) -> Path:
+    """The test model: 2 layers, hidden 64, one KV head of 32 channels, float32."""
+    return save_random_llama(path, vocab=VOCAB)
 
 
 def engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -1,0 +1,213 @@
+"""Multi-turn chat through real vLLM: time to first token with no cache, vLLM's prefix cache, tierkv, LMCache.
+
+Many users share one system prompt; each conversation grows turn by turn (the next prompt is the
+previous prompt, the model's answer and a new user message), and requests go round-robin over
+the users, one at a time. vLLM's own KV capacity is capped (`num_gpu_blocks_override`) so its
+prefix cache keeps the hot system prompt but must evict each user's history before that user's
+next turn: what is left to win is exactly what a second tier holds.
+
+Every configuration runs in its own engine process on the same random-weight Llama and the same
+prompts, with `VLLM_CPU_NUM_OF_RESERVED_CPU=1` (vLLM's CPU worker takes one more compute thread
+whenever a connector is configured; without this the comparison is off by ~30% on 2 cores).
+TTFT comes from `RequestOutput.metrics.first_token_latency`. LMCache runs in its multi-process
+mode (an `lmcache server` process plus vLLM's `LMCacheMPConnector`), the only one that works on CPU.
+
+    python scripts/bench_vllm_multiturn.py                       # all four, markdown table
+    python scripts/bench_vllm_multiturn.py --configs prefix,tierkv --users 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIGS = ("none", "prefix", "tierkv", "lmcache")
+RESULT_PREFIX = "RESULT "
+LMCACHE_PORT = 5577
+
+
+def system_prompt(args: argparse.Namespace) -> list[int]:
+    return [int(t) for t in np.random.default_rng([args.seed, 0]).integers(3, args.vocab, args.system_tokens)]
+
+
+def user_message(args: argparse.Namespace, user: int, turn: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng([args.seed, 1, user, turn]).integers(3, args.vocab, args.user_tokens)]
+
+
+def kv_transfer(config: str, args: argparse.Namespace) -> Any:
+    from vllm.config import KVTransferConfig
+
+    if config == "tierkv":
+        extra: dict[str, Any] = {"host_bytes": args.tierkv_host_bytes}
+        if args.tierkv_disk:
+            extra.update(disk_path=args.tierkv_disk, disk_bytes="8GiB")
+        return KVTransferConfig(kv_connector="TierKVConnector", kv_connector_module_path="tierkv_connectors.vllm_connector",
+                                kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=extra)
+    if config == "lmcache":
+        return KVTransferConfig(kv_connector="LMCacheMPConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"lmcache.mp.port": LMCACHE_PORT})
+    return None
+
+
+def child(config: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the whole workload in this process's engine; return TTFT, cached tokens and answers per request."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, seed=0, max_model_len=args.max_model_len,
+              enable_prefix_caching=config != "none", num_gpu_blocks_override=args.gpu_blocks,
+              disable_log_stats=False, kv_transfer_config=kv_transfer(config, args))
+    params = SamplingParams(max_tokens=args.answer_tokens, temperature=0.0, ignore_eos=True)
+    warmup = [int(t) for t in np.random.default_rng(10**6).integers(3, args.vocab, 512)]
+    llm.generate([{"prompt_token_ids": warmup}], params, use_tqdm=False)
+    system = system_prompt(args)
+    history = {u: list(system) for u in range(args.users)}
+    requests = []
+    for turn in range(args.turns):
+        for user in range(args.users):
+            prompt = history[user] + user_message(args, user, turn)
+            (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+            answer = list(out.outputs[0].token_ids)
+            history[user] = prompt + answer
+            requests.append({"turn": turn, "user": user, "prompt_tokens": len(prompt), "ttft": out.metrics.first_token_latency,
+                             "cached": out.num_cached_tokens, "answer": answer})
+    return {"requests": requests}
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"lmcache server exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(1)
+    raise RuntimeError(f"lmcache server did not listen on port {port} within {timeout:.0f} s")
+
+
+def run_config(config: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any] | str:
+    """One configuration in its own engine process; the result, or why it failed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    server = None
+    log = log_dir / f"{config}.log"
+    try:
+        if config == "lmcache":
+            server = subprocess.Popen(
+                ["lmcache", "server", "--host", "localhost", "--port", str(LMCACHE_PORT), "--l1-size-gb",
+                 str(args.lmcache_l1_gb), "--eviction-policy", "LRU", "--supported-transfer-mode", "auto"],
+                stdout=(log_dir / "lmcache-server.log").open("w"), stderr=subprocess.STDOUT, env=env)
+            _wait_port(LMCACHE_PORT, server, 180)
+        if config == "tierkv" and args.tierkv_disk:
+            shutil.rmtree(args.tierkv_disk, ignore_errors=True)
+            Path(args.tierkv_disk).mkdir(parents=True)
+        cmd = [sys.executable, __file__, "--child", config, "--args", json.dumps(vars(args))]
+        with log.open("w") as f:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env, timeout=args.timeout)
+        for line in proc.stdout.splitlines():
+            if line.startswith(RESULT_PREFIX):
+                return json.loads(line[len(RESULT_PREFIX):])
+        errors = [line for line in log.read_text().splitlines() if "Error:" in line]
+        return f"failed (exit {proc.returncode}): " + (errors[-1] if errors else f"see {log}")
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        return f"failed: {e}"
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def table(results: dict[str, dict[str, Any] | str]) -> str:
+    """Markdown: TTFT of turn 1 and of turns >= 2, cached share, answers identical to no cache."""
+    ref = results.get("none")
+    ref_answers = [r["answer"] for r in ref["requests"]] if isinstance(ref, dict) else None
+    lm = results.get("lmcache")
+    lm_later = None
+    if isinstance(lm, dict):
+        lm_later = statistics.mean(r["ttft"] for r in lm["requests"] if r["turn"] >= 1)
+    rows = ["| configuration | turn 1 TTFT ms (mean) | turn >= 2 TTFT ms (mean) | turn >= 2 TTFT ms (p50) "
+            "| turn >= 2 tokens cached | vs LMCache | answers = no cache |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    names = {"none": "no cache", "prefix": "vLLM prefix cache", "tierkv": "vLLM prefix cache + tierkv",
+             "lmcache": "vLLM prefix cache + LMCache (MP)"}
+    for config, result in results.items():
+        if isinstance(result, str):
+            rows.append(f"| {names[config]} | {result} | | | | | |")
+            continue
+        reqs = result["requests"]
+        first = [r["ttft"] * 1e3 for r in reqs if r["turn"] == 0]
+        later = [r for r in reqs if r["turn"] >= 1]
+        later_ms = [r["ttft"] * 1e3 for r in later]
+        cached = sum(r["cached"] for r in later) / sum(r["prompt_tokens"] for r in later)
+        ratio = f"{statistics.mean(later_ms) / (lm_later * 1e3):.2f}x" if lm_later else "-"
+        same = "-" if ref_answers is None else ("yes" if [r["answer"] for r in reqs] == ref_answers else "NO")
+        rows.append(f"| {names[config]} | {statistics.mean(first):.0f} | {statistics.mean(later_ms):.0f} | "
+                    f"{statistics.median(later_ms):.0f} | {cached:.0%} | {ratio} | {same} |")
+    return "\n".join(rows)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+    p.add_argument("--model", help="model directory (default: a random Llama, hidden 512, 6 layers, built once)")
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system-tokens", type=int, default=1024)
+    p.add_argument("--user-tokens", type=int, default=100)
+    p.add_argument("--answer-tokens", type=int, default=40)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--gpu-blocks", type=int, default=32, help="vLLM's KV capacity in blocks (128 tokens on CPU)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--tierkv-host-bytes", default="4GiB")
+    p.add_argument("--tierkv-disk", help="also give tierkv a disk tier in this (emptied) directory")
+    p.add_argument("--lmcache-l1-gb", type=float, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1200, help="seconds per configuration")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--args", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse()
+    if args.child:
+        child_args = argparse.Namespace(**json.loads(args.args))
+        print(RESULT_PREFIX + json.dumps(child(args.child, child_args)), flush=True)
+        return
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {CONFIGS}")
+    with tempfile.TemporaryDirectory(prefix="tierkv-bench-") as tmp:
+        if args.model is None:
+            from tierkv_connectors.vllm_random_model import save_random_llama
+
+            args.model = str(save_random_llama(Path(tmp) / "model", hidden=512, layers=6, heads=8, kv_heads=8,
+                                               head_dim=64, vocab=args.vocab))
+        log_dir = Path(tmp) / "logs"
+        log_dir.mkdir()
+        results: dict[str, dict[str, Any] | str] = {}
+        for config in configs:
+            start = time.time()
+            results[config] = run_config(config, args, log_dir)
+            print(f"{config}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+        print(f"{args.users} users x {args.turns} turns, {args.system_tokens}-token system prompt, "
+              f"{args.user_tokens}-token messages, {args.answer_tokens}-token answers, vLLM capped at "
+              f"{args.gpu_blocks} blocks\n")
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()
