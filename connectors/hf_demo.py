@@ -296,8 +296,8 @@ def run_demo(options: DemoOptions | None = None, out: TextIO = sys.stdout) -> De
             f"blocks of {layout.block_tokens} tokens ({layout.block_bytes / 1024:.0f} KiB)",
             file=out,
         )
-        # Warm-up, so neither run pays for first-call allocations and kernel selection.
-        warm = torch.tensor([tokenizer.encode_chat([("user", document[:200])])], device=model.device)
+        # Warm-up at full length, so neither run pays for first-call allocations and kernel selection.
+        warm = torch.tensor([tokenizer.encode_chat([("user", f"{document}\n\n{QUESTIONS[-1]}")])], device=model.device)
         with torch.no_grad():
             model.generate(warm, attention_mask=torch.ones_like(warm), generation_config=_generation_config(2, tokenizer.eos_id))
         plain = _chat(model, tokenizer, document, options, None)

@@ -13,7 +13,7 @@ import torch
 from tierkv.cli import format_bytes, main
 
 # A demo small enough for a test yet overflowing both tiers: ~470 distinct blocks, 64 + 128 slots.
-SMALL_DEMO = ["demo", "--users", "6", "--turns", "3", "--device-bytes", "4MiB", "--host-bytes", "8MiB"]
+SMALL_DEMO = ["replay", "--users", "6", "--turns", "3", "--device-bytes", "4MiB", "--host-bytes", "8MiB"]
 
 
 def tierkv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -45,12 +45,26 @@ def test_help_lists_the_commands() -> None:
     done = tierkv("--help")
     assert done.returncode == 0
     assert "usage: tierkv" in done.stdout
-    for text in ("info", "demo", "TIERKV_DEVICE_BYTES"):
+    for text in ("info", "demo", "replay", "top", "TIERKV_DEVICE_BYTES"):
         assert text in done.stdout
 
 
-def test_demo_help_documents_its_options_and_says_the_kv_is_synthetic(capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_help_says_the_weights_are_random_and_what_it_needs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--turns", "--new-tokens", "--device-bytes", "--host-bytes", "--seed"):
+        assert option in out
+    assert "RANDOM weights" in out and "tierkv[hf]" in out
+
+
+def test_demo_rejects_bad_options_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--turns", "99"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tierkv demo: error:") and "turns" in err
+
+
+def test_replay_help_documents_its_options_and_says_the_kv_is_synthetic(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", "--help"]) == 0
     out = capsys.readouterr().out
     for option in ("--users", "--turns", "--device-bytes", "--host-bytes", "--seed", "--json"):
         assert option in out
@@ -157,11 +171,11 @@ def test_demo_flags_override_the_environment(capsys: pytest.CaptureFixture[str],
     [
         ((), ("tierkv: error:", "COMMAND", "tierkv --help")),
         (("serve",), ("invalid choice: 'serve'",)),
-        (("demo", "--device-bytes", "lots"), ("--device-bytes", "expected a size such as 64MiB", "'lots'")),
-        (("demo", "--host-bytes=-1GiB"), ("--host-bytes", "'-1GiB'")),
-        (("demo", "--users", "0"), ("--users", "expected a whole number >= 1", "'0'")),
-        (("demo", "--turns", "two"), ("--turns", "'two'")),
-        (("demo", "--seed", "-1"), ("--seed", "expected a whole number >= 0")),
+        (("replay", "--device-bytes", "lots"), ("--device-bytes", "expected a size such as 64MiB", "'lots'")),
+        (("replay", "--host-bytes=-1GiB"), ("--host-bytes", "'-1GiB'")),
+        (("replay", "--users", "0"), ("--users", "expected a whole number >= 1", "'0'")),
+        (("replay", "--turns", "two"), ("--turns", "'two'")),
+        (("replay", "--seed", "-1"), ("--seed", "expected a whole number >= 0")),
         (("info", "--verbose"), ("unrecognized arguments: --verbose",)),
     ],
 )
@@ -175,18 +189,18 @@ def test_bad_arguments_return_2_with_one_line(args: tuple[str, ...], fragments: 
 
 
 def test_bad_arguments_exit_2_from_the_real_command() -> None:
-    assert_usage_error(tierkv("demo", "--device-bytes", "12XB"), "tierkv demo: error: argument --device-bytes:", "'12XB'")
+    assert_usage_error(tierkv("replay", "--device-bytes", "12XB"), "tierkv replay: error: argument --device-bytes:", "'12XB'")
     assert_usage_error(tierkv(), "tierkv: error:", "COMMAND")
 
 
 def test_demo_with_tiers_too_small_for_one_prompt_says_what_to_raise(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--device-bytes", "1MiB", "--host-bytes", "0"]) == 2
+    assert main(["replay", "--device-bytes", "1MiB", "--host-bytes", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tierkv demo: error: the longest prompt needs") and "raise device_bytes / host_bytes" in err
+    assert err.startswith("tierkv replay: error: the longest prompt needs") and "raise device_bytes / host_bytes" in err
 
 
 def test_demo_with_a_bad_environment_names_the_variable_family() -> None:
-    done = tierkv("demo", env={"TIERKV_DEVICE_BYTES": "abc"})
+    done = tierkv("replay", env={"TIERKV_DEVICE_BYTES": "abc"})
     assert_usage_error(done, "TIERKV_* environment", "device_bytes", "'abc'")
 
 

@@ -88,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
+        help="a multi-turn chat on a small model, with and without tierkv: time to first token, prefill saved",
+        description="Run a multi-turn chat about a long document on a transformers model twice, without and "
+        "with tierkv, and report time to first token, prefill tokens saved and hits per tier. Without "
+        "--model it builds a small Llama-architecture model with RANDOM weights (the replies are "
+        "gibberish; the timings and reuse are real) and a real tokenizer shipped by mistral-common. "
+        "Needs the 'hf' extra: pip install 'tierkv[hf]'.",
+    )
+    demo.add_argument("--model", metavar="PATH", default=None, help="a local transformers model directory to run instead")
+    demo.add_argument("--turns", type=_positive_int, default=4, help="chat turns (default %(default)s, at most 6)")
+    demo.add_argument("--new-tokens", type=_positive_int, default=16, help="tokens generated per reply (default %(default)s)")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where the model runs (default: cuda when available)")
+    demo.add_argument("--device-bytes", type=_size, default=None, metavar="SIZE", help="device tier capacity (default 1MiB: some hits come from host)")
+    demo.add_argument("--host-bytes", type=_size, default=None, metavar="SIZE", help="host tier capacity (default 256MiB)")
+    demo.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random demo model (default %(default)s)")
+
+    replay = commands.add_parser(
+        "replay",
         help="replay a synthetic multi-turn chat workload through a store and report hits, traffic and evictions",
         description="Replay a built-in multi-turn chat workload (users sharing system prompts, conversations "
         "growing turn by turn) through a BlockStore on the fastest device here. Each request loads its "
@@ -95,14 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         "runs), which lets every served block be checked bit-exact. The default sizes overflow the device "
         "tier (demotion to host) and the host tier (drops).",
     )
-    demo.add_argument("--users", type=_positive_int, default=ChatWorkload.users, help="conversations (default %(default)s)")
-    demo.add_argument("--turns", type=_positive_int, default=ChatWorkload.turns, help="prompts per conversation (default %(default)s)")
-    demo.add_argument("--device-bytes", type=_size, default=None, metavar="SIZE",
-                      help=f"device tier capacity, e.g. 64MiB (default {DEMO_DEVICE_BYTES}, or TIERKV_DEVICE_BYTES)")
-    demo.add_argument("--host-bytes", type=_size, default=None, metavar="SIZE",
-                      help=f"host tier capacity, e.g. 1GiB (default {DEMO_HOST_BYTES}, or TIERKV_HOST_BYTES)")
-    demo.add_argument("--seed", type=_non_negative_int, default=ChatWorkload.seed, help="workload seed (default %(default)s)")
-    demo.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
+    replay.add_argument("--users", type=_positive_int, default=ChatWorkload.users, help="conversations (default %(default)s)")
+    replay.add_argument("--turns", type=_positive_int, default=ChatWorkload.turns, help="prompts per conversation (default %(default)s)")
+    replay.add_argument("--device-bytes", type=_size, default=None, metavar="SIZE",
+                        help=f"device tier capacity, e.g. 64MiB (default {DEMO_DEVICE_BYTES}, or TIERKV_DEVICE_BYTES)")
+    replay.add_argument("--host-bytes", type=_size, default=None, metavar="SIZE",
+                        help=f"host tier capacity, e.g. 1GiB (default {DEMO_HOST_BYTES}, or TIERKV_HOST_BYTES)")
+    replay.add_argument("--seed", type=_non_negative_int, default=ChatWorkload.seed, help="workload seed (default %(default)s)")
+    replay.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
 
     top = commands.add_parser(
         "top",
@@ -143,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _info(args)
         if args.command == "top":
             return _top(args)
-        return _demo(args)
+        if args.command == "demo":
+            return _model_demo(args)
+        return _replay(args)
     except TierKVError as e:
         print(f"tierkv {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -209,7 +228,26 @@ def demo_config(device_bytes: int | None, host_bytes: int | None) -> StoreConfig
     return StoreConfig.from_dict({**config.to_dict(), **flags}) if flags else config
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _model_demo(args: argparse.Namespace) -> int:
+    """The real demo. transformers is imported here only: `tierkv` itself never imports an engine."""
+    try:
+        from tierkv_connectors.hf_demo import DemoOptions, run_demo
+    except ImportError as e:
+        raise TierKVError(
+            f"the demo runs a transformers model, which needs the 'hf' extra ({e.name or e} is missing): "
+            "pip install 'tierkv[hf]'; 'tierkv replay' runs the store alone, without a model"
+        ) from None
+    sizes = {k: v for k, v in (("device_bytes", args.device_bytes), ("host_bytes", args.host_bytes)) if v is not None}
+    try:
+        options = DemoOptions(model_path=args.model, turns=args.turns, new_tokens=args.new_tokens,
+                              device=args.device, seed=args.seed, **sizes)
+    except ValueError as e:
+        raise TierKVError(str(e)) from None
+    run_demo(options)
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
     workload = ChatWorkload(users=args.users, turns=args.turns, seed=args.seed)
     config = demo_config(args.device_bytes, args.host_bytes)
     with BlockStore(SYNTHETIC_LAYOUT, SYNTHETIC_NAMESPACE, config) as store:
