@@ -197,6 +197,10 @@ def format_info(info: MachineInfo) -> str:
         ("pinned memory", f"{_yes_no(info.pinned_memory.available)}: {info.pinned_memory.detail}"),
         ("kvikio / GDS", f"{_yes_no(info.kvikio.available)}: {info.kvikio.detail}"),
         ("device tier", info.device_tier),
+        ("disk tier I/O", info.disk_io),
+        ("copy backend", f"{info.transfer_paths['backend']} (NVRTC kernels + copy-engine DMA on CUDA, torch otherwise)"),
+        *[(f"  {op}", ", ".join(f"{d}: {'/'.join(sorted(set(by_size.values())))}" for d, by_size in dirs.items()))
+          for op, dirs in info.transfer_paths.items() if isinstance(dirs, dict)],
     ]
     lines = _table(rows)
     lines.append("config in effect (defaults overridden by TIERKV_* variables):")

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .ops.transfer import transfer_paths
+from .tiers.disk import kvikio_status
 from .config import StoreConfig
 from .errors import ConfigError
 
@@ -50,6 +52,8 @@ class MachineInfo:
     config: dict[str, Any] | None
     config_error: str | None
     device_tier: str  # where a `BlockStore` made from this config would keep its device tier
+    disk_io: str  # which file I/O a disk tier would use here, and why
+    transfer_paths: dict[str, Any]  # copy path per operation, direction and block size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,4 +161,15 @@ def collect(environ: dict[str, str] | None = None) -> MachineInfo:
         config=config,
         config_error=error,
         device_tier=device,
+        disk_io=disk_io_in_effect(config),
+        transfer_paths=transfer_paths(),
     )
+
+
+def disk_io_in_effect(config: dict[str, Any] | None) -> str:
+    """The disk tier's I/O path under `config`, with the reason kvikio is or is not used."""
+    usable, why = kvikio_status()
+    wanted = (config or {}).get("disk_io", "auto")
+    if wanted == "posix" or (wanted == "auto" and not usable):
+        return f"posix (pread/pwrite, O_DIRECT where the file system allows): {why}" if wanted == "auto" else "posix (disk_io=posix)"
+    return f"kvikio: {why}" if usable else f"disk_io=kvikio cannot work here: {why}"
