@@ -52,7 +52,11 @@ def _baseline(path: Path, nbytes: int, chunk: int = 8 << 20, threads: int = 4) -
 
 
 class DiskThroughput:
-    """host -> disk and disk -> host through `DiskTier`, in batches of 64 blocks, in random slot order."""
+    """host -> disk and disk -> host through `DiskTier`, in batches of 64 blocks.
+
+    Slots come in the order the tier's allocator hands them out, as in the store (consecutive
+    runs merge into large requests); reads go back in a shuffled batch order.
+    """
 
     params = [256 << 10, 2 << 20]
     param_names = ["block_bytes"]
@@ -65,7 +69,10 @@ class DiskThroughput:
         self.n = TOTAL_BYTES // block_bytes
         self.tier = DiskTier(self.dir, self.n, block_bytes, io_threads=4)
         self.rows = torch.randint(0, 256, (64, block_bytes), dtype=torch.uint8)
-        self.order = np.random.default_rng(0).permutation(self.n).tolist()
+        batches = [self.tier.allocate(64) for _ in range(-(-self.n // 64))]
+        self.tier.free([s for batch in batches for s in batch])
+        np.random.default_rng(0).shuffle(batches[1:])  # reads revisit batches out of order
+        self.order = [s for batch in batches for s in batch]
         self.base_write, self.base_read = _baseline(self.dir / "baseline.bin", TOTAL_BYTES)
 
     def teardown(self, block_bytes: int) -> None:

@@ -32,6 +32,7 @@ class WriteQueue:
     stride: int
     limit_bytes: int
     write: Callable[[Sequence[int], np.ndarray], None]  # blocking write + sync of one job
+    release: Callable[[np.ndarray], None] = lambda buffer: None  # a job's buffer, once nothing reads it
     cond: threading.Condition = field(default_factory=threading.Condition)
     pending: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # slot -> (gen, row)
     quarantine: set[int] = field(default_factory=set)
@@ -144,3 +145,4 @@ class WriteQueue:
                         self.quarantine.discard(slot)
                         self.released.append(slot)
                 self.cond.notify_all()
+            self.release(job.buffer)  # no pending row points into it any more
