@@ -44,7 +44,9 @@ def member(name: str, total: int, min_bytes: int = 0, max_bytes: int = 64 * UNIT
 
 
 def child(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(HERE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """This file run as a script, able to import tierkv from this checkout even if not installed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, str(HERE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 # -- joining and leaving -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,6 +41,11 @@ def name() -> str:
     n = f"test-{uuid.uuid4().hex[:12]}"
     yield n
     budget_path(n).unlink(missing_ok=True)
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process, able to import tierkv from this checkout even if not installed."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
 
 
 def config(name: str | None, max_blocks: int, host_blocks: int = 400, min_bytes: int = 0, total: int = 8 * PAGE) -> StoreConfig:
@@ -354,7 +360,7 @@ def test_random_interleavings_keep_the_budget_and_the_blocks(ops: list[tuple[str
 def test_an_idle_store_in_another_process_shrinks_for_a_busy_one(name: str) -> None:
     """The child fills most of the budget and idles; our puts make its watcher thread demote."""
     proc = subprocess.Popen([sys.executable, str(HERE), "child", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=child_env())
 
     def ask(command: str) -> dict:
         proc.stdin.write(command + "\n")

@@ -8,6 +8,7 @@ Run on the GPU machine: `python -m pytest -m gpu tests/gpu/test_vmm_gpu.py -q`. 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -42,7 +43,12 @@ def free_bytes() -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def _warm() -> None:
-    """Load the copy kernels and create torch's context before any memory is counted."""
+    """Create torch's context and load every kernel the tests use before any memory is counted:
+    CUDA loads kernels lazily, and a first use takes device memory for the code."""
+    t = torch.zeros((4, 64 * 1024), dtype=torch.uint8, device="cuda")
+    t.fill_(7)
+    t.index_fill_(0, torch.tensor([1], device="cuda"), 0xA5)
+    assert not bool(t.eq(7).all()) and torch.equal(t.flip(0).flip(0), t)
     pages = CudaPages(4 * cuda_granularity(0), torch.device("cuda"))
     tier = ElasticTier("device", 4, 64 * 1024, pages)
     slots = tier.allocate(4)
@@ -97,11 +103,10 @@ def test_vmm_pages_map_and_unmap_physical_memory() -> None:
     assert pages.map(list(range(32))) == 32
     mapped = free_bytes()
     assert 32 * gran - SLACK <= base - mapped <= 32 * gran + SLACK
-    t[: 32 * gran].fill_(7)  # one kernel writing across 32 separately mapped pages
-    assert bool(t[: 32 * gran].eq(7).all())
     pages.unmap(list(range(16)))
-    assert free_bytes() - mapped >= 16 * gran - SLACK
-    assert bool(t[16 * gran : 32 * gran].eq(7).all())  # the other pages kept their bytes
+    assert 16 * gran - SLACK <= free_bytes() - mapped <= 16 * gran + SLACK
+    t[16 * gran : 32 * gran].fill_(7)  # one kernel writing across 16 separately mapped pages
+    assert bool(t[16 * gran : 32 * gran].eq(7).all())
     assert pages.map([3]) == 1
     t[3 * gran : 4 * gran].fill_(1)
     assert bool(t[3 * gran : 4 * gran].eq(1).all())
@@ -117,7 +122,7 @@ def test_vmm_page_size_must_be_a_multiple_of_the_granularity() -> None:
 
 @pytest.mark.parametrize("slot_bytes", [96 * 1024, 3 * MiB // 2 + 64, 5 * MiB + 4096])
 def test_copies_into_slots_spanning_page_boundaries(slot_bytes: int) -> None:
-    n = 12
+    n = 24  # enough slots for every size to cross a page boundary
     base = free_bytes()
     tier = ElasticTier("device", n, slot_bytes, CudaPages(n * slot_bytes, torch.device("cuda")))
     slots = tier.allocate(n)
@@ -158,8 +163,9 @@ def test_store_on_vmm_grows_shrinks_by_demotion_and_leaves_nothing_behind() -> N
 
 def test_two_processes_share_one_gpu_budget(name: str) -> None:
     base = free_bytes()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, str(HERE), "child", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
 
     def ask(command: str) -> dict:
         proc.stdin.write(command + "\n")
