@@ -176,6 +176,23 @@ def test_a_member_asked_to_shrink_does_not_grow_past_its_target(name: str, monke
     b.leave()
 
 
+def test_a_member_asked_to_shrink_neither_asks_nor_waits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(budget_mod, "SHRINK_WAIT_S", 0.05)
+    monkeypatch.setattr(budget_mod, "GROW_STEP_PAGES", 1)
+    a = member(name, 8 * UNIT, label="a")
+    b = member(name, 8 * UNIT, label="b")
+    a.acquire(6 * UNIT, UNIT)
+    b.acquire(2 * UNIT, UNIT)
+    assert a.acquire(2 * UNIT, UNIT) == 0  # nothing free: b is asked for 2 (it does not act)
+    assert b.pending_target() == 0
+    monkeypatch.setattr(budget_mod, "SHRINK_WAIT_S", 30.0)  # a wait would now show
+    start = time.monotonic()
+    assert b.acquire(4 * UNIT, UNIT) == 0  # b, asked itself, does not ask a back nor wait for it
+    assert time.monotonic() - start < 5 and a.pending_target() is None
+    a.leave()
+    b.leave()
+
+
 def test_a_waiting_member_is_answered_by_a_local_member_at_once(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Members of one process are asked by a direct call, not by polling, when their lock is free."""
     monkeypatch.setattr(budget_mod, "SHRINK_WAIT_S", 30.0)  # a poll-based answer would take this long

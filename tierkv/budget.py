@@ -356,15 +356,16 @@ class BudgetMember:
                 self._reclaim()
                 me = _read_row(self._mm, self.row)
                 cap = min(nbytes, self.max_bytes - me[_HELD])
-                if me[_TARGET] != NO_REQUEST:  # we are asked to shrink ourselves: no growth past it
+                contended = me[_TARGET] != NO_REQUEST  # we are asked to shrink ourselves: no growth
+                if contended:  # past the target, and no asking or waiting for others
                     cap = min(cap, me[_TARGET] - me[_HELD])
                 want = max(cap, 0) // unit * unit
                 if want == 0:
                     return 0
                 free = self.total_bytes - self._held_total()
-                if free < want and not asked:
+                if free < want and not asked and not contended:
                     asked = self._ask_others(max(want - free, GROW_STEP_PAGES * unit))
-                if free >= want or not asked or self._settled(asked) or time.monotonic() > deadline:
+                if free >= want or not asked or contended or self._settled(asked) or time.monotonic() > deadline:
                     grant = min(want, max(free, 0) // unit * unit)
                     me[_HELD] += grant
                     _write_row(self._mm, self.row, me)

@@ -484,7 +484,7 @@ class BlockStore:
                     break
                 progress = True
                 moved, alone = alone[: len(dst)], alone[len(dst) :]
-                self._write(1, dst, dev.read([v.slots[0] for v in moved]), moved)
+                self._move_down(0, [v.slots[0] for v in moved], dst, moved)
                 nbytes = len(moved) * dev.slot_bytes
                 self._counters.moved_bytes(self._names[0], self._names[1], nbytes)
                 self._shrink_demoted += nbytes
