@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -297,6 +298,27 @@ def test_top_shows_every_store_on_the_budget(name: str, capsys: pytest.CaptureFi
         assert report["held_bytes"] == mapped(a) + mapped(b)
     assert main(["top", "--once", name]) == 2
     assert "no GPU budget named" in capsys.readouterr().err
+
+
+def test_top_refreshes_until_interrupted_and_refuses_bad_intervals(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with store(name, "watched") as s:
+        fill(s, 0, 2)
+        proc = subprocess.Popen([sys.executable, "-m", "tierkv", "top", "--interval", "0.1"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=child_env())
+        try:
+            frames, found = 0, False
+            while frames < 3 or not found:  # frames, each redrawn from a cleared screen, showing our store
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read()
+                frames += line.startswith("\033[H\033[2J")
+                found = found or (frames > 0 and "watched" in line)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err  # Ctrl-C ends it quietly
+    assert main(["top", "--interval", "0"]) == 2
+    assert "expected a number of seconds > 0" in capsys.readouterr().err
 
 
 # -- random interleavings --------------------------------------------------------------------
