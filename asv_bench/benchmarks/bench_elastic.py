@@ -31,7 +31,7 @@ LAYOUT = SYNTHETIC_LAYOUT  # 64 KiB blocks
 
 
 class HostPageMapUnmap:
-    """Map then unmap 64 pages of 2 MiB, one call each (seconds per page pair)."""
+    """Map then unmap 64 pages of 2 MiB, one call each."""
 
     def setup(self):
         self.pages = HostPages(64 * PAGE, PAGE)
@@ -39,7 +39,7 @@ class HostPageMapUnmap:
     def teardown(self):
         self.pages.close()
 
-    def time_map_unmap_per_page(self):
+    def time_map_unmap_64_pages(self):
         for p in range(64):
             self.pages.map([p])
             self.pages.unmap([p])
