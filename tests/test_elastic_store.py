@@ -164,10 +164,14 @@ def test_shrink_drops_a_stuck_branch_when_nothing_below_can_take_it() -> None:
         check_index_invariants(s)
 
 
-def test_shrink_device_needs_an_elastic_tier(layout) -> None:
+def test_shrink_device_needs_an_elastic_tier_and_a_size(layout) -> None:
     plain = BlockStore(layout, Namespace(model="plain"), StoreConfig(device="cpu", device_bytes=4096, host_bytes=4096))
     with plain, pytest.raises(TierKVError, match="elastic device tier"):
         plain.shrink_device(0)
+    with store(None, "solo") as s:
+        for bad in (-1, 1.5, True, "1MiB"):
+            with pytest.raises(ValueError, match="target_bytes must be an int >= 0"):
+                s.shrink_device(bad)
 
 
 def test_elastic_store_with_a_disk_tier_shrinks_through_host_to_disk(tmp_path: Path) -> None:

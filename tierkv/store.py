@@ -425,12 +425,14 @@ class BlockStore:
         """Demote device blocks to host until the elastic device tier maps at most `target_bytes`.
 
         Whole pages are emptied, coldest first (`ElasticTier.plan_shrink`); any unleased block may
-        be demoted, since its copy stays resident below. A block that finds no room in host is
-        dropped only when nothing depends on it. Returns the bytes of pages given back, which
-        is less than asked when leased blocks hold the rest.
+        be demoted, since its copy stays resident below. What host has no room for is dropped
+        leaves first (see `_vacate_device`). Returns the bytes of pages given back, which is
+        less than asked when leased blocks hold the rest.
         """
         if not isinstance(self.tiers[0], ElasticTier):
             raise TierKVError("shrink_device needs an elastic device tier (StoreConfig(device_elastic=True))")
+        if isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or target_bytes < 0:
+            raise ValueError(f"target_bytes must be an int >= 0, got {target_bytes!r}")
         with self._locked():
             return self._shrink_device(target_bytes)
 
