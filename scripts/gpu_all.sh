@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole GPU pass in one call on the GPU machine: tests marked gpu, then every benchmark.
+#   bash scripts/gpu_all.sh OUTDIR        (wheels for kvikio and lmdb in .whl/, see docs/performance.md)
+set -uo pipefail
+out=${1:?usage: gpu_all.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -m tierkv info | tee "$out/info.txt" | head -20
+echo "== pytest -m gpu"
+python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x 2>&1 | tail -15 | tee "$out/pytest_gpu.txt"
+echo "== store + disk"
+python3 scripts/gpu_store_bench.py "$out/store.md" /tmp/tierkv-bench
+echo "== kernels"
+python3 scripts/gpu_bench.py "$out/kernels.md" 2>&1 | tail -60
+echo "== elastic"
+python3 scripts/bench_elastic_gpu.py "$out/elastic.json" 2>&1 | tail -25
