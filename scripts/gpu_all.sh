@@ -17,7 +17,7 @@ echo "== pytest -m gpu"
 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x 2>&1 | tail -15 | tee "$out/pytest_gpu.txt"
 echo "== store + disk"
 python3 scripts/gpu_store_bench.py "$out/store.md" /tmp/tierkv-bench
-echo "== kernels"
-python3 scripts/gpu_bench.py "$out/kernels.md" 2>&1 | tail -60
+if [ "${KERNEL_BENCH:-1}" = 1 ]; then echo "== kernels"
+python3 scripts/gpu_bench.py "$out/kernels.md" 2>&1 | tail -60; fi
 echo "== elastic"
 python3 scripts/bench_elastic_gpu.py "$out/elastic.json" 2>&1 | tail -25
