@@ -14,7 +14,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m tierkv info | tee "$out/info.txt" | head -20
 echo "== pytest -m gpu"
-python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x 2>&1 | tail -15 | tee "$out/pytest_gpu.txt"
+python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE > "$out/pytest_gpu.txt" 2>&1; tail -30 "$out/pytest_gpu.txt"
 echo "== store + disk"
 python3 scripts/gpu_store_bench.py "$out/store.md" /tmp/tierkv-bench
 if [ "${KERNEL_BENCH:-1}" = 1 ]; then echo "== kernels"
