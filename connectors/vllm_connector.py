@@ -23,6 +23,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from tierkv import ConfigError
 from tierkv.layout import dtype_name
+from tierkv.ops.engine_layout import EngineKV
 
 from .vllm_config import ConnectorConfig
 from .vllm_identity import engine_namespace, weights_fingerprint
@@ -92,7 +93,7 @@ class TierKVConnector(KVConnectorBase_V1):
 
     # -- worker side -------------------------------------------------------------------
 
-    def _engine(self, kv_caches: dict[str, torch.Tensor]) -> Any:
+    def _engine(self, kv_caches: dict[str, torch.Tensor]) -> EngineKV:
         context = self._vllm_config.compilation_config.static_forward_context
         backends = {context[name].get_attn_backend().get_name() for name in self._attention.layer_names}
         if len(backends) != 1:

@@ -66,6 +66,16 @@ def weights_fingerprint(model: str, revision: str | None, config_json: str, dtyp
     return h.hexdigest()
 
 
+def model_name(model: str) -> str:
+    """The name the namespace carries: a hub id as given, a local directory by its last component.
+
+    The weights are identified by the fingerprint; the name is for people reading a store's
+    identity, and must not depend on where a copy of the model happens to live.
+    """
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
+
+
 def engine_namespace(model: str, fingerprint: str, tp_rank: int, tp_size: int) -> Namespace:
     """The namespace of one tensor-parallel shard; the tenant (cache_salt) is applied per request."""
-    return Namespace(model=model, weights_fingerprint=fingerprint, tp_rank=tp_rank, tp_size=tp_size)
+    return Namespace(model=model_name(model), weights_fingerprint=fingerprint, tp_rank=tp_rank, tp_size=tp_size)

@@ -25,7 +25,7 @@ import torch
 from tierkv import BlockStore, CapacityError, KVLayout, Namespace, StoreConfig, chain_keys
 from tierkv.ops.engine_layout import EngineKV, chunk_slots
 from tierkv.ops.transfer import gather_engine_blocks, scatter_engine_blocks
-from tierkv.residency import churn, fastest_tiers, snapshot
+from tierkv.residency import Churn, churn, fastest_tiers, snapshot
 
 from .vllm_layout import AttentionKV, engine_block_table
 from .vllm_meta import GONE, TIER_NAMES, LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
@@ -59,7 +59,7 @@ class WorkerSide:
         self._known: dict[bytes, int] = {}  # what the scheduler's mirror of this rank says
         self._touched: set[bytes] = set()
         self._reported = False
-        self._churn = None
+        self._churn: Churn | None = None
         self.counters = {"loaded_blocks": 0, "load_errors": 0, "saved_blocks": 0, "save_refused": 0}
 
     # -- lifecycle -------------------------------------------------------------------

@@ -30,7 +30,7 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
 from tierkv import ConfigError  # noqa: E402
 from tierkv_connectors.vllm_config import ConnectorConfig  # noqa: E402
 from tierkv_connectors.vllm_connector import TierKVConnector  # noqa: E402
-from tierkv_connectors.vllm_identity import weights_fingerprint  # noqa: E402
+from tierkv_connectors.vllm_identity import engine_namespace, weights_fingerprint  # noqa: E402
 
 from vllm_model import make_model  # noqa: E402
 
@@ -127,3 +127,11 @@ def test_fingerprint_follows_the_weights_not_the_path(model: Path, tmp_path: Pat
     weights.write_bytes(bytes(data))
     assert weights_fingerprint(str(model), None, config, "float32") != weights_fingerprint(str(copy), None, config, "float32")
     assert weights_fingerprint(str(model), None, config, "float32") != weights_fingerprint(str(model), None, config, "bfloat16")
+
+
+def test_namespace_names_a_local_model_by_its_directory_not_its_path(model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "elsewhere" / model.name
+    shutil.copytree(model, copy)
+    assert engine_namespace(str(model), "f", 0, 1) == engine_namespace(str(copy), "f", 0, 1)
+    assert engine_namespace("org/some-model", "f", 0, 1).model == "org/some-model"
+    assert engine_namespace(str(model), "f", 0, 2) != engine_namespace(str(model), "f", 1, 2)

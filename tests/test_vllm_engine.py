@@ -140,6 +140,8 @@ def test_shared_prefixes_come_from_tierkv_once_vllm_forgets_them(engine_a: dict)
     assert stats["load_errors"] == 0
     assert stats["loaded_blocks"] >= 9 + 9 + 8  # prompt 0, tenant-b's copy and family B each once at least
     assert stats["store"]["disk"]["path"].endswith("rank0-of-1")
+    assert engine_a["cached_by_source"].get("host", 0) >= 288 + 288 + 256, "vLLM's metrics name the tier"
+    assert "disk" not in engine_a["cached_by_source"]
 
 
 def test_next_turn_hits_the_blocks_saved_while_decoding(engine_a: dict) -> None:
@@ -155,6 +157,7 @@ def test_restart_on_the_same_store_hits_and_gives_the_reference_tokens(engine_b:
     assert cached(engine_b, 2) == [320], "decode blocks stored by the first engine survive the restart"
     (stats,) = engine_b["stats"]
     assert stats["store"]["disk"]["recovered_blocks"] > 0
+    assert engine_b["cached_by_source"].get("disk", 0) >= 3 * 288 + 320, "vLLM's metrics name the tier"
 
 
 def test_corrupt_block_is_detected_and_recomputed(engine_b: dict, reference: dict) -> None:

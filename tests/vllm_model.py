@@ -3,8 +3,8 @@
 The vLLM tests start each engine in its own process (`python tests/vllm_model.py SPEC.json`):
 a restart must be a real new process, the store directory is locked by the process that writes
 it, and a configuration error must be seen the way a user sees it, in the engine's output. The
-runner prints one line `RESULT <json>` with the generated token ids, the cached-token counts and
-the tierkv stats of each worker.
+runner prints one line `RESULT <json>` with the generated token ids, the cached-token counts, the
+tierkv stats of each worker and vLLM's count of cached prompt tokens by source.
 
 The model is the smallest vLLM's CPU attention accepts (head_dim 32), in float32 so that KV
 loaded from tierkv and KV computed in place give the same greedy tokens.
@@ -62,7 +62,7 @@ def _session(spec: dict[str, Any]) -> dict[str, Any]:
                                        kv_connector_extra_config=spec["connector"])
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0, max_model_len=spec.get("max_model_len", 1024),
               enable_prefix_caching=spec.get("prefix_caching", True), kv_transfer_config=kv_transfer,
-              **spec.get("engine", {}))
+              disable_log_stats=False, **spec.get("engine", {}))
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, ignore_eos=True)
     phases: list[list[dict[str, Any]]] = []
     for phase in spec["phases"]:
@@ -83,7 +83,9 @@ def _session(spec: dict[str, Any]) -> dict[str, Any]:
         from tierkv_connectors.vllm_connector import worker_stats
 
         stats = llm.collective_rpc(worker_stats)
-    return {"phases": phases, "stats": stats}
+    by_source = {m.labels["source"]: m.value for m in llm.get_metrics()
+                 if m.name == "vllm:prompt_tokens_cached_by_source" and m.value}
+    return {"phases": phases, "stats": stats, "cached_by_source": by_source}
 
 
 def main() -> None:
