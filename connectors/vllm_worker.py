@@ -70,6 +70,7 @@ class WorkerSide:
         self.engine = engine
         if self.store is None:
             self.store = BlockStore(self.layout, self.namespace, self.config)
+            self._reported = False  # the next report lists the whole store, recovered blocks included
             names = tuple(t.name for t in self.store.tiers)
             assert names == TIER_NAMES[: len(names)], f"unexpected tier order {names}"
             if self.store.recovery.blocks or self.store.recovery.dropped:
@@ -123,7 +124,9 @@ class WorkerSide:
         if self.engine is None or self.store is None:
             return self._failed_blocks(job, job.start)
         bt = self.layout.block_tokens
-        first, want = job.start // bt, -(-job.end // bt)
+        # Whole stored blocks only, and only those the request's pages can take in full.
+        covered = len(job.block_ids) * self.attention.block_size // bt
+        first, want = job.start // bt, min(-(-job.end // bt), covered)
         with self._store_lock:
             blocks = self.store.get(job.token_ids[: want * bt], device=self.engine.device, tenant=job.tenant)
         got = min(blocks.shape[0], want)
@@ -199,9 +202,16 @@ class WorkerSide:
     # -- residency reports -------------------------------------------------------------
 
     def report(self) -> ResidencyReport | None:
-        """What changed in this rank's store since the last report (everything, the first time)."""
+        """What changed in this rank's store since the last report (everything, the first time).
+
+        Before the store opens the report is an empty full one: the scheduler waits for every
+        rank's first report, and a rank that has nothing must not keep it waiting.
+        """
         if self.store is None:
-            return None
+            if self._reported:
+                return None
+            self._reported = True
+            return ResidencyReport({self.rank: RankResidency(full=True, tiers={})})
         if not self._reported:
             self._reported = True
             self._churn = churn(self.store)

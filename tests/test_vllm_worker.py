@@ -212,3 +212,37 @@ def test_engine_view_with_wrong_strides_is_refused() -> None:
         engine_kv(kv, att, "FLASH_ATTN", "LHBNC")
     with pytest.raises(LayoutMismatchError, match="heads"):
         engine_kv(kv, AttentionKV(NAMES, BLOCK_SIZE, 4, HEAD_DIM, torch.float32), "CPU_ATTN", "LBHNC")
+
+
+def test_a_load_never_writes_past_the_pages_vllm_allocated(tmp_path: Path) -> None:
+    side, dst = worker(tmp_path, 256)
+    save(side, cpu_kv_cache(fill=True), 512)
+    # vLLM promised 300 tokens but allocated only 3 blocks of 128: the second stored block
+    # (tokens 256..511) does not fit, so tokens 256..299 are reported instead of written.
+    failed = side._load(LoadJob("r1", "", TOKENS[:512], 0, 300, DST_TABLE[:3], False), wait=True)
+    assert failed == {DST_TABLE[2]}
+    side.close()
+
+
+def test_a_worker_without_a_store_yet_does_not_keep_the_scheduler_waiting(tmp_path: Path) -> None:
+    att = attention()
+    side = WorkerSide(att.store_layout(32), NAMESPACE, StoreConfig(device_bytes=0, device="cpu"), att)
+    first = side.report()
+    assert first is not None and first.ranks[0].full and first.ranks[0].tiers == {}
+    assert side.report() is None
+    side.open(engine_kv(cpu_kv_cache(fill=False), att, "CPU_ATTN", "LBHNC"))
+    assert side.report().ranks[0].full, "once open, the store is reported whole"
+    side.close()
+
+
+@pytest.mark.xfail(strict=True, reason="BlockStore._promote copies hits only into tier 0; with device_bytes=0 "
+                   "(the connector's default) a disk hit is read from disk every time instead of moving to host")
+def test_disk_hits_are_promoted_to_host_when_the_store_has_no_device_tier(tmp_path: Path) -> None:
+    side, _ = worker(tmp_path, 32)
+    save(side, cpu_kv_cache(fill=True), 128)
+    side.close()
+    side, _ = worker(tmp_path, 32)  # after a restart the blocks live on disk only
+    assert side._load(LoadJob("r1", "", TOKENS[:128], 0, 128, DST_TABLE, False), wait=True) == set()
+    tiers = side.store.stats()["tiers"]
+    side.close()
+    assert tiers["host"]["used_slots"] == 4, "the blocks just read from disk should now be in host memory"
