@@ -106,6 +106,7 @@ def main() -> None:
         sys.exit("usage: gpu_store_bench.py OUT.md [scratch-dir]")
     if len(sys.argv) > 2:
         bench_disk.BENCH_DIR = sys.argv[2]
+        Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = bench_disk.BENCH_DIR
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     rows.append(f"device: {gpu}, torch {torch.__version__}; {kvikio_status()[1]}")
