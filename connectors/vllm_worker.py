@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tierkv import BlockStore, CapacityError, KVLayout, Namespace, StoreConfig, chain_keys
+from tierkv import BlockStore, CapacityError, KVLayout, Namespace, StoreConfig, TierKVError, chain_keys
 from tierkv.ops.engine_layout import EngineKV, chunk_slots
 from tierkv.ops.transfer import gather_engine_blocks, scatter_engine_blocks
 from tierkv.residency import Churn, churn, fastest_tiers, snapshot
@@ -127,8 +127,12 @@ class WorkerSide:
         # Whole stored blocks only, and only those the request's pages can take in full.
         covered = len(job.block_ids) * self.attention.block_size // bt
         first, want = job.start // bt, min(-(-job.end // bt), covered)
-        with self._store_lock:
-            blocks = self.store.get(job.token_ids[: want * bt], device=self.engine.device, tenant=job.tenant)
+        try:
+            with self._store_lock:
+                blocks = self.store.get(job.token_ids[: want * bt], device=self.engine.device, tenant=job.tenant)
+        except (TierKVError, OSError):  # an unreadable disk costs a recompute, not the engine
+            log.exception("tierkv: request %s: reading stored blocks failed; vLLM recomputes them", job.req_id)
+            return self._failed_blocks(job, job.start)
         got = min(blocks.shape[0], want)
         if got > first:
             table = engine_block_table(job.block_ids, self.attention, self.engine.layout)

@@ -246,3 +246,4 @@ def test_disk_hits_are_promoted_to_host_when_the_store_has_no_device_tier(tmp_pa
     tiers = side.store.stats()["tiers"]
     side.close()
     assert tiers["host"]["used_slots"] == 4, "the blocks just read from disk should now be in host memory"
+
