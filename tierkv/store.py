@@ -705,13 +705,21 @@ class BlockStore:
         for src_tier, picks in _group_by(range(len(lifted)), [b.fastest for b in lifted]).items():
             group = [lifted[i] for i in picks]
             slots = [dst[i] for i in picks]
-            rows, bad = self._read(src_tier, group)
+            src = self.tiers[src_tier]
+            in_memory = isinstance(src, MemoryTier) and isinstance(self.tiers[0], MemoryTier)
+            # Memory to memory: checksums over the source slots in place, then one slot-to-slot
+            # copy (a DMA on a GPU). From disk the bytes must come through a buffer anyway.
+            rows, bad = (None, self._verify(src_tier, group)) if in_memory else self._read(src_tier, group)
             if bad:
                 self.tiers[0].free([slots[i] for i in bad])
                 corrupt += [(group[i], src_tier) for i in bad]
                 good = [i for i in range(len(group)) if i not in set(bad)]
-                group, slots, rows = [group[i] for i in good], [slots[i] for i in good], rows[good]
-            self._write(0, slots, rows, group)
+                group, slots = [group[i] for i in good], [slots[i] for i in good]
+                rows = rows[good] if rows is not None else None
+            if rows is None:
+                src.copy_to([b.slots[src_tier] for b in group], self.tiers[0], slots)
+            else:
+                self._write(0, slots, rows, group)
             for block, slot in zip(group, slots):
                 self.index.set_slot(block, 0, slot)
             self._counters.moved_bytes(self._names[src_tier], self._names[0], len(group) * self.layout.block_bytes)
@@ -739,12 +747,21 @@ class BlockStore:
     def _read(self, t: int, blocks: list[Block]) -> tuple[torch.Tensor, list[int]]:
         """Rows of `blocks` from tier `t`, and the positions whose checksum did not match."""
         rows = self.tiers[t].read([b.slots[t] for b in blocks])
+        return rows, self._verify(t, blocks, rows)
+
+    def _verify(self, t: int, blocks: list[Block], rows: torch.Tensor | None = None) -> list[int]:
+        """Positions of `blocks` whose bytes in tier `t` (or in `rows` read from it) fail their checksum.
+
+        Without `rows`, a memory tier hashes its slots in place: no copy just to check them.
+        """
         if t == 0 or not self.config.verify_reads:
-            return rows, []
-        sums = checksum_rows(rows)
+            return []
+        slots = [b.slots[t] for b in blocks]
+        tier = self.tiers[t]
+        sums = checksum_rows(rows) if rows is not None else tier.checksums(slots)  # type: ignore[attr-defined]
         bad = [i for i, (b, s) in enumerate(zip(blocks, sums)) if b.checksum is not None and b.checksum != s]
         self._counters.tiers[self._names[t]].corrupt += len(bad)
-        return rows, bad
+        return bad
 
     def _write(self, t: int, slots: list[int], rows: torch.Tensor, blocks: list[Block]) -> None:
         """Write rows into tier `t`; bytes entering host or disk get their checksum here."""

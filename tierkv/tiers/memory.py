@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..integrity import checksum_slots
 from ..ops.transfer import copy_slots
 from .base import Tier
 
@@ -104,6 +105,13 @@ class MemoryTier(Tier):
         event = copy_slots(self.storage, slots, other.storage, other_slots)
         self._after_gpu_copy(event)
         other._after_gpu_copy(event)
+
+    def checksums(self, slots: Sequence[int]) -> list[int]:
+        """xxh3_64 of each slot's bytes, hashed where they lie (CPU tiers only)."""
+        if self._device.type != "cpu":
+            raise ValueError(f"{self.name} tier: checksums are taken of CPU memory, this tier is on {self._device}")
+        self._cpu_access()
+        return checksum_slots(self.storage, slots)
 
     def view(self, slots: Sequence[int]) -> torch.Tensor:
         """Rows of the given slots without a copy where they are consecutive (else a gather)."""
