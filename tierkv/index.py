@@ -200,6 +200,20 @@ class Index:
         """
         return self._descend(root, self._children())
 
+    def branches(self, roots: Sequence[Block]) -> Iterator[list[Block]]:
+        """The subtree of each root still indexed, parents first, in one O(number of blocks) pass.
+
+        Roots inside an earlier root's subtree are skipped: they went with it.
+        """
+        children = self._children()
+        taken: set[int] = set()
+        for root in roots:
+            if id(root) in taken or self.blocks.get(root.key) is not root:
+                continue
+            branch = self._descend(root, children)
+            taken.update(id(b) for b in branch)
+            yield branch
+
     def cold_branches(self, tier: int) -> Iterator[list[Block]]:
         """Subtrees rooted in `tier`, coldest root first, with no leased or in-flight block.
 

@@ -502,28 +502,11 @@ class BlockStore:
                     self._counters.dropped += 1
                     progress = True
             alone = stuck[::-1]
-        if alone:
-            children: dict[int, list[Block]] = defaultdict(list)
-            for b in index.blocks.values():
-                if b.parent is not None:
-                    children[id(b.parent)].append(b)
-            for v in alone:  # parents first: a stuck child goes with its parent's branch
-                if v.slots[0] < 0:
-                    continue
-                branch = [v]
-                for b in branch:
-                    branch.extend(children.get(id(b), ()))
-                # Leases cover whole prefixes: a leased descendant would mean a leased victim.
-                assert not any(b.leases or PENDING in b.slots for b in branch), "a shrink victim's branch is leased"
-                for b in reversed(branch):
-                    self._counters.dropped += 1
-                    for u, slot in enumerate(b.slots):
-                        if slot >= 0:
-                            slot = index.clear_slot(b, u)
-                            if u == 0:
-                                freed.append(slot)
-                            else:
-                                self.tiers[u].free([slot])
+        for branch in self.index.branches(alone):  # a stuck child goes with its parent's branch
+            # Leases cover whole prefixes: a leased descendant would mean a leased victim.
+            assert not any(b.leases or PENDING in b.slots for b in branch), "a shrink victim's branch is leased"
+            self._counters.dropped += len(branch)
+            freed += self._drop_branch(branch, keep_tier=0)
         self._counters.tiers[self._names[0]].evictions += len(freed)
         dev.free(freed)
 
@@ -672,21 +655,31 @@ class BlockStore:
                 self._counters.dropped += 1
         return slots
 
+    def _drop_branch(self, branch: list[Block], keep_tier: int | None = None) -> list[int]:
+        """Delete `branch` (parents before children) from every tier, children first.
+
+        Freed slots go back to their tiers, except those of `keep_tier`, which are returned to
+        the caller that needs them.
+        """
+        kept = []
+        for b in reversed(branch):  # children first: nothing is ever stranded
+            for u, s in enumerate(b.slots):
+                if s >= 0:
+                    slot = self.index.clear_slot(b, u)
+                    if u == keep_tier:
+                        kept.append(slot)
+                    else:
+                        self.tiers[u].free([slot])
+        return kept
+
     def _drop_cold_branches(self, t: int, want: int, slots: list[int]) -> None:
         """Delete cold unleased branches rooted in tier `t` until `slots` holds `want` of its slots."""
         for branch in self.index.cold_branches(t):
             if len(slots) >= want:
                 break
             self._counters.tiers[self._names[t]].evictions += 1
-            for b in reversed(branch):  # children first: nothing is ever stranded
-                self._counters.dropped += 1
-                for u, s in enumerate(b.slots):
-                    if s >= 0:
-                        slot = self.index.clear_slot(b, u)
-                        if u == t:
-                            slots.append(slot)
-                        else:
-                            self.tiers[u].free([slot])
+            self._counters.dropped += len(branch)
+            slots += self._drop_branch(branch, keep_tier=t)
         if len(slots) > want:
             self.tiers[t].free(slots[want:])
             del slots[want:]
@@ -808,10 +801,7 @@ class BlockStore:
         if any(s >= 0 for u, s in enumerate(block.slots) if u != t):
             self.tiers[t].free([self.index.clear_slot(block, t)])
             return
-        for b in reversed(self.index.subtree(block)):
-            for u, s in enumerate(b.slots):
-                if s >= 0:
-                    self.tiers[u].free([self.index.clear_slot(b, u)])
+        self._drop_branch(self.index.subtree(block))
 
     def _count_lookups(self, blocks: list[Block], requested: int) -> None:
         for t, name in enumerate(self._names):
