@@ -235,8 +235,6 @@ def test_a_worker_without_a_store_yet_does_not_keep_the_scheduler_waiting(tmp_pa
     side.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BlockStore._promote copies hits only into tier 0; with device_bytes=0 "
-                   "(the connector's default) a disk hit is read from disk every time instead of moving to host")
 def test_disk_hits_are_promoted_to_host_when_the_store_has_no_device_tier(tmp_path: Path) -> None:
     side, _ = worker(tmp_path, 32)
     save(side, cpu_kv_cache(fill=True), 128)

@@ -108,6 +108,8 @@ class BlockStore:
             self._disk = DiskPersistence(config, layout, namespace)
             self.tiers.append(self._disk.tier)
         self._disk_tier = len(self.tiers) - 1 if self._disk else None
+        # Where hits are promoted: the first tier with slots (no device tier behind an engine).
+        self._top = next((t for t, tier in enumerate(self.tiers) if tier.num_slots > 0), 0)
         self._names = [t.name for t in self.tiers]
         self.index = Index(len(self.tiers), persistent_tier=self._disk_tier)
         self._lock = threading.RLock()
@@ -685,37 +687,40 @@ class BlockStore:
             del slots[want:]
 
     def _promote(self, blocks: list[Block]) -> list[tuple[Block, int]]:
-        """Copy leased `blocks` that live only in slower tiers up to the device tier, as room allows.
+        """Copy leased `blocks` that live only in slower tiers up to the fastest tier, as room allows.
 
-        Returns the (block, tier) copies that failed verification; they were not promoted.
+        The fastest tier is the first with any slots: a store with no device tier (an engine's
+        own pages are the GPU tier) promotes disk hits to host. Returns the (block, tier)
+        copies that failed verification; they were not promoted.
         """
-        slow = [b for b in blocks if b.slots[0] == ABSENT]
+        top = self._top
+        slow = [b for b in blocks if b.fastest > top]
         if not slow:
             return []
-        dst = self._reserve(0, len(slow))
+        dst = self._reserve(top, len(slow))
         lifted = slow[: len(dst)]
         corrupt: list[tuple[Block, int]] = []
         for src_tier, picks in _group_by(range(len(lifted)), [b.fastest for b in lifted]).items():
             group = [lifted[i] for i in picks]
             slots = [dst[i] for i in picks]
             src = self.tiers[src_tier]
-            in_memory = isinstance(src, MemoryTier) and isinstance(self.tiers[0], MemoryTier)
+            in_memory = isinstance(src, MemoryTier) and isinstance(self.tiers[top], MemoryTier)
             # Memory to memory: checksums over the source slots in place, then one slot-to-slot
             # copy (a DMA on a GPU). From disk the bytes must come through a buffer anyway.
             rows, bad = (None, self._verify(src_tier, group)) if in_memory else self._read(src_tier, group)
             if bad:
-                self.tiers[0].free([slots[i] for i in bad])
+                self.tiers[top].free([slots[i] for i in bad])
                 corrupt += [(group[i], src_tier) for i in bad]
                 good = [i for i in range(len(group)) if i not in set(bad)]
                 group, slots = [group[i] for i in good], [slots[i] for i in good]
                 rows = rows[good] if rows is not None else None
             if rows is None:
-                src.copy_to([b.slots[src_tier] for b in group], self.tiers[0], slots)
+                src.copy_to([b.slots[src_tier] for b in group], self.tiers[top], slots)
             else:
-                self._write(0, slots, rows, group)
+                self._write(top, slots, rows, group)
             for block, slot in zip(group, slots):
-                self.index.set_slot(block, 0, slot)
-            self._counters.moved_bytes(self._names[src_tier], self._names[0], len(group) * self.layout.block_bytes)
+                self.index.set_slot(block, top, slot)
+            self._counters.moved_bytes(self._names[src_tier], self._names[top], len(group) * self.layout.block_bytes)
         return corrupt
 
     def _gather(self, blocks: list[Block], device: torch.device) -> tuple[torch.Tensor, list[tuple[Block, int]]]:
