@@ -382,13 +382,12 @@ def _host_order(host_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, host_rows[order]
 
 
-def _staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Tensor, row_bytes: int,
-                    fill: Kernel, s: torch.cuda.Stream) -> None:
-    """Device kernels fill staging buffers (items in host-row order), the copy engines drain them to host rows.
-
-    Fills run on a high-priority stream `fs`, DMA on the copy stream `cs`; a buffer is refilled
-    only after its DMA's event. Both streams start after `s` and `s` continues after both.
-    """
+def _staging_plan(items: torch.Tensor, host_rows: torch.Tensor, row_bytes: int, s: torch.cuda.Stream
+                  ) -> tuple[torch.Tensor, torch.cuda.Stream, torch.cuda.Stream, torch.Tensor, list[tuple[int, int]],
+                             list[torch.Tensor], torch.Tensor]:
+    """What both staged directions share: host rows in ascending order (the device items
+    reordered to match, uploaded), the fill and copy streams started after `s`, the chunks and
+    their staging buffers, and the row indices of a buffer."""
     order, sorted_rows = _host_order(host_rows)
     fs, cs = _fill_stream(s.device), dma.copy_stream(s.device)
     fs.wait_stream(s)
@@ -396,7 +395,17 @@ def _staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Te
     dev_items = _upload(items[order], fs)
     chunks = _chunks(sorted_rows.numel(), row_bytes)
     bufs = _staging(chunks, row_bytes, fs)
-    buf_rows = _arange(bufs[0].shape[0], fs)
+    return sorted_rows, fs, cs, dev_items, chunks, bufs, _arange(bufs[0].shape[0], fs)
+
+
+def _staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Tensor, row_bytes: int,
+                    fill: Kernel, s: torch.cuda.Stream) -> None:
+    """Device kernels fill staging buffers (items in host-row order), the copy engines drain them to host rows.
+
+    Fills run on a high-priority stream `fs`, DMA on the copy stream `cs`; a buffer is refilled
+    only after its DMA's event. Both streams start after `s` and `s` continues after both.
+    """
+    sorted_rows, fs, cs, dev_items, chunks, bufs, buf_rows = _staging_plan(items, host_rows, row_bytes, s)
     freed: list[torch.cuda.Event | None] = [None] * len(bufs)
     for k, (a, b) in enumerate(chunks):
         i = k % len(bufs)
@@ -417,14 +426,7 @@ def _staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Te
 def _staged_from_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Tensor, row_bytes: int,
                       drain: Kernel, s: torch.cuda.Stream) -> None:
     """The copy engines fill staging buffers from host rows (ascending), device kernels scatter them."""
-    order, sorted_rows = _host_order(host_rows)
-    fs, cs = _fill_stream(s.device), dma.copy_stream(s.device)
-    fs.wait_stream(s)
-    cs.wait_stream(s)
-    dev_items = _upload(items[order], fs)
-    chunks = _chunks(sorted_rows.numel(), row_bytes)
-    bufs = _staging(chunks, row_bytes, fs)
-    buf_rows = _arange(bufs[0].shape[0], fs)
+    sorted_rows, fs, cs, dev_items, chunks, bufs, buf_rows = _staging_plan(items, host_rows, row_bytes, s)
     freed: list[torch.cuda.Event | None] = [None] * len(bufs)
     for k, (a, b) in enumerate(chunks):
         i = k % len(bufs)
