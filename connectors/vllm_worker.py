@@ -182,14 +182,13 @@ class WorkerSide:
             have = self.store.match(job.token_ids, tenant=job.tenant) // bt
             if have >= n:
                 return
-            # Rows before `have` are never read by put(); untouched CPU pages of torch.empty cost
-            # no memory, so the buffer's size follows the new blocks only.
-            kv = torch.empty((n, *self.layout.block_shape), dtype=self.layout.dtype)
+            # Only the blocks past the stored prefix are gathered out of vLLM's pages.
+            kv = torch.empty((n - have, *self.layout.block_shape), dtype=self.layout.dtype)
             table = engine_block_table(job.block_ids, self.attention, self.engine.layout)
             slots = chunk_slots(self.engine.layout, bt, table, range(have, n))
-            gather_engine_blocks(self.engine, slots, kv, self.layout, rows=range(have, n))
+            gather_engine_blocks(self.engine, slots, kv, self.layout)
             try:
-                added = self.store.put(job.token_ids, kv, tenant=job.tenant)
+                added = self.store.put(job.token_ids, kv, tenant=job.tenant, first_block=have)
             except CapacityError as e:
                 self.counters["save_refused"] += 1
                 log.warning("tierkv: request %s: blocks not stored: %s", job.req_id, e)
