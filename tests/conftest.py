@@ -6,7 +6,13 @@ that puts the same tokens writes the same bytes, and a test can always say what 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +118,35 @@ def layout() -> KVLayout:
 @pytest.fixture
 def namespace() -> Namespace:
     return Namespace(model="tiny-test")
+
+
+# -- shared GPU budgets and child processes --------------------------------------------------------
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    """A fresh GPU-budget name; its shared-memory table is removed afterwards."""
+    from tierkv.budget import budget_path
+
+    n = f"test-{uuid.uuid4().hex[:12]}"
+    yield n
+    budget_path(n).unlink(missing_ok=True)
+
+
+def spawn(*args: str | Path, stdin: bool = False) -> subprocess.Popen[str]:
+    """`python ARGS...` in a child process that imports tierkv from this checkout even if not installed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHECKOUT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, *map(str, args)], stdin=subprocess.PIPE if stdin else None,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def ask(proc: subprocess.Popen[str], command: str) -> dict:
+    """Send one command line to a child speaking JSON lines; its reply (or its stderr on death)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read() if proc.stderr else "child died"
+    return json.loads(line)

@@ -12,10 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from conftest import spawn
 
 from tierkv import ConfigError
 from tierkv import budget as budget_mod
@@ -32,21 +32,13 @@ UNIT = 4096
 HERE = Path(__file__).resolve()
 
 
-@pytest.fixture
-def name() -> str:
-    n = f"test-{uuid.uuid4().hex[:12]}"
-    yield n
-    budget_path(n).unlink(missing_ok=True)
-
-
 def member(name: str, total: int, min_bytes: int = 0, max_bytes: int = 64 * UNIT, label: str = "m") -> BudgetMember:
     return BudgetMember(name, total, label, min_bytes, max_bytes)
 
 
 def child(*args: str) -> subprocess.Popen[str]:
-    """This file run as a script, able to import tierkv from this checkout even if not installed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, str(HERE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    """This file run as a script in a child process."""
+    return spawn(HERE, *args)
 
 
 # -- joining and leaving -------------------------------------------------------------------------

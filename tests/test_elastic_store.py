@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -23,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import check_index_invariants, kv_for, prompt, same_bits  # noqa: E402
+from conftest import ask, check_index_invariants, kv_for, prompt, same_bits, spawn  # noqa: E402
 
 from tierkv import BlockStore, ConfigError, KVLayout, Namespace, StoreConfig, TierKVError  # noqa: E402
 from tierkv import budget as budget_mod  # noqa: E402
@@ -35,18 +33,6 @@ PAGE = 4096
 LAYOUT = KVLayout(num_layers=2, kv_factor=2, num_kv_heads=2, head_dim=6, dtype=torch.bfloat16, block_tokens=4)
 BB = LAYOUT.block_bytes  # 384: 10.67 blocks a page
 HERE = Path(__file__).resolve()
-
-
-@pytest.fixture
-def name() -> str:
-    n = f"test-{uuid.uuid4().hex[:12]}"
-    yield n
-    budget_path(n).unlink(missing_ok=True)
-
-
-def child_env() -> dict[str, str]:
-    """The environment of a child process, able to import tierkv from this checkout even if not installed."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
 
 
 def config(name: str | None, max_blocks: int, host_blocks: int = 400, min_bytes: int = 0, total: int = 8 * PAGE) -> StoreConfig:
@@ -307,8 +293,7 @@ def test_top_shows_every_store_on_the_budget(name: str, capsys: pytest.CaptureFi
 def test_top_refreshes_until_interrupted_and_refuses_bad_intervals(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with store(name, "watched") as s:
         fill(s, 0, 2)
-        proc = subprocess.Popen([sys.executable, "-m", "tierkv", "top", "--interval", "0.1"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=child_env())
+        proc = spawn("-m", "tierkv", "top", "--interval", "0.1")
         try:
             frames, found = 0, False
             while frames < 3 or not found:  # frames, each redrawn from a cleared screen, showing our store
@@ -385,28 +370,20 @@ def test_random_interleavings_keep_the_budget_and_the_blocks(ops: list[tuple[str
 
 def test_an_idle_store_in_another_process_shrinks_for_a_busy_one(name: str) -> None:
     """The child fills most of the budget and idles; our puts make its watcher thread demote."""
-    proc = subprocess.Popen([sys.executable, str(HERE), "child", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env())
-
-    def ask(command: str) -> dict:
-        proc.stdin.write(command + "\n")
-        proc.stdin.flush()
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        return json.loads(line)
+    proc = spawn(HERE, "child", name, stdin=True)
 
     try:
-        assert ask("fill")["mapped"] == 6 * PAGE
+        assert ask(proc, "fill")["mapped"] == 6 * PAGE
         with store(name, "busy", min_bytes=PAGE) as s:
             prompts = fill(s, 900_000, 12)
             assert mapped(s) == 6 * PAGE  # the child kept only its minimum of 2 pages
-            child_view = ask("stats")
+            child_view = ask(proc, "stats")
             assert child_view["mapped"] == 2 * PAGE and child_view["shrinks"] >= 1 and child_view["demoted"] > 0
             check_budget(name, [s])
-            assert ask("verify")["ok"]  # its demoted blocks come back bit-exact from its host tier
+            assert ask(proc, "verify")["ok"]  # its demoted blocks come back bit-exact from its host tier
             assert_all_served(s, prompts)
             check_budget(name, [s])
-        assert ask("exit")["bye"]
+        assert ask(proc, "exit")["bye"]
         proc.wait(timeout=30)
     finally:
         proc.kill()
