@@ -51,9 +51,6 @@ class Block:
                 return t
         return ABSENT
 
-    def resident_in(self, tier: int) -> bool:
-        return self.slots[tier] != ABSENT
-
     def is_leaf(self, tier: int) -> bool:
         """No child lives in `tier` or a faster one."""
         return not any(self.child_fast[: tier + 1])

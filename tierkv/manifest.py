@@ -85,18 +85,18 @@ class Manifest:
         self.blocks = self.env.open_db(b"blocks")
         self.meta = self.env.open_db(b"meta")
 
-    def check_identity(self, identity: dict[str, Any]) -> bool:
+    def check_identity(self, identity: dict[str, Any]) -> None:
         """Record `identity` in a new manifest, or verify it matches an existing one.
 
-        Returns True when the manifest already existed. Refuses to reuse a directory written
-        with another layout or namespace: its bytes would be read as the wrong shape.
+        Refuses to reuse a directory written with another layout or namespace: its bytes
+        would be read as the wrong shape.
         """
         identity = {"format": MANIFEST_FORMAT, **identity}
         with self.env.begin(write=True, db=self.meta) as txn:
             raw = txn.get(_IDENTITY)
             if raw is None:
                 txn.put(_IDENTITY, json.dumps(identity, sort_keys=True).encode())
-                return False
+                return
         stored = json.loads(raw)
         if stored != identity:
             diffs = [
@@ -109,7 +109,6 @@ class Manifest:
                 + "; ".join(diffs)
                 + "); open it with the same settings or use another disk_path"
             )
-        return True
 
     def load(self) -> dict[bytes, tuple[int, int, int, int, bytes]]:
         """key -> (slot, checksum, last_use, is_root, ident) for every entry: plain tuples, fast."""

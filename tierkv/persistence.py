@@ -63,7 +63,7 @@ class DiskPersistence:
                 "namespace": {k: v for k, v in namespace.to_dict().items() if k != "tenant"},
                 "block_bytes": layout.block_bytes,
             }
-            self.existed = self.manifest.check_identity(identity)
+            self.manifest.check_identity(identity)
             num_slots = config.disk_bytes // slot_stride(layout.block_bytes)
             self.tier = DiskTier(self.directory, num_slots, layout.block_bytes, io_threads=config.io_threads,
                                  io=config.disk_io, writeback_bytes=config.writeback_bytes,

@@ -128,10 +128,6 @@ def i32(x: int) -> _Arg:
     return _Arg(int(x), ctypes.c_int32)
 
 
-def f32(x: float) -> _Arg:
-    return _Arg(float(x), ctypes.c_float)
-
-
 class Module:
     """One compiled `.cu` file loaded into the primary context of one device (the one torch uses)."""
 

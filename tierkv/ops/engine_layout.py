@@ -22,7 +22,6 @@ inside the last dimension, which is exactly an S dimension just outside C.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -129,10 +128,6 @@ class EngineKVLayout:
             out[d] = step
             step *= sizes[d]
         return out
-
-    @property
-    def tensor_numel(self) -> int:
-        return math.prod(self.shape)
 
     def tensors_per_layer(self) -> int:
         """How many tensors make up one layer when the layout is not shared: 2 for separate K and V."""
