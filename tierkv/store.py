@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -670,9 +670,11 @@ class BlockStore(ElasticShrink):
         self._drop_branch(self.index.subtree(block))
 
     def _count_lookups(self, blocks: list[Block], requested: int) -> None:
+        """A block is a hit in its fastest tier and a miss in each faster one; unfound blocks miss everywhere."""
+        found = Counter(b.fastest for b in blocks)
+        covered = 0
         for t, name in enumerate(self._names):
             c = self._counters.tiers[name]
-            hits = sum(1 for b in blocks if b.fastest == t)
-            faster_or_here = sum(1 for b in blocks if b.fastest <= t)
-            c.hits += hits
-            c.misses += requested - faster_or_here
+            covered += found[t]
+            c.hits += found[t]
+            c.misses += requested - covered
