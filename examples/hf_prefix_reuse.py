@@ -14,7 +14,7 @@ import torch
 
 from tierkv import StoreConfig
 from tierkv_connectors.hf import TierKV
-from tierkv_connectors.hf_demo import load_chat_model
+from tierkv_connectors.hf.demo import load_chat_model
 
 DOCUMENT = " ".join(
     f"Entry {i}: the lighthouse ledger records a cargo of {cargo} unloaded on day {3 * i + 1} of the season."

@@ -15,7 +15,7 @@ import torch
 
 from tierkv import StoreConfig
 from tierkv_connectors.hf import TierKV
-from tierkv_connectors.hf_demo import load_chat_model
+from tierkv_connectors.hf.demo import load_chat_model
 
 SYSTEM = "You are the help desk of the Velmora harbour archive. " + " ".join(
     f"Rule {i}: {rule}" for i, rule in enumerate([

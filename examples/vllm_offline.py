@@ -31,8 +31,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    from tierkv_connectors.vllm_connector import worker_stats
-    from tierkv_connectors.vllm_random_model import save_random_llama
+    from tierkv_connectors.vllm import worker_stats
+    from tierkv_connectors.vllm.random_model import save_random_llama
 
     model = args.model or str(save_random_llama(Path(tempfile.mkdtemp()) / "model", hidden=256, layers=4, heads=4,
                                                 kv_heads=4, head_dim=64, vocab=4096))
@@ -45,7 +45,7 @@ def main() -> None:
         disable_log_stats=False,  # RequestOutput.metrics carries the time to first token
         kv_transfer_config=KVTransferConfig(
             kv_connector="TierKVConnector",
-            kv_connector_module_path="tierkv_connectors.vllm_connector",
+            kv_connector_module_path="tierkv_connectors.vllm",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",  # a block tierkv cannot read is recomputed, never served
             kv_connector_extra_config=extra,

@@ -21,7 +21,7 @@ else
   MODEL="${TMPDIR:-/tmp}/tierkv-random-llama"
   [[ -d "$MODEL" ]] || python -c "
 from pathlib import Path
-from tierkv_connectors.vllm_random_model import save_random_llama
+from tierkv_connectors.vllm.random_model import save_random_llama
 save_random_llama(Path('$MODEL'), hidden=256, layers=4, heads=4, kv_heads=4, head_dim=64, vocab=4096)"
 fi
 
@@ -31,7 +31,7 @@ export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
 read -r -a SERVE <<< "${VLLM_SERVE_CMD:-vllm serve}"
 exec "${SERVE[@]}" --model "$MODEL" --enforce-eager --kv-transfer-config "{
   \"kv_connector\": \"TierKVConnector\",
-  \"kv_connector_module_path\": \"tierkv_connectors.vllm_connector\",
+  \"kv_connector_module_path\": \"tierkv_connectors.vllm\",
   \"kv_role\": \"kv_both\",
   \"kv_load_failure_policy\": \"recompute\",
   \"kv_connector_extra_config\": {

@@ -7,7 +7,7 @@
 2. Time to shrink a store by 1 GiB through demotion to pinned host (`BlockStore.shrink_device`),
    for 64 KiB and 1 MiB blocks, with the store's own device->host path (checksums included).
 3. Two models sharing one GPU budget in alternating bursts, static 50/50 split vs elastic
-   (`tierkv.elastic.run_bursts`): tokens served from the device, device hit rate, tokens
+   (`tierkv.cli.bursts.run_bursts`): tokens served from the device, device hit rate, tokens
    recomputed, and the elastic/static ratios.
 """
 
@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tierkv import BlockStore, KVLayout, Namespace, StoreConfig  # noqa: E402
-from tierkv.elastic import BurstScenario, run_bursts  # noqa: E402
+from tierkv.cli.bursts import BurstScenario, run_bursts  # noqa: E402
 from tierkv.keys import chain_keys  # noqa: E402
-from tierkv.vmm import CudaPages, cuda_granularity  # noqa: E402
-from tierkv.workload import synthetic_kv  # noqa: E402
+from tierkv.tiers.elastic.vmm import CudaPages, cuda_granularity  # noqa: E402
+from tierkv.cli.workload import synthetic_kv  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 results: list[dict[str, object]] = []

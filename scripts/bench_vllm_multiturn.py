@@ -53,7 +53,7 @@ def kv_transfer(config: str, args: argparse.Namespace) -> Any:
         extra: dict[str, Any] = {"host_bytes": args.tierkv_host_bytes}
         if args.tierkv_disk:
             extra.update(disk_path=args.tierkv_disk, disk_bytes="8GiB")
-        return KVTransferConfig(kv_connector="TierKVConnector", kv_connector_module_path="tierkv_connectors.vllm_connector",
+        return KVTransferConfig(kv_connector="TierKVConnector", kv_connector_module_path="tierkv_connectors.vllm",
                                 kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=extra)
     if config == "lmcache":
         return KVTransferConfig(kv_connector="LMCacheMPConnector", kv_role="kv_both",
@@ -192,7 +192,7 @@ def main() -> None:
         raise SystemExit(f"--configs: unknown {unknown}; choose from {CONFIGS}")
     with tempfile.TemporaryDirectory(prefix="tierkv-bench-") as tmp:
         if args.model is None:
-            from tierkv_connectors.vllm_random_model import save_random_llama
+            from tierkv_connectors.vllm.random_model import save_random_llama
 
             args.model = str(save_random_llama(Path(tmp) / "model", hidden=512, layers=6, heads=8, kv_heads=8,
                                                head_dim=64, vocab=args.vocab))

@@ -128,7 +128,7 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def name() -> Iterator[str]:
     """A fresh GPU-budget name; its shared-memory table is removed afterwards."""
-    from tierkv.budget import budget_path
+    from tierkv.tiers.elastic.budget import budget_path
 
     n = f"test-{uuid.uuid4().hex[:12]}"
     yield n

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tierkv.cli import format_bytes, main
+from tierkv.cli.main import format_bytes, main
 
 # A demo small enough for a test yet overflowing both tiers: ~470 distinct blocks, 64 + 128 slots.
 SMALL_DEMO = ["replay", "--users", "6", "--turns", "3", "--device-bytes", "4MiB", "--host-bytes", "8MiB"]

@@ -18,7 +18,7 @@ import torch
 
 from conftest import check_index_invariants, kv_for, prompt, same_bits, tiny_layout
 from tierkv import BlockStore, KVLayout, LayoutMismatchError, Namespace, StoreConfig, TierKVError
-from tierkv.manifest import _RECORD
+from tierkv.tiers.disk.manifest import _RECORD
 
 # Prompts sharing prefixes: 8 families of 3 branches, 12 blocks each.
 FAMILY = [prompt(f * 10_000, 6) + list(range(f * 10_000 + 500 + b * 100, f * 10_000 + 524 + b * 100))

@@ -18,8 +18,8 @@ import pytest
 from conftest import spawn
 
 from tierkv import ConfigError
-from tierkv import budget as budget_mod
-from tierkv.budget import (
+from tierkv.tiers.elastic import budget as budget_mod
+from tierkv.tiers.elastic.budget import (
     BudgetError,
     BudgetMember,
     budget_path,

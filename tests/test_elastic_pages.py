@@ -10,7 +10,7 @@ import torch
 
 from tierkv import ConfigError, TierKVError
 from tierkv.tiers.elastic import ElasticTier
-from tierkv.vmm import HostPages, PageError, page_backend, tensor_over
+from tierkv.tiers.elastic.vmm import HostPages, PageError, page_backend, tensor_over
 
 PAGE = 2 * mmap.PAGESIZE  # small pages: many of them, and slots that straddle them
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ask, check_index_invariants, kv_for, prompt, same_bits, spawn  # noqa: E402
 
 from tierkv import BlockStore, ConfigError, KVLayout, Namespace, StoreConfig, TierKVError  # noqa: E402
-from tierkv import budget as budget_mod  # noqa: E402
-from tierkv.budget import budget_path, read_budget  # noqa: E402
+from tierkv.tiers.elastic import budget as budget_mod  # noqa: E402
+from tierkv.tiers.elastic.budget import budget_path, read_budget  # noqa: E402
 from tierkv.cli import main  # noqa: E402
 from tierkv.tiers.elastic import ElasticTier  # noqa: E402
 

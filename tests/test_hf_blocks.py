@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tierkv_connectors.hf_blocks import copy_blocks_to_tokens, tokens_to_blocks  # noqa: E402
+from tierkv_connectors.hf.blocks import copy_blocks_to_tokens, tokens_to_blocks  # noqa: E402
 
 LAYERS, HEADS, BT, DIM = 3, 2, 4, 5
 

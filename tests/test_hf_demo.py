@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tierkv_connectors.hf_demo import DemoOptions, run_demo  # noqa: E402
+from tierkv_connectors.hf.demo import DemoOptions, run_demo  # noqa: E402
 
 
 def test_default_demo_model_and_tokenizer_reuse_the_conversation() -> None:

@@ -1,4 +1,4 @@
-"""`tierkv.machine`: truthful about this machine, never hanging, never raising over a bad config."""
+"""`tierkv.cli.machine`: truthful about this machine, never hanging, never raising over a bad config."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tierkv.machine import (
+from tierkv.cli.machine import (
     Probe,
     collect,
     config_in_effect,
@@ -33,7 +33,7 @@ def kvikio_installed() -> bool:
 
 def test_collect_finishes_in_a_fresh_process_and_serialises() -> None:
     """A fresh interpreter: no state of this test session can hide a hang at import or driver init."""
-    code = "import json; from tierkv.machine import collect; print(json.dumps(collect().to_dict()))"
+    code = "import json; from tierkv.cli.machine import collect; print(json.dumps(collect().to_dict()))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)

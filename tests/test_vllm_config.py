@@ -28,9 +28,9 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
 )
 
 from tierkv import ConfigError  # noqa: E402
-from tierkv_connectors.vllm_config import ConnectorConfig  # noqa: E402
-from tierkv_connectors.vllm_connector import TierKVConnector  # noqa: E402
-from tierkv_connectors.vllm_identity import engine_namespace, weights_fingerprint  # noqa: E402
+from tierkv_connectors.vllm.config import ConnectorConfig  # noqa: E402
+from tierkv_connectors.vllm import TierKVConnector  # noqa: E402
+from tierkv_connectors.vllm.identity import engine_namespace, weights_fingerprint  # noqa: E402
 
 from vllm_model import make_model  # noqa: E402
 
@@ -49,7 +49,7 @@ def kv_cache_config(*specs: Any) -> KVCacheConfig:
 
 
 def connector(model: Path, extra: dict[str, Any], policy: str = "recompute", cache: KVCacheConfig | None = None) -> TierKVConnector:
-    transfer = KVTransferConfig(kv_connector="TierKVConnector", kv_connector_module_path="tierkv_connectors.vllm_connector",
+    transfer = KVTransferConfig(kv_connector="TierKVConnector", kv_connector_module_path="tierkv_connectors.vllm",
                                 kv_role="kv_both", kv_load_failure_policy=policy, kv_connector_extra_config=extra)
     config = EngineArgs(model=str(model), dtype="float32", enforce_eager=True, max_model_len=1024,
                         kv_transfer_config=transfer).create_engine_config()

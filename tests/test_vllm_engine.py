@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tierkv.manifest import Manifest  # noqa: E402
+from tierkv.tiers.disk.manifest import Manifest  # noqa: E402
 from tierkv.tiers.disk import slot_stride  # noqa: E402
 
 from vllm_model import make_model, run_engine  # noqa: E402

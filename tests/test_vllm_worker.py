@@ -19,12 +19,12 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
 from tierkv import LayoutMismatchError, Namespace, StoreConfig  # noqa: E402
-from tierkv.manifest import Manifest  # noqa: E402
+from tierkv.tiers.disk.manifest import Manifest  # noqa: E402
 from tierkv.tiers.disk import slot_stride  # noqa: E402
-from tierkv_connectors.vllm_layout import AttentionKV, engine_kv  # noqa: E402
-from tierkv_connectors.vllm_meta import GONE, LoadJob, RankResidency, ResidencyReport, SaveJob  # noqa: E402
-from tierkv_connectors.vllm_scheduler import SchedulerSide  # noqa: E402
-from tierkv_connectors.vllm_worker import WorkerSide, rank_store_config  # noqa: E402
+from tierkv_connectors.vllm.layout import AttentionKV, engine_kv  # noqa: E402
+from tierkv_connectors.vllm.meta import GONE, LoadJob, RankResidency, ResidencyReport, SaveJob  # noqa: E402
+from tierkv_connectors.vllm.scheduler import SchedulerSide  # noqa: E402
+from tierkv_connectors.vllm.worker import WorkerSide, rank_store_config  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 2, 32, 128, 12
 NAMES = tuple(f"model.layers.{i}.self_attn.attn" for i in range(LAYERS))

@@ -8,7 +8,7 @@ import torch
 
 from tierkv import BlockStore, CapacityError, KVLayout, Namespace, StoreConfig
 from tierkv.keys import chain_keys
-from tierkv.workload import (
+from tierkv.cli.workload import (
     SYNTHETIC_LAYOUT,
     SYNTHETIC_NAMESPACE,
     ChatWorkload,

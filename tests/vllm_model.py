@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tierkv_connectors.vllm_random_model import save_random_llama
+from tierkv_connectors.vllm.random_model import save_random_llama
 
 VOCAB = 512
 RESULT_PREFIX = "RESULT "
@@ -57,7 +57,7 @@ def _session(spec: dict[str, Any]) -> dict[str, Any]:
     kv_transfer = None
     if spec.get("connector") is not None:
         kv_transfer = KVTransferConfig(kv_connector="TierKVConnector",
-                                       kv_connector_module_path="tierkv_connectors.vllm_connector",
+                                       kv_connector_module_path="tierkv_connectors.vllm",
                                        kv_role="kv_both", kv_load_failure_policy=spec.get("failure_policy", "recompute"),
                                        kv_connector_extra_config=spec["connector"])
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0, max_model_len=spec.get("max_model_len", 1024),
@@ -80,7 +80,7 @@ def _session(spec: dict[str, Any]) -> dict[str, Any]:
                         "cached": o.num_cached_tokens} for p, o in zip(prompts, outputs)])
     stats = None
     if kv_transfer is not None:
-        from tierkv_connectors.vllm_connector import worker_stats
+        from tierkv_connectors.vllm import worker_stats
 
         stats = llm.collective_rpc(worker_stats)
     by_source = {m.labels["source"]: m.value for m in llm.get_metrics()

@@ -14,7 +14,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .budget import check_name
 from .errors import ConfigError
 
 ENV_PREFIX = "TIERKV_"
@@ -22,6 +21,16 @@ DURABILITY = ("none", "batch", "every")
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_BUDGET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_budget_name(name: str) -> str:
+    """A GPU budget's name: it becomes part of a file name in /dev/shm, so only safe characters."""
+    if not isinstance(name, str) or not _BUDGET_NAME.match(name):
+        raise ConfigError(f"gpu_budget_name: expected 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+    return name
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -137,7 +146,7 @@ class StoreConfig:
             raise ConfigError("device_page_bytes: must be > 0, or unset for the GPU's granularity")
         name = self.gpu_budget_name
         if name is not None:
-            check_name(name)
+            check_budget_name(name)
         if not self.device_elastic:
             for field, unset in (("device_min_bytes", 0), ("device_page_bytes", None), ("gpu_budget_name", None), ("gpu_budget_bytes", None)):
                 if getattr(self, field) != unset:

@@ -23,8 +23,8 @@ from .integrity import checksum_rows
 from .keys import Tokens, as_token_array, block_chunks, iter_chain
 from .layout import KVLayout
 from .namespace import Namespace
-from .persistence import DiskPersistence, Recovery
-from .shrink import ElasticShrink
+from .tiers.disk.recovery import DiskPersistence, Recovery
+from .tiers.elastic.shrink import ElasticShrink
 from .stats import StoreCounters, to_prometheus
 from .tiers import MemoryTier, Tier
 from .tiers.elastic import ElasticTier, elastic_device_tier

@@ -5,7 +5,7 @@
   the cost of the page policy over a fixed tier's free list.
 - `shrink_device` of a CPU store by 32 MiB of 64 KiB blocks (demotion to host, checksums included),
   as GB/s.
-- Two models sharing a 64 MiB budget in alternating bursts (`tierkv.elastic.run_bursts` with its
+- Two models sharing a 64 MiB budget in alternating bursts (`tierkv.cli.bursts.run_bursts` with its
   default sizes): share of prompt tokens served from the device tier and tokens recomputed, static
   50/50 split vs elastic. Deterministic counts, computed once (`setup_cache`).
 
@@ -19,11 +19,11 @@ import time
 import numpy as np
 
 from tierkv import BlockStore, Namespace, StoreConfig
-from tierkv.elastic import BurstScenario, run_bursts
+from tierkv.cli.bursts import BurstScenario, run_bursts
 from tierkv.keys import chain_keys
 from tierkv.tiers.elastic import ElasticTier
-from tierkv.vmm import HostPages
-from tierkv.workload import SYNTHETIC_LAYOUT, synthetic_kv
+from tierkv.tiers.elastic.vmm import HostPages
+from tierkv.cli.workload import SYNTHETIC_LAYOUT, synthetic_kv
 
 MiB = 1 << 20
 PAGE = 2 * MiB

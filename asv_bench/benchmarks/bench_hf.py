@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tierkv import StoreConfig
 from tierkv_connectors.hf import TierKV
-from tierkv_connectors.hf_demo import build_demo_model
+from tierkv_connectors.hf.demo import build_demo_model
 
 PROMPT_TOKENS = 2048
 STORED_TOKENS = 1792

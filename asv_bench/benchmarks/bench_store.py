@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tierkv import BlockStore, StoreConfig
-from tierkv.workload import SYNTHETIC_LAYOUT, SYNTHETIC_NAMESPACE, ChatWorkload, replay
+from tierkv.cli.workload import SYNTHETIC_LAYOUT, SYNTHETIC_NAMESPACE, ChatWorkload, replay
 
 BLOCKS = 1000
 LAYOUT = SYNTHETIC_LAYOUT  # 8 layers x K,V x 16 tokens x 2 heads x 64 dims, bf16 = 64 KiB a block

@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, also whe
 from conftest import ask, spawn  # noqa: E402
 
 from tierkv import BlockStore, ConfigError, Namespace, StoreConfig  # noqa: E402
-from tierkv.budget import budget_path, read_budget
+from tierkv.tiers.elastic.budget import budget_path, read_budget
 from tierkv.keys import chain_keys
 from tierkv.ops.transfer import copy_slots
 from tierkv.tiers.elastic import ElasticTier
-from tierkv.vmm import CudaPages, cuda_granularity
-from tierkv.workload import SYNTHETIC_LAYOUT, holds_synthetic_kv, synthetic_kv
+from tierkv.tiers.elastic.vmm import CudaPages, cuda_granularity
+from tierkv.cli.workload import SYNTHETIC_LAYOUT, holds_synthetic_kv, synthetic_kv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

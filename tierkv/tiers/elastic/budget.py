@@ -41,7 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, TierKVError
+from ...config import check_budget_name as check_name
+from ...errors import ConfigError, TierKVError
 
 MAX_MEMBERS = 64
 NO_REQUEST = 2**64 - 1
@@ -59,7 +60,6 @@ _SIZE = _HEADER.size + MAX_MEMBERS * _ROW.size
 _TARGET_OFFSET = 5 * 8  # of a row: read without the lock by the owner's watcher
 _STATS_OFFSET = 6 * 8
 _STATS = struct.Struct("<QQQQQd")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _PREFIX = "tierkv-budget-"
 
 
@@ -71,12 +71,6 @@ def budget_dir() -> Path:
     """Where budget files live: `/dev/shm` (shared memory) when there is one, else the temp dir."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise BudgetError(f"gpu_budget_name: expected 1-64 letters, digits, '_', '.' or '-', got {name!r}")
-    return name
 
 
 def budget_path(name: str) -> Path:

@@ -1,7 +1,7 @@
 """tierkv as a vLLM KV connector: prefix hits from host memory and disk are loaded, not recomputed.
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "TierKVConnector",
-        "kv_connector_module_path": "tierkv_connectors.vllm_connector", "kv_role": "kv_both",
+        "kv_connector_module_path": "tierkv_connectors.vllm", "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"host_bytes": "8GiB", "disk_path": "/nvme/tierkv", "disk_bytes": "200GiB"}}'
 
@@ -25,12 +25,12 @@ from tierkv import ConfigError
 from tierkv.layout import dtype_name
 from tierkv.ops.engine_layout import EngineKV
 
-from .vllm_config import ConnectorConfig
-from .vllm_identity import engine_namespace, weights_fingerprint
-from .vllm_layout import AttentionKV, attention_kv, engine_kv
-from .vllm_meta import ResidencyReport, TierKVMetadata
-from .vllm_scheduler import SchedulerSide
-from .vllm_worker import WorkerSide, rank_store_config
+from .config import ConnectorConfig
+from .identity import engine_namespace, weights_fingerprint
+from .layout import AttentionKV, attention_kv, engine_kv
+from .meta import ResidencyReport, TierKVMetadata
+from .scheduler import SchedulerSide
+from .worker import WorkerSide, rank_store_config
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -23,7 +23,7 @@ from typing import Any
 
 from tierkv import KVLayout, Namespace, chain_keys
 
-from .vllm_meta import GONE, TIER_NAMES, LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
+from .meta import GONE, TIER_NAMES, LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
 
 DISK = TIER_NAMES.index("disk")
 

@@ -8,7 +8,7 @@ to the idle store's minimum), and the idle store demotes its blocks to host inst
 them.
 
 `run_bursts` replays the same traffic in either mode through real stores (KV is the synthetic,
-bit-checked KV of `tierkv.workload`) and reports, per model and in total, the tokens served
+bit-checked KV of `tierkv.cli.workload`) and reports, per model and in total, the tokens served
 from the device tier, the device hit rate and the tokens recomputed. It runs on CPU (host page
 backend) and on a GPU (CUDA VMM); the asv benchmark and `scripts/bench_elastic_gpu.py` use it.
 """
@@ -19,10 +19,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .config import StoreConfig
-from .layout import KVLayout
-from .namespace import Namespace
-from .store import BlockStore
+from ..config import StoreConfig
+from ..layout import KVLayout
+from ..namespace import Namespace
+from ..store import BlockStore
 from .workload import SYNTHETIC_LAYOUT, ChatRequest, ChatWorkload, replay
 
 MODES = ("static", "elastic")

@@ -22,8 +22,8 @@ from transformers import DynamicCache
 
 from tierkv import BlockStore, CapacityError, LayoutMismatchError, TierKVError
 
-from .hf_blocks import copy_blocks_to_tokens, tokens_to_blocks
-from .hf_model import ModelKV
+from .blocks import copy_blocks_to_tokens, tokens_to_blocks
+from .model import ModelKV
 
 
 def left_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[int, np.ndarray]]:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .ops.transfer import transfer_paths
-from .tiers.disk import kvikio_status
-from .config import StoreConfig
-from .errors import ConfigError
+from ..ops.transfer import transfer_paths
+from ..tiers.disk import kvikio_status
+from ..config import StoreConfig
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from tierkv import BlockStore, StoreConfig
 
-from .hf_cache import TierKVCache, left_padded_rows
-from .hf_model import (
+from .cache import TierKVCache, left_padded_rows
+from .model import (
     ModelKV,
     UnsupportedModelError,
     describe_model,

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import TierKVError
-from .base import Tier
+from ...errors import TierKVError
+from ..base import Tier
 from .writeback import WriteQueue
 
 ALIGN = 4096

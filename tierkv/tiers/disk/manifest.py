@@ -21,7 +21,7 @@ from typing import Any
 
 import lmdb
 
-from .errors import LayoutMismatchError, TierKVError
+from ...errors import LayoutMismatchError, TierKVError
 
 MANIFEST_FORMAT = 1
 _RECORD = struct.Struct("<QQQB")  # slot, checksum, last_use, is_root; the ident follows

@@ -27,8 +27,8 @@ from tierkv.ops.engine_layout import EngineKV, chunk_slots
 from tierkv.ops.transfer import gather_engine_blocks, scatter_engine_blocks
 from tierkv.residency import Churn, churn, fastest_tiers, snapshot
 
-from .vllm_layout import AttentionKV, engine_block_table
-from .vllm_meta import GONE, TIER_NAMES, LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
+from .layout import AttentionKV, engine_block_table
+from .meta import GONE, TIER_NAMES, LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
 
 log = logging.getLogger("tierkv.vllm")
 

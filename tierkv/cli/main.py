@@ -17,13 +17,13 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from . import __version__
-from .budget import BudgetError, BudgetSnapshot, list_budgets, read_budget
-from .config import StoreConfig, parse_bytes
-from .errors import ConfigError, TierKVError
-from .layout import KVLayout, dtype_name
+from .. import __version__
+from ..tiers.elastic.budget import BudgetError, BudgetSnapshot, list_budgets, read_budget
+from ..config import StoreConfig, parse_bytes
+from ..errors import ConfigError, TierKVError
+from ..layout import KVLayout, dtype_name
 from .machine import MachineInfo, collect
-from .store import BlockStore
+from ..store import BlockStore
 from .workload import SYNTHETIC_LAYOUT, SYNTHETIC_NAMESPACE, ChatWorkload, ReplayResult, check_fits, replay
 
 # The default demo overflows both tiers: its 48 conversations need about 4300 blocks (268 MiB),
@@ -235,7 +235,7 @@ def demo_config(device_bytes: int | None, host_bytes: int | None) -> StoreConfig
 def _model_demo(args: argparse.Namespace) -> int:
     """The real demo. transformers is imported here only: `tierkv` itself never imports an engine."""
     try:
-        from tierkv_connectors.hf_demo import DemoOptions, run_demo
+        from tierkv_connectors.hf.demo import DemoOptions, run_demo
     except ImportError as e:
         raise TierKVError(
             f"the demo runs a transformers model, which needs the 'hf' extra ({e.name or e} is missing): "

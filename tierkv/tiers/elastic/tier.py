@@ -23,12 +23,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..budget import BudgetMember
-from ..config import StoreConfig
-from ..errors import TierKVError
-from ..ops.transfer import copy_slots
-from ..vmm import CudaPages, PageBackend, page_backend
-from .base import Tier
+from .budget import BudgetMember
+from ...config import StoreConfig
+from ...errors import TierKVError
+from ...ops.transfer import copy_slots
+from .vmm import CudaPages, PageBackend, page_backend
+from ..base import Tier
 
 
 class ElasticTier(Tier):

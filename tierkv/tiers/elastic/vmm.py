@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, TierKVError
+from ...errors import ConfigError, TierKVError
 
 HOST_PAGE_BYTES = 2 << 20  # default page of the host backend: the GPU's VMM granularity
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import CapacityError, TierKVError
-from .keys import chain_keys
-from .layout import KVLayout
-from .namespace import Namespace
-from .store import BlockStore
+from ..errors import CapacityError, TierKVError
+from ..keys import chain_keys
+from ..layout import KVLayout
+from ..namespace import Namespace
+from ..store import BlockStore
 
 _INT32_LIMIT = 2**31
 

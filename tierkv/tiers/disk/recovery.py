@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from .config import StoreConfig
-from .errors import TierKVError
-from .index import Block, Index
-from .layout import KVLayout
+from ...config import StoreConfig
+from ...errors import TierKVError
+from ...index import Block, Index
+from ...layout import KVLayout
 from .manifest import DirectoryLock, Manifest, Record
-from .namespace import Namespace
-from .tiers.disk import DiskTier, slot_stride
+from ...namespace import Namespace
+from .tier import DiskTier, slot_stride
 
 
 def prepare_directory(path: str) -> Path:

@@ -14,15 +14,15 @@ import weakref
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
-from .errors import TierKVError
-from .index import ABSENT, PENDING, Block, Index
-from .tiers.elastic import ElasticTier
+from ...errors import TierKVError
+from ...index import ABSENT, PENDING, Block, Index
+from .tier import ElasticTier
 
 if TYPE_CHECKING:
     from .budget import BudgetMember
-    from .layout import KVLayout
-    from .stats import StoreCounters
-    from .tiers import Tier
+    from ...layout import KVLayout
+    from ...stats import StoreCounters
+    from ..base import Tier
 
 
 class ElasticShrink:

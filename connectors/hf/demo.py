@@ -25,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tierkv import StoreConfig
 
-from .hf import TierKV
+from . import TierKV
 
 # The demo model: small enough for a 2-core CPU, large enough that prefill dominates decode.
 DEMO_LAYERS = 4
