@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from tierkv.tiers.elastic import budget as budget_mod
 from tierkv.tiers.elastic.budget import (
     BudgetError,
     BudgetMember,
+    BudgetRow,
     budget_path,
     list_budgets,
     process_start,
@@ -273,6 +275,61 @@ def test_total_never_exceeds_the_budget_with_processes_racing(name: str, monkeyp
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- the row record ------------------------------------------------------------------------------
+
+# The layout every process sharing a table agrees on, written out here independently of the module:
+# pid, start time, min, max, held, target, used, hits, lookups, blocks, demoted, updated, label.
+ROW_LAYOUT = "<qQQQQQQQQQQd48s"
+
+
+def test_row_record_round_trips_every_field_through_the_shared_byte_layout() -> None:
+    record = BudgetRow(pid=-2, start=3, min_bytes=5, max_bytes=7, held_bytes=11, target_bytes=13, used_bytes=17,
+                       hits=19, lookups=23, blocks=29, demoted_bytes=31, updated=37.5, label="modèle-a".encode())
+    data = record.pack()
+    assert len(data) == BudgetRow.SIZE == struct.calcsize(ROW_LAYOUT) == 144
+    assert data == struct.pack(ROW_LAYOUT, -2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37.5, "modèle-a".encode())
+    assert BudgetRow.unpack(data) == record
+    for field in BudgetRow.__dataclass_fields__:  # each field in its own slot: changing one changes only it
+        changed = {"updated": 99.25, "label": b"x" * 48, "target_bytes": None}.get(field, 2**62 + 1)
+        other = BudgetRow(**{**{f: getattr(record, f) for f in BudgetRow.__dataclass_fields__}, field: changed})
+        assert BudgetRow.unpack(other.pack()) == other and getattr(BudgetRow.unpack(other.pack()), field) == changed
+    buf = bytearray(b"\xff" * (3 * BudgetRow.SIZE))
+    record.pack_into(buf, BudgetRow.SIZE)
+    assert BudgetRow.unpack(buf, BudgetRow.SIZE) == record and buf[:BudgetRow.SIZE] == b"\xff" * BudgetRow.SIZE
+
+
+def test_row_record_sentinels_empty_row_and_label_padding() -> None:
+    pending = BudgetRow(pid=1, target_bytes=None)
+    assert struct.unpack(ROW_LAYOUT, pending.pack())[5] == budget_mod.NO_REQUEST  # no request: all ones on disk
+    assert BudgetRow.unpack(struct.pack(ROW_LAYOUT, 1, 0, 0, 0, 0, 2**64 - 1, 0, 0, 0, 0, 0, 0.0, b"")).target_bytes is None
+    assert BudgetRow().pack() == bytes(BudgetRow.SIZE) and not BudgetRow().in_use  # a free row is all zeros
+    assert BudgetRow.unpack(bytes(BudgetRow.SIZE)) == BudgetRow()
+    raw = struct.pack(ROW_LAYOUT, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12.0, b"short")
+    assert BudgetRow.unpack(raw).label == b"short" and BudgetRow.unpack(raw).pack() == raw  # padding dropped and restored
+    assert BudgetRow(label=b"y" * 48).pack().endswith(b"y" * 48)
+    with pytest.raises(ValueError, match="at most 48 bytes"):
+        BudgetRow(label=b"y" * 49).pack()
+    assert BudgetRow(held_bytes=9, target_bytes=None).ceiling == 9 and BudgetRow(held_bytes=9, target_bytes=4).ceiling == 4
+    state = BudgetRow(pid=0, label="é".encode()[:1], target_bytes=None, used_bytes=3).state(5)
+    assert (state.row, state.label, state.target_bytes, state.used_bytes, state.alive) == (5, "\ufffd", None, 3, False)
+
+
+def test_rows_in_the_file_are_the_records_members_write(name: str) -> None:
+    a = member(name, 10 * UNIT, UNIT, 8 * UNIT, label="a" * 60)  # the label is cut to the field
+    assert a.acquire(3 * UNIT, UNIT) == 3 * UNIT
+    a.publish(1, 2, 3, 4, 5)  # lock-free writes at fixed offsets of the row
+    with open(budget_path(name), "rb") as f:
+        data = f.read()
+    offset = budget_mod._HEADER.size + a.row * BudgetRow.SIZE
+    record = BudgetRow.unpack(data, offset)
+    assert (record.pid, record.start) == (os.getpid(), process_start(os.getpid()))
+    assert (record.min_bytes, record.max_bytes, record.held_bytes, record.target_bytes) == (UNIT, 8 * UNIT, 3 * UNIT, None)
+    assert (record.used_bytes, record.hits, record.lookups, record.blocks, record.demoted_bytes) == (1, 2, 3, 4, 5)
+    assert record.label == b"a" * 48 and abs(record.updated - time.time()) < 60
+    assert record.state(a.row) == read_budget(name).members[0]
+    a.leave()
 
 
 # -- subprocess entry points -------------------------------------------------------------------

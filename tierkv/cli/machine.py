@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..ops import cuda_driver as _cuda
 from ..ops.transfer import transfer_paths
 from ..tiers.disk import kvikio_status
 from ..config import StoreConfig
@@ -79,20 +80,7 @@ def detect_gpus() -> list[GPU]:
 
 def probe_cuda_driver() -> Probe:
     """Initialise the CUDA driver API through cuda-python and read its version."""
-    try:
-        from cuda.bindings import driver
-    except ImportError as e:
-        return Probe(False, f"cuda-python is not installed ({e}); cannot query the driver")
-    try:
-        (err,) = driver.cuInit(0)
-    except RuntimeError as e:  # cuda-python raises when libcuda.so cannot be loaded at all
-        return Probe(False, f"no CUDA driver: {e}")
-    if err != driver.CUresult.CUDA_SUCCESS:
-        return Probe(False, f"no CUDA driver: cuInit failed with {err.name}")
-    err, version = driver.cuDriverGetVersion()
-    if err != driver.CUresult.CUDA_SUCCESS:
-        return Probe(False, f"CUDA driver present but cuDriverGetVersion failed with {err.name}")
-    return Probe(True, f"CUDA driver API {version // 1000}.{version % 1000 // 10}")
+    return Probe(*_cuda.probe())
 
 
 def probe_pinned_memory() -> Probe:

@@ -7,6 +7,7 @@ from `~/.cache/tierkv/kernels` (or `$TIERKV_KERNEL_CACHE`). Kernels are launched
 CUDA stream handle, so they order with torch work like any torch op.
 
 Every driver or NVRTC failure becomes a `KernelError` that names the kernel or source file.
+Driver calls go through `cuda_driver` (the one lazy import, `cuInit` and result check).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import TierKVError
+from . import cuda_driver as _cuda
 
 log = logging.getLogger("tierkv.ops")
 
@@ -34,28 +35,18 @@ except ImportError:  # running from a source checkout without an editable instal
     CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 
 
-class KernelError(TierKVError, RuntimeError):
+class KernelError(_cuda.CudaError):
     """A CUDA kernel could not be compiled, loaded or launched; the message names it."""
 
 
 def cuda_driver() -> Any:
     """The cuda.bindings driver module, imported on first use so CPU-only machines never load it."""
-    from cuda.bindings import driver
-
-    return driver
+    return _cuda.driver()
 
 
 def check_cuda(result: tuple | Any, what: str) -> tuple:
     """Unpack a cuda.bindings result tuple, raising `KernelError(what: <error name>)` on failure."""
-    driver = cuda_driver()
-    if not isinstance(result, tuple):
-        result = (result,)
-    err = result[0]
-    if int(err) != 0:
-        name = driver.cuGetErrorName(err)[1] if isinstance(err, driver.CUresult) else str(err)
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        raise KernelError(f"{what} failed: {name}")
-    return result[1:]
+    return _cuda.check(result, what, error=KernelError)
 
 
 def cache_dir() -> Path:
@@ -136,7 +127,7 @@ class Module:
         self.source = source
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.init()
-        check_cuda(driver.cuInit(0), "cuInit")
+        _cuda.init(error=KernelError)  # once per process
         (dev,) = check_cuda(driver.cuDeviceGet(index), "cuDeviceGet")
         (self._ctx,) = check_cuda(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
         major, minor = torch.cuda.get_device_capability(index)

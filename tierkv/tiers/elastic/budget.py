@@ -30,7 +30,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import re
 import struct
 import tempfile
 import threading
@@ -38,7 +37,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...config import check_budget_name as check_name
@@ -53,13 +52,16 @@ GROW_STEP_PAGES = 16  # least a store asks others to free, in its pages
 
 _MAGIC = b"TKVBUDG1"
 _HEADER = struct.Struct("<8sIIQQ")  # magic, layout version, rows, total bytes, reserved
-# pid, start time, min, max, held, target, used, hits, lookups, blocks, demoted, updated, label
+# The fields of `BudgetRow`, in this order; the byte layout is shared with every other process
+# (of any tierkv version of this layout) that maps the file, so it never changes within a version.
 _ROW = struct.Struct("<qQQQQQQQQQQd48s")
 _LAYOUT_VERSION = 1
 _SIZE = _HEADER.size + MAX_MEMBERS * _ROW.size
-_TARGET_OFFSET = 5 * 8  # of a row: read without the lock by the owner's watcher
-_STATS_OFFSET = 6 * 8
-_STATS = struct.Struct("<QQQQQd")
+_TARGET = struct.Struct("<Q")
+_TARGET_OFFSET = struct.calcsize("<qQQQQ")  # of target_bytes in a row: read without the lock by the owner's watcher
+_STATS = struct.Struct("<QQQQQd")  # used, hits, lookups, blocks, demoted, updated: written without the lock by the owner
+_STATS_OFFSET = _TARGET_OFFSET + _TARGET.size
+_LABEL_BYTES = 48
 _PREFIX = "tierkv-budget-"
 
 
@@ -147,28 +149,99 @@ class BudgetSnapshot:
         return self.total_bytes - self.held_bytes
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetRow:
+    """One row of the table as stored: `pack` / `unpack` convert to and from its bytes (`_ROW`).
+
+    The conversion is exact both ways for every row that fits the format: a pending shrink
+    request of `NO_REQUEST` reads as `target_bytes=None`, and the label is the stored bytes
+    without the NUL padding of the fixed-size field (kept as bytes, not decoded, so that a row
+    read and written back is byte-identical whatever wrote it). An empty row is all zeros.
+    """
+
+    pid: int = 0  # 0: the row is free
+    start: int = 0  # process start time of pid at join (see `process_start`)
+    min_bytes: int = 0
+    max_bytes: int = 0
+    held_bytes: int = 0  # budget taken = pages mapped by its tier
+    target_bytes: int | None = 0  # pending shrink request; None: no request
+    used_bytes: int = 0  # counters for `tierkv top`, refreshed by `publish`
+    hits: int = 0
+    lookups: int = 0
+    blocks: int = 0
+    demoted_bytes: int = 0
+    updated: float = 0.0  # time.time() of the last refresh of the counters
+    label: bytes = b""  # at most _LABEL_BYTES, UTF-8 as written by `BudgetMember`
+
+    SIZE = _ROW.size
+
+    def pack(self) -> bytes:
+        return _ROW.pack(*self._values())
+
+    def pack_into(self, buffer: mmap.mmap | bytearray, offset: int = 0) -> None:
+        _ROW.pack_into(buffer, offset, *self._values())
+
+    @classmethod
+    def unpack(cls, buffer: mmap.mmap | bytes | bytearray, offset: int = 0) -> BudgetRow:
+        (pid, start, min_bytes, max_bytes, held, target, used, hits, lookups, blocks, demoted, updated,
+         label) = _ROW.unpack_from(buffer, offset)
+        return cls(pid, start, min_bytes, max_bytes, held, None if target == NO_REQUEST else target,
+                   used, hits, lookups, blocks, demoted, updated, label.rstrip(b"\0"))
+
+    def _values(self) -> tuple[int | float | bytes, ...]:
+        if len(self.label) > _LABEL_BYTES:
+            raise ValueError(f"a budget row label holds at most {_LABEL_BYTES} bytes, got {len(self.label)}")
+        target = NO_REQUEST if self.target_bytes is None else self.target_bytes
+        return (self.pid, self.start, self.min_bytes, self.max_bytes, self.held_bytes, target, self.used_bytes,
+                self.hits, self.lookups, self.blocks, self.demoted_bytes, self.updated, self.label)
+
+    @property
+    def in_use(self) -> bool:
+        return self.pid != 0
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.pid, self.start)
+
+    @property
+    def ceiling(self) -> int:
+        """The most it may hold: what it holds, or less while a shrink request is pending."""
+        return self.held_bytes if self.target_bytes is None else min(self.held_bytes, self.target_bytes)
+
+    def state(self, row: int) -> MemberState:
+        return MemberState(
+            row=row, pid=self.pid, alive=self.alive, label=self.label.decode(errors="replace"),
+            min_bytes=self.min_bytes, max_bytes=self.max_bytes, held_bytes=self.held_bytes, target_bytes=self.target_bytes,
+            used_bytes=self.used_bytes, hits=self.hits, lookups=self.lookups, blocks=self.blocks,
+            demoted_bytes=self.demoted_bytes, updated=self.updated,
+        )
+
+
+_EMPTY_ROW = BudgetRow()
+
+
 def _row_offset(row: int) -> int:
     return _HEADER.size + row * _ROW.size
 
 
-def _read_row(mm: mmap.mmap, row: int) -> list:
-    return list(_ROW.unpack_from(mm, _row_offset(row)))
+def _read_row(mm: mmap.mmap, row: int) -> BudgetRow:
+    return BudgetRow.unpack(mm, _row_offset(row))
 
 
-def _write_row(mm: mmap.mmap, row: int, values: list) -> None:
-    _ROW.pack_into(mm, _row_offset(row), *values)
+def _write_row(mm: mmap.mmap, row: int, record: BudgetRow) -> None:
+    record.pack_into(mm, _row_offset(row))
 
 
-_PID, _START, _MIN, _MAX, _HELD, _TARGET, _USED, _HITS, _LOOKUPS, _BLOCKS, _DEMOTED, _UPDATED, _LABEL = range(13)
+def _rows(mm: mmap.mmap) -> Iterator[tuple[int, BudgetRow]]:
+    """(row index, row) of every row in use."""
+    for r in range(MAX_MEMBERS):
+        record = _read_row(mm, r)
+        if record.in_use:
+            yield r, record
 
 
-def _state(mm: mmap.mmap, row: int) -> MemberState:
-    v = _read_row(mm, row)
-    return MemberState(
-        row=row, pid=v[_PID], alive=_alive(v[_PID], v[_START]), label=v[_LABEL].rstrip(b"\0").decode(errors="replace"),
-        min_bytes=v[_MIN], max_bytes=v[_MAX], held_bytes=v[_HELD], target_bytes=None if v[_TARGET] == NO_REQUEST else v[_TARGET],
-        used_bytes=v[_USED], hits=v[_HITS], lookups=v[_LOOKUPS], blocks=v[_BLOCKS], demoted_bytes=v[_DEMOTED], updated=v[_UPDATED],
-    )
+def _states(mm: mmap.mmap) -> list[MemberState]:
+    return [record.state(r) for r, record in _rows(mm)]
 
 
 def _total(mm: mmap.mmap) -> int:
@@ -190,7 +263,7 @@ def read_budget(name: str) -> BudgetSnapshot:
             magic, version, rows, total, _ = _HEADER.unpack_from(mm, 0)
             if magic != _MAGIC or version != _LAYOUT_VERSION or rows != MAX_MEMBERS:
                 raise BudgetError(f"{path} is not a tierkv budget file of this version")
-            members = [_state(mm, r) for r in range(MAX_MEMBERS) if _read_row(mm, r)[_PID] != 0]
+            members = _states(mm)
         return BudgetSnapshot(name, total, members)
     finally:
         os.close(fd)
@@ -262,7 +335,7 @@ class BudgetMember:
     def _join(self, total_bytes: int, label: str) -> int:
         mm = self._mm
         self._reclaim()
-        live = [_read_row(mm, r) for r in range(MAX_MEMBERS) if _read_row(mm, r)[_PID] != 0]
+        live = [record for _, record in _rows(mm)]
         if not live:
             _HEADER.pack_into(mm, 0, _MAGIC, _LAYOUT_VERSION, MAX_MEMBERS, total_bytes, 0)
         elif _total(mm) != total_bytes:
@@ -270,19 +343,20 @@ class BudgetMember:
                 f"GPU budget {self.name!r} holds {_total(mm)} bytes for its {len(live)} live member(s), "
                 f"but this store asks for gpu_budget_bytes={total_bytes}; use the same size everywhere"
             )
-        mins = sum(v[_MIN] for v in live)
+        mins = sum(record.min_bytes for record in live)
         if mins + self.min_bytes > total_bytes:
             raise BudgetError(
                 f"device_min_bytes={self.min_bytes} cannot be promised: GPU budget {self.name!r} holds {total_bytes} "
                 f"bytes and its live members' minimums already take {mins}"
             )
-        free_rows = [r for r in range(MAX_MEMBERS) if _read_row(mm, r)[_PID] == 0]
+        free_rows = [r for r in range(MAX_MEMBERS) if not _read_row(mm, r).in_use]
         if not free_rows:
             raise BudgetError(f"GPU budget {self.name!r} already has {MAX_MEMBERS} live members")
         pid = os.getpid()
         start = process_start(pid) or 0
-        encoded = label.encode()[:48]
-        _write_row(mm, free_rows[0], [pid, start, self.min_bytes, self.max_bytes, 0, NO_REQUEST, 0, 0, 0, 0, 0, time.time(), encoded])
+        record = BudgetRow(pid=pid, start=start, min_bytes=self.min_bytes, max_bytes=self.max_bytes, target_bytes=None,
+                           updated=time.time(), label=label.encode()[:_LABEL_BYTES].rstrip(b"\0"))
+        _write_row(mm, free_rows[0], record)
         return free_rows[0]
 
     def leave(self) -> None:
@@ -298,7 +372,7 @@ class BudgetMember:
         if os.getpid() != self._pid:  # a forked child must not touch its parent's row
             return
         with self._locked():
-            _write_row(self._mm, self.row, [0] * 11 + [0.0, b""])
+            _write_row(self._mm, self.row, _EMPTY_ROW)
             self._reclaim()
             if self._live_rows() == 0:
                 self.path.unlink(missing_ok=True)
@@ -318,23 +392,22 @@ class BudgetMember:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _live_rows(self) -> int:
-        return sum(1 for r in range(MAX_MEMBERS) if _read_row(self._mm, r)[_PID] != 0)
+        return sum(1 for _ in _rows(self._mm))
 
     def _reclaim(self) -> None:
         """Clear the rows of dead processes: their share of the budget is free again."""
-        for r in range(MAX_MEMBERS):
-            v = _read_row(self._mm, r)
-            if v[_PID] != 0 and not _alive(v[_PID], v[_START]):
-                _write_row(self._mm, r, [0] * 11 + [0.0, b""])
+        for r, record in _rows(self._mm):
+            if not record.alive:
+                _write_row(self._mm, r, _EMPTY_ROW)
 
     # -- budget ----------------------------------------------------------------------------------
 
     def _held_total(self) -> int:
-        return sum(_read_row(self._mm, r)[_HELD] for r in range(MAX_MEMBERS))
+        return sum(_read_row(self._mm, r).held_bytes for r in range(MAX_MEMBERS))
 
     def held_bytes(self) -> int:
         with self._locked():
-            return _read_row(self._mm, self.row)[_HELD]
+            return _read_row(self._mm, self.row).held_bytes
 
     def acquire(self, nbytes: int, unit: int) -> int:
         """Take up to `nbytes` of budget in whole `unit`s; returns the bytes granted (maybe 0).
@@ -349,10 +422,10 @@ class BudgetMember:
             with self._locked():
                 self._reclaim()
                 me = _read_row(self._mm, self.row)
-                cap = min(nbytes, self.max_bytes - me[_HELD])
-                contended = me[_TARGET] != NO_REQUEST  # we are asked to shrink ourselves: no growth
-                if contended:  # past the target, and no asking or waiting for others
-                    cap = min(cap, me[_TARGET] - me[_HELD])
+                cap = min(nbytes, self.max_bytes - me.held_bytes)
+                contended = me.target_bytes is not None  # we are asked to shrink ourselves: no growth
+                if me.target_bytes is not None:  # past the target, and no asking or waiting for others
+                    cap = min(cap, me.target_bytes - me.held_bytes)
                 want = max(cap, 0) // unit * unit
                 if want == 0:
                     return 0
@@ -361,30 +434,22 @@ class BudgetMember:
                     asked = self._ask_others(max(want - free, GROW_STEP_PAGES * unit))
                 if free >= want or not asked or contended or self._settled(asked) or time.monotonic() > deadline:
                     grant = min(want, max(free, 0) // unit * unit)
-                    me[_HELD] += grant
-                    _write_row(self._mm, self.row, me)
+                    _write_row(self._mm, self.row, replace(me, held_bytes=me.held_bytes + grant))
                     return grant
             if not _nudge(str(self.path), asked):
                 time.sleep(POLL_S)
 
     def _ask_others(self, need: int) -> dict[int, int]:
         """Write shrink targets into the rows furthest above their minimum; returns who was asked."""
-        rows = []
-        for r in range(MAX_MEMBERS):
-            v = _read_row(self._mm, r)
-            ceiling = v[_HELD] if v[_TARGET] == NO_REQUEST else min(v[_HELD], v[_TARGET])
-            if r != self.row and v[_PID] != 0 and ceiling > v[_MIN]:
-                rows.append((ceiling - v[_MIN], r, v))
+        rows = [(v.ceiling - v.min_bytes, r, v) for r, v in _rows(self._mm) if r != self.row and v.ceiling > v.min_bytes]
         rows.sort(key=lambda x: (-x[0], x[1]))
         asked: dict[int, int] = {}
         for surplus, r, v in rows:
             if need <= 0:
                 break
             take = min(surplus, need)
-            ceiling = v[_HELD] if v[_TARGET] == NO_REQUEST else min(v[_HELD], v[_TARGET])
-            v[_TARGET] = ceiling - take
-            _write_row(self._mm, r, v)
-            asked[r] = v[_PID]
+            _write_row(self._mm, r, replace(v, target_bytes=v.ceiling - take))
+            asked[r] = v.pid
             need -= take
         return asked
 
@@ -392,17 +457,16 @@ class BudgetMember:
         """Every member asked has acted (or gone): waiting longer frees nothing more."""
         for r, pid in asked.items():
             v = _read_row(self._mm, r)
-            if v[_PID] == pid and v[_TARGET] != NO_REQUEST and v[_HELD] > v[_TARGET]:
+            if v.pid == pid and v.target_bytes is not None and v.held_bytes > v.target_bytes:
                 return False
         return True
 
     def release(self, nbytes: int) -> None:
         with self._locked():
             me = _read_row(self._mm, self.row)
-            if nbytes > me[_HELD]:
-                raise AssertionError(f"releasing {nbytes} bytes of budget but only {me[_HELD]} are held")
-            me[_HELD] -= nbytes
-            _write_row(self._mm, self.row, me)
+            if nbytes > me.held_bytes:
+                raise AssertionError(f"releasing {nbytes} bytes of budget but only {me.held_bytes} are held")
+            _write_row(self._mm, self.row, replace(me, held_bytes=me.held_bytes - nbytes))
 
     # -- shrink requests ------------------------------------------------------------------------
 
@@ -410,16 +474,15 @@ class BudgetMember:
         """The bytes we were asked to shrink to, if any; a lock-free read, cheap enough for every operation."""
         if self._left:
             return None
-        (target,) = struct.unpack_from("<Q", self._mm, _row_offset(self.row) + _TARGET_OFFSET)
+        (target,) = _TARGET.unpack_from(self._mm, _row_offset(self.row) + _TARGET_OFFSET)
         return None if target == NO_REQUEST else target
 
     def settle(self, target: int) -> None:
         """The request for `target` was acted on; a lower one written meanwhile stays pending."""
         with self._locked():
             me = _read_row(self._mm, self.row)
-            if me[_TARGET] == target:
-                me[_TARGET] = NO_REQUEST
-                _write_row(self._mm, self.row, me)
+            if me.target_bytes == target:
+                _write_row(self._mm, self.row, replace(me, target_bytes=None))
 
     def start_watcher(self, on_request: Callable[[bool], bool], on_tick: Callable[[], bool]) -> None:
         """Act on shrink requests while the store is idle, and refresh its counters for `top`.
@@ -454,8 +517,7 @@ class BudgetMember:
 
     def snapshot(self) -> BudgetSnapshot:
         with self._locked():
-            return BudgetSnapshot(self.name, _total(self._mm),
-                                  [_state(self._mm, r) for r in range(MAX_MEMBERS) if _read_row(self._mm, r)[_PID] != 0])
+            return BudgetSnapshot(self.name, _total(self._mm), _states(self._mm))
 
 
 def _nudge(path: str, asked: dict[int, int]) -> bool:

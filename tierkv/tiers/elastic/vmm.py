@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, TierKVError
+from ...ops import cuda_driver as _cuda
 
 HOST_PAGE_BYTES = 2 << 20  # default page of the host backend: the GPU's VMM granularity
 
@@ -267,35 +268,21 @@ class HostPages(PageBackend):
 # -- CUDA pages -------------------------------------------------------------------------------
 
 
-def _driver() -> Any:
-    from cuda.bindings import driver
-
-    return driver
-
-
 def _check(result: Any, what: str) -> tuple:
     """Unpack a cuda.bindings result tuple; a failure raises `PageError` naming the call and the error."""
-    driver = _driver()
-    if not isinstance(result, tuple):
-        result = (result,)
-    err = result[0]
-    if int(err) != 0:
-        _, name = driver.cuGetErrorName(err)
-        raise PageError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}")
-    return result[1:]
+    return _cuda.check(result, what, error=PageError)
 
 
 def cuda_granularity(device_index: int) -> int:
     """The minimum VMM page of a GPU (2 MiB on current NVIDIA GPUs)."""
-    driver = _driver()
-    _check(driver.cuInit(0), "cuInit")
+    driver = _cuda.init(error=PageError)  # cuInit, once per process
     return int(_check(driver.cuMemGetAllocationGranularity(
         _device_prop(device_index), driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
         "cuMemGetAllocationGranularity")[0])
 
 
 def _device_prop(device_index: int) -> Any:
-    driver = _driver()
+    driver = _cuda.driver()
     prop = driver.CUmemAllocationProp()
     prop.type = driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
     prop.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -307,7 +294,7 @@ class CudaPages(PageBackend):
     """Pages of a `cuMemAddressReserve` range on one GPU, in the primary context torch uses."""
 
     def __init__(self, num_bytes: int, device: torch.device, page_bytes: int | None = None) -> None:
-        driver = _driver()
+        driver = _cuda.driver()
         if not torch.cuda.is_available():
             raise ConfigError("device_elastic on a CUDA device needs CUDA, which is not available here")
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -342,13 +329,13 @@ class CudaPages(PageBackend):
 
     def _make_current(self) -> None:
         """Driver calls act on the calling thread's current context: make it torch's primary one."""
-        driver = _driver()
+        driver = _cuda.driver()
         (current,) = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
         if int(current) != int(self._ctx):
             _check(driver.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
 
     def _map_page(self, page: int) -> bool:
-        driver = _driver()
+        driver = _cuda.driver()
         self._make_current()
         ptr = self.address + page * self.page_bytes
         err, handle = driver.cuMemCreate(self.page_bytes, self._prop, 0)
@@ -372,10 +359,10 @@ class CudaPages(PageBackend):
 
     def _unmap_page(self, page: int) -> None:
         self._make_current()
-        _check(_driver().cuMemUnmap(self.address + page * self.page_bytes, self.page_bytes), "cuMemUnmap")
+        _check(_cuda.driver().cuMemUnmap(self.address + page * self.page_bytes, self.page_bytes), "cuMemUnmap")
 
     def _release_range(self) -> None:
-        driver = _driver()
+        driver = _cuda.driver()
         self._tensor = self._tensor[:0]
         self._make_current()
         _check(driver.cuMemAddressFree(self.address, self._length), "cuMemAddressFree")
