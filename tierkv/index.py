@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from typing import Protocol
 
 from .keys import longest_stored_prefix
 
@@ -59,15 +60,35 @@ class Block:
         return any(self.child_fast)
 
 
-class Index:
-    """key -> Block, plus per-tier LRU-leaf heaps. Not thread-safe: the store holds the lock."""
+class Restored(Protocol):
+    """What a persistent tier knows of a block it kept (a manifest record)."""
 
-    def __init__(self, num_tiers: int, persistent_tier: int | None = None) -> None:
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def ident(self) -> bytes: ...
+    @property
+    def is_root(self) -> bool: ...
+    @property
+    def slot(self) -> int: ...
+    @property
+    def last_use(self) -> int: ...
+    @property
+    def checksum(self) -> int: ...
+
+
+class Index:
+    """key -> Block, plus per-tier LRU-leaf heaps. Not thread-safe: the store holds the lock.
+
+    `journaled` tiers (the persistent ones) get a journal of the blocks whose slot there changed,
+    which the tier drains when it commits. `watch_changes` starts a journal of the keys whose
+    fastest tier changed (or that appeared or went), for engines that mirror the store elsewhere.
+    """
+
+    def __init__(self, num_tiers: int, journaled: Collection[int] = ()) -> None:
         self.num_tiers = num_tiers
-        # Blocks whose slot in the persistent (disk) tier changed since the store last
-        # committed its manifest: the store drains this after making the data durable.
-        self.persistent_tier = persistent_tier
-        self.dirty: dict[bytes, Block] = {}
+        self._journals: dict[int, dict[bytes, Block]] = {t: {} for t in journaled}
+        self.changes: set[bytes] | None = None
         self.blocks: dict[bytes, Block] = {}
         self._heaps: list[list[tuple[int, int, Block]]] = [[] for _ in range(num_tiers)]
         self._seq = itertools.count()
@@ -109,23 +130,31 @@ class Index:
         self.set_slot(block, tier, slot)
         return block
 
-    def restore(self, tier: int, entries: Sequence[tuple[bytes, bytes, bool, int, int, int]]) -> list[Block]:
-        """Bulk-insert blocks recovered from disk: (key, ident, is_root, slot, last_use, checksum).
+    def journal(self, tier: int) -> dict[bytes, Block]:
+        """Blocks whose slot in journaled tier `tier` changed since the tier last drained this."""
+        return self._journals[tier]
 
-        Parents must come before their children (a non-root's parent key is `ident[:16]`).
-        One pass and one heapify instead of an insertion per block: this is what makes a warm
-        restart of 100k blocks fast.
+    def watch_changes(self) -> None:
+        """Start journaling keys whose fastest tier changes (`changes`); idempotent."""
+        if self.changes is None:
+            self.changes = set()
+
+    def restore(self, tier: int, entries: Sequence[Restored]) -> list[Block]:
+        """Bulk-insert blocks recovered by a persistent tier, parents before their children.
+
+        A non-root's parent key is `ident[:16]`. One pass and one heapify instead of an
+        insertion per block: this is what makes a warm restart of 100k blocks fast.
         """
         bit = 1 << tier
         added = []
         blocks = self.blocks
-        for key, ident, is_root, slot, last_use, checksum in entries:
-            parent = None if is_root else blocks[ident[:16]]
-            b = Block(key, ident, parent, self.num_tiers)
-            b.slots[tier] = slot
-            b.last_use = last_use
-            b.checksum = checksum
-            blocks[key] = b
+        for e in entries:
+            parent = None if e.is_root else blocks[e.ident[:16]]
+            b = Block(e.key, e.ident, parent, self.num_tiers)
+            b.slots[tier] = e.slot
+            b.last_use = e.last_use
+            b.checksum = e.checksum
+            blocks[e.key] = b
             if parent is not None:
                 parent.child_fast[tier] += 1
             added.append(b)
@@ -149,8 +178,9 @@ class Index:
         block.slots[tier] = slot
         if slot != PENDING:
             self._maybe_push(block, tier)
-            if tier == self.persistent_tier:
-                self.dirty[block.key] = block
+            journal = self._journals.get(tier)
+            if journal is not None:
+                journal[block.key] = block
         self._fastest_changed(block, was)
 
     def clear_slot(self, block: Block, tier: int) -> int:
@@ -166,8 +196,9 @@ class Index:
         self._resident[tier] -= 1
         if block.leases:
             self.leased_copies -= 1
-        if tier == self.persistent_tier:
-            self.dirty[block.key] = block
+        journal = self._journals.get(tier)
+        if journal is not None:
+            journal[block.key] = block
         if block.fastest == ABSENT:
             if block.has_resident_children():
                 raise AssertionError("dropping a block whose children are resident would strand them")
@@ -232,8 +263,12 @@ class Index:
 
     def _fastest_changed(self, block: Block, was: int) -> None:
         now = block.fastest
+        if now == was:
+            return
+        if self.changes is not None:
+            self.changes.add(block.key)
         parent = block.parent
-        if now == was or parent is None:
+        if parent is None:
             return
         if was != ABSENT:
             parent.child_fast[was] -= 1
@@ -294,7 +329,7 @@ class Index:
     def pop_victim(self, tier: int) -> Block | None:
         """Least-recently-used unleased leaf with a real slot in `tier`, taken off the heap.
 
-        The caller must then move it out of the tier (or hand it back with `requeue`).
+        The caller must then move it out of the tier.
         """
         heap = self._heaps[tier]
         bit = 1 << tier
@@ -311,7 +346,3 @@ class Index:
             block.in_heap &= ~bit
             return block
         return None
-
-    def requeue(self, block: Block, tier: int) -> None:
-        """Give a popped victim that could not be moved its heap entry back."""
-        self._maybe_push(block, tier)

@@ -11,12 +11,17 @@ byte strings by one numpy view (no Python loop over tokens) and the chain is a t
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 import xxhash
+
+if TYPE_CHECKING:
+    from .layout import KVLayout
+    from .namespace import Namespace
 
 Tokens = Union[Sequence[int], np.ndarray, torch.Tensor]
 
@@ -92,3 +97,42 @@ def chain_keys(seed: bytes, tokens: Tokens, block_tokens: int) -> list[bytes]:
     chunks = block_chunks(as_token_array(tokens), block_tokens)
     prev = seed
     return [prev := _hash(prev + c) for c in chunks]
+
+
+class KeyChain:
+    """The one place where a namespace, a layout and a tenant become the seed of a key chain.
+
+    A store, a vLLM scheduler in another process and a test all derive keys through this, so
+    they agree by construction. Seeds are cached per tenant, at most `max_tenants` of them (least
+    recently used go first): one-off tenants cost a digest each, never memory forever.
+    """
+
+    def __init__(self, namespace: Namespace, layout: KVLayout, max_tenants: int = 4096) -> None:
+        self.namespace = namespace
+        self.layout = layout
+        self.block_tokens = layout.block_tokens
+        self._max = max_tenants
+        self._seeds: OrderedDict[str, bytes] = OrderedDict()
+
+    def seed(self, tenant: str | None = None) -> bytes:
+        """The chain's seed for `tenant` (None: the namespace's own tenant)."""
+        if tenant is None:
+            tenant = self.namespace.tenant
+        seed = self._seeds.get(tenant)
+        if seed is not None:
+            self._seeds.move_to_end(tenant)
+            return seed
+        if not isinstance(tenant, str):
+            raise TypeError(f"tenant must be a string, got {tenant!r}")
+        seed = self._seeds[tenant] = self.namespace.with_tenant(tenant).digest(self.layout)
+        if len(self._seeds) > self._max:
+            self._seeds.popitem(last=False)
+        return seed
+
+    def chunks(self, tokens: Tokens) -> list[bytes]:
+        """The token bytes of each full block of `tokens`."""
+        return block_chunks(as_token_array(tokens), self.block_tokens)
+
+    def keys(self, tokens: Tokens, tenant: str | None = None) -> list[bytes]:
+        """The key of every full block of `tokens`."""
+        return chain_keys(self.seed(tenant), tokens, self.block_tokens)

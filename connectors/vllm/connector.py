@@ -21,9 +21,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from tierkv import ConfigError
-from tierkv.layout import dtype_name
-from tierkv.ops.engine_layout import EngineKV
+from tierkv import ConfigError, EngineKV, dtype_name
 
 from .config import ConnectorConfig
 from .identity import engine_namespace, weights_fingerprint
@@ -42,7 +40,12 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-_HIT_SOURCES = {"device": CacheHitSource.DEVICE, "host": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
+def _hit_source(tier: str) -> CacheHitSource:
+    """vLLM's name for hits from a tier: its own where it has one (device, host, disk), else "external"."""
+    try:
+        return CacheHitSource(tier)
+    except ValueError:
+        return CacheHitSource.EXTERNAL_UNSPECIFIED
 
 
 def _check_engine(vllm_config: VllmConfig) -> None:
@@ -178,7 +181,11 @@ class TierKVConnector(KVConnectorBase_V1):
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
         assert self._scheduler is not None
         sources = self._scheduler.hit_sources(request, num_external_tokens)
-        return {_HIT_SOURCES[name]: n for name, n in sources.items()}
+        out: dict[CacheHitSource, int] = {}
+        for name, n in sources.items():
+            source = _hit_source(name)
+            out[source] = out.get(source, 0) + n
+        return out
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None

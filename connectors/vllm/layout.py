@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierkv import ConfigError, KVLayout, LayoutMismatchError
-from tierkv.ops.engine_layout import DimOrder, EngineKV, EngineKVLayout
+from tierkv import ConfigError, DimOrder, EngineKV, EngineKVLayout, KVLayout, LayoutMismatchError
 
 # Attention backends whose kernels read a (block, head) page as all K rows, then all V rows.
 _K_THEN_V_PAGES = frozenset({"CPU_ATTN"})

@@ -11,13 +11,7 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
-from tierkv.residency import GONE
-
-# Names of the tiers of a connector's store, by their index in `BlockStore.tiers`: residency
-# reports carry the index, or GONE for a block the store no longer holds.
-TIER_NAMES = ("device", "host", "disk")
-
-__all__ = ["GONE", "TIER_NAMES", "LoadJob", "RankResidency", "ResidencyReport", "SaveJob", "TierKVMetadata"]
+__all__ = ["LoadJob", "RankResidency", "ResidencyReport", "SaveJob", "TierKVMetadata"]
 
 
 @dataclass
@@ -53,14 +47,17 @@ class TierKVMetadata(KVConnectorMetadata):
 
 @dataclass
 class RankResidency:
-    """Changes to one rank's store since its last report: key -> tier index or GONE.
+    """Changes to one rank's store since its last report: key -> the name of its fastest tier, or None when gone.
 
     `full` marks a report that lists every stored key (the first one after the store opens):
-    the scheduler replaces its mirror of that rank instead of patching it.
+    the scheduler replaces its mirror of that rank instead of patching it. A full report also
+    carries the store's tier names, fastest first (`BlockStore.tier_names`), which is how the
+    scheduler tells which of two tiers is the slower one.
     """
 
     full: bool
-    tiers: dict[bytes, int]
+    tiers: dict[bytes, str | None]
+    order: tuple[str, ...] = ()
 
 
 @dataclass

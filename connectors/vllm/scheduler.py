@@ -21,11 +21,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from tierkv import KVLayout, Namespace, chain_keys
+from tierkv import KeyChain, KVLayout, Namespace
 
-from .meta import GONE, TIER_NAMES, LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
+from .meta import LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
 
-DISK = TIER_NAMES.index("disk")
+# Tiers up to this one are memory: a load from them is quick and synchronous; from any slower tier
+# (disk, remote) it is asynchronous when the config allows.
+_LAST_MEMORY_TIER = "host"
 
 
 def request_tenant(request: Any) -> str:
@@ -51,7 +53,7 @@ def storable(request: Any) -> bool:
 class LoadPlan:
     start: int  # tokens vLLM already holds
     end: int  # tokens covered once the load is done
-    tiers: list[int]  # slowest tier, over ranks, of each block loaded
+    tiers: list[str]  # slowest tier, over ranks, of each block loaded
     is_async: bool
 
 
@@ -63,8 +65,9 @@ class SchedulerSide:
         self.block_tokens = layout.block_tokens
         self.namespaces = namespaces
         self.async_disk_loads = async_disk_loads
-        self._mirrors: list[dict[bytes, int] | None] = [None] * len(namespaces)
-        self._seeds: dict[tuple[int, str], bytes] = {}
+        self._mirrors: list[dict[bytes, str] | None] = [None] * len(namespaces)
+        self._order: dict[str, int] = {}  # tier name -> position, fastest first, as the workers' stores report it
+        self._chains = [KeyChain(ns, layout) for ns in namespaces]
         self._keys: dict[str, list[list[bytes]]] = {}  # req_id -> keys per rank, for its longest hashed prefix
         self._requests: dict[str, Any] = {}
         self._plans: dict[str, LoadPlan] = {}
@@ -88,17 +91,19 @@ class SchedulerSide:
         mirror = self._mirrors[rank]
         if change.full or mirror is None:
             mirror = self._mirrors[rank] = {}
+        if change.order:
+            self._order = {name: i for i, name in enumerate(change.order)}
         for key, tier in change.tiers.items():
-            if tier == GONE:
+            if tier is None:
                 mirror.pop(key, None)
             else:
                 mirror[key] = tier
 
-    def _seed(self, rank: int, tenant: str) -> bytes:
-        seed = self._seeds.get((rank, tenant))
-        if seed is None:
-            seed = self._seeds[(rank, tenant)] = self.namespaces[rank].with_tenant(tenant).digest(self.layout)
-        return seed
+    def _slower(self, names: list[str]) -> str:
+        return max(names, key=lambda name: self._order.get(name, len(self._order)))
+
+    def _is_slow(self, name: str) -> bool:
+        return self._order.get(name, len(self._order)) > self._order.get(_LAST_MEMORY_TIER, 0)
 
     def _keys_for(self, request: Any, num_blocks: int) -> list[list[bytes]]:
         """Keys of the first `num_blocks` blocks of the request, per rank; hashed once per request."""
@@ -107,7 +112,7 @@ class SchedulerSide:
             return [k[:num_blocks] for k in cached]
         tokens = list(request.all_token_ids[: num_blocks * self.block_tokens])
         tenant = request_tenant(request)
-        keys = [chain_keys(self._seed(r, tenant), tokens, self.block_tokens) for r in range(len(self.namespaces))]
+        keys = [chain.keys(tokens, tenant) for chain in self._chains]
         self._keys[request.request_id] = keys
         return keys
 
@@ -130,18 +135,20 @@ class SchedulerSide:
         if limit <= first:
             return 0, False
         keys = self._keys_for(request, limit)
-        tiers: list[int] = []
+        tiers: list[str] = []
+        mirrors = [m for m in self._mirrors if m is not None]
         for i in range(limit):
-            held = [m.get(keys[r][i]) for r, m in enumerate(self._mirrors)]  # type: ignore[union-attr]
-            if None in held:
+            held = [m.get(keys[r][i]) for r, m in enumerate(mirrors)]
+            names = [name for name in held if name is not None]
+            if len(names) < len(held):
                 break
-            tiers.append(max(held))  # type: ignore[type-var]
+            tiers.append(self._slower(names))
         hit = len(tiers)
         if hit <= first:
             self._plans.pop(request.request_id, None)
             return 0, False
         loaded = tiers[first:hit]
-        is_async = self.async_disk_loads and DISK in loaded
+        is_async = self.async_disk_loads and any(self._is_slow(name) for name in loaded)
         self._plans[request.request_id] = LoadPlan(num_computed_tokens, hit * bt, loaded, is_async)
         return (hit - first) * bt, is_async
 
@@ -162,7 +169,7 @@ class SchedulerSide:
             block_ids=list(block_ids),
             is_async=plan.is_async,
         ))
-        counts = Counter(TIER_NAMES[t] for t in plan.tiers[: num_blocks - plan.start // bt])
+        counts = Counter(plan.tiers[: num_blocks - plan.start // bt])
         self._sources[request.request_id] = {name: n * bt for name, n in counts.items()}
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[str, int]:
@@ -170,8 +177,8 @@ class SchedulerSide:
         sources = self._sources.pop(request.request_id, {})
         out: dict[str, int] = {}
         left = num_external_tokens
-        for name in TIER_NAMES:
-            n = min(sources.get(name, 0), left)
+        for name in sorted(sources, key=lambda name: self._order.get(name, len(self._order))):
+            n = min(sources[name], left)
             if n:
                 out[name] = n
                 left -= n

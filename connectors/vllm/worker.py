@@ -6,9 +6,12 @@ paged KV is the GPU tier, so by default the store has no device tier of its own:
 host or disk blocks and scatter them into the pages vLLM allocated for the request; saves gather
 newly completed blocks out of vLLM's pages into the store.
 
-Loads never produce a wrong token. `BlockStore.get` verifies every host and disk block against
-its checksum and returns the longest prefix it could serve; whatever the scheduler promised
-beyond that is reported through `load_errors`, and vLLM recomputes from the first such block.
+Both directions go through the store's engine front door: `load_into` copies verified blocks
+straight from their slots into the request's pages, `save_from` gathers the blocks past the
+stored prefix straight out of vLLM's pages into theirs. Loads never produce a wrong token: the
+store verifies every host and disk block against its checksum and reports how far it loaded;
+whatever the scheduler promised beyond that is reported through `load_errors`, and vLLM
+recomputes from the first such block.
 """
 
 from __future__ import annotations
@@ -22,13 +25,10 @@ from typing import Any
 
 import torch
 
-from tierkv import BlockStore, CapacityError, KVLayout, Namespace, StoreConfig, TierKVError, chain_keys
-from tierkv.ops.engine_layout import EngineKV, chunk_slots
-from tierkv.ops.transfer import gather_engine_blocks, scatter_engine_blocks
-from tierkv.residency import Churn, churn, fastest_tiers, snapshot
+from tierkv import BlockStore, CapacityError, EngineKV, KVLayout, Namespace, StoreConfig, TierKVError
 
 from .layout import AttentionKV, engine_block_table
-from .meta import GONE, TIER_NAMES, LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
+from .meta import LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
 
 log = logging.getLogger("tierkv.vllm")
 
@@ -55,11 +55,7 @@ class WorkerSide:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierkv-load")
         self._async: dict[str, Future[set[int]]] = {}
         self._invalid: set[int] = set()
-        self._seeds: dict[str, bytes] = {}
-        self._known: dict[bytes, int] = {}  # what the scheduler's mirror of this rank says
-        self._touched: set[bytes] = set()
         self._reported = False
-        self._churn: Churn | None = None
         self.counters = {"loaded_blocks": 0, "load_errors": 0, "saved_blocks": 0, "save_refused": 0}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -71,8 +67,6 @@ class WorkerSide:
         if self.store is None:
             self.store = BlockStore(self.layout, self.namespace, self.config)
             self._reported = False  # the next report lists the whole store, recovered blocks included
-            names = tuple(t.name for t in self.store.tiers)
-            assert names == TIER_NAMES[: len(names)], f"unexpected tier order {names}"
             if self.store.recovery.blocks or self.store.recovery.dropped:
                 log.info("tierkv: rank %d recovered %d blocks from %s (%d dropped)", self.rank,
                          self.store.recovery.blocks, self.config.disk_path, self.store.recovery.dropped)
@@ -126,21 +120,19 @@ class WorkerSide:
         bt = self.layout.block_tokens
         # Whole stored blocks only, and only those the request's pages can take in full.
         covered = len(job.block_ids) * self.attention.block_size // bt
-        first, want = job.start // bt, min(-(-job.end // bt), covered)
+        first = job.start // bt
+        want = max(first, min(-(-job.end // bt), covered))
+        table = engine_block_table(job.block_ids, self.attention, self.engine.layout)
         try:
             with self._store_lock:
-                blocks = self.store.get(job.token_ids[: want * bt], device=self.engine.device, tenant=job.tenant)
+                got = self.store.load_into(self.engine, table, job.token_ids[: want * bt], first_block=first,
+                                           tenant=job.tenant)
         except (TierKVError, OSError):  # an unreadable disk costs a recompute, not the engine
             log.exception("tierkv: request %s: reading stored blocks failed; vLLM recomputes them", job.req_id)
             return self._failed_blocks(job, job.start)
-        got = min(blocks.shape[0], want)
-        if got > first:
-            table = engine_block_table(job.block_ids, self.attention, self.engine.layout)
-            slots = chunk_slots(self.engine.layout, bt, table, range(first, got))
-            done = scatter_engine_blocks(self.engine, slots, blocks, self.layout, rows=range(first, got))
-            if wait and done is not None:
-                done.synchronize()
-            self.counters["loaded_blocks"] += got - first
+        if wait and self.engine.device.type == "cuda":
+            torch.cuda.current_stream(self.engine.device).synchronize()
+        self.counters["loaded_blocks"] += got - first
         if got * bt >= job.end:
             return set()
         log.warning("tierkv: request %s: %d of %d stored blocks could not be read (evicted or corrupt); "
@@ -176,31 +168,16 @@ class WorkerSide:
 
     def _save(self, job: SaveJob) -> None:
         assert self.engine is not None and self.store is not None
-        bt = self.layout.block_tokens
-        n = len(job.token_ids) // bt
+        table = engine_block_table(job.block_ids, self.attention, self.engine.layout)
         with self._store_lock:
-            have = self.store.match(job.token_ids, tenant=job.tenant) // bt
-            if have >= n:
-                return
-            # Only the blocks past the stored prefix are gathered out of vLLM's pages.
-            kv = torch.empty((n - have, *self.layout.block_shape), dtype=self.layout.dtype)
-            table = engine_block_table(job.block_ids, self.attention, self.engine.layout)
-            slots = chunk_slots(self.engine.layout, bt, table, range(have, n))
-            gather_engine_blocks(self.engine, slots, kv, self.layout)
             try:
-                added = self.store.put(job.token_ids, kv, tenant=job.tenant, first_block=have)
+                # Only the blocks past the stored prefix are gathered out of vLLM's pages.
+                added = self.store.save_from(self.engine, table, job.token_ids, tenant=job.tenant)
             except CapacityError as e:
                 self.counters["save_refused"] += 1
                 log.warning("tierkv: request %s: blocks not stored: %s", job.req_id, e)
                 return
         self.counters["saved_blocks"] += added
-        self._touched.update(chain_keys(self._seed(job.tenant), job.token_ids, bt)[have:n])
-
-    def _seed(self, tenant: str) -> bytes:
-        seed = self._seeds.get(tenant)
-        if seed is None:
-            seed = self._seeds[tenant] = self.namespace.with_tenant(tenant).digest(self.layout)
-        return seed
 
     # -- residency reports -------------------------------------------------------------
 
@@ -215,29 +192,10 @@ class WorkerSide:
                 return None
             self._reported = True
             return ResidencyReport({self.rank: RankResidency(full=True, tiers={})})
+        changes = self.store.residency_changes()  # the first call lists every stored block
         if not self._reported:
             self._reported = True
-            self._churn = churn(self.store)
-            self._known = snapshot(self.store)
-            self._touched.clear()
-            return ResidencyReport({self.rank: RankResidency(full=True, tiers=dict(self._known))})
-        keys = self._touched
-        now = churn(self.store)
-        if now != self._churn:  # something left a tier on its own: re-check everything we reported
-            self._churn = now
-            keys = keys | self._known.keys()
-        self._touched = set()
-        if not keys:
-            return None
-        changes = {}
-        for key, tier in fastest_tiers(self.store, keys).items():
-            if self._known.get(key, GONE) == tier:
-                continue
-            changes[key] = tier
-            if tier == GONE:
-                del self._known[key]
-            else:
-                self._known[key] = tier
+            return ResidencyReport({self.rank: RankResidency(full=True, tiers=changes, order=self.store.tier_names)})
         return ResidencyReport({self.rank: RankResidency(full=False, tiers=changes)}) if changes else None
 
     def stats(self) -> dict[str, Any]:

@@ -1,23 +1,32 @@
-"""Tiers whose slots are rows of one preallocated torch tensor: GPU memory or (pinned) host RAM.
+"""Tiers whose slots are rows of one tensor: GPU memory or (pinned) host RAM.
 
-The same class serves as the device tier on a CPU-only machine, which is what lets the whole
-store, eviction and promotion included, be tested without a GPU.
+`PoolTier` is what every memory-backed tier shares (the fixed `MemoryTier` here, the elastic
+device tier over CUDA virtual memory): slots are rows of `storage`, so copies between two pools
+and between a pool and an engine's pages go straight from slot to slot, never through a
+temporary. The same class serves as the device tier on a CPU-only machine, which is what lets the
+whole store, eviction and promotion included, be tested without a GPU.
 
-Copies go through `tierkv.ops.transfer.copy_slots`, which picks a copy kernel, copy-engine DMA or
-plain torch indexing by direction and block size. GPU copies into or out of pinned host slots
-run asynchronously; the tier remembers the last one, and any CPU access to its slots waits for
-that event first (a wait on one event, not a device synchronisation).
+Copies go through `tierkv.ops.transfer`, which picks a copy kernel, copy-engine DMA or plain
+torch indexing by direction and block size. GPU copies into or out of pinned host slots run
+asynchronously; the pool remembers the last one, and any CPU access to its slots waits for that
+event first (a wait on one event, not a device synchronisation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..integrity import checksum_slots
-from ..ops.transfer import copy_slots
-from .base import Tier
+from ..integrity import checksum_rows, checksum_slots
+from ..ops.transfer import copy_slots, gather_engine_blocks, scatter_engine_blocks
+from .base import Tier, need_checksums, stamp_checksums
+
+if TYPE_CHECKING:
+    from ..index import Block
+    from ..layout import KVLayout
+    from ..ops.engine_layout import EngineKV
 
 
 def _contiguous_run(slots: Sequence[int]) -> tuple[int, int] | None:
@@ -28,16 +37,23 @@ def _contiguous_run(slots: Sequence[int]) -> tuple[int, int] | None:
     return None
 
 
-class MemoryTier(Tier):
-    """Slots as rows of a `[num_slots, slot_bytes]` uint8 tensor on `device`."""
+class PoolTier(Tier):
+    """Slots as rows of `storage`, a `[num_slots, slot_bytes]` uint8 tensor on `device`.
 
-    def __init__(self, name: str, num_slots: int, slot_bytes: int, device: torch.device, pin: bool = False) -> None:
+    Subclasses set `storage` and may refuse access to slots (`_check_access`).
+    """
+
+    storage: torch.Tensor
+
+    def __init__(self, name: str, num_slots: int, slot_bytes: int, device: torch.device, *, pin: bool = False,
+                 verify_reads: bool = True) -> None:
         super().__init__(name, num_slots, slot_bytes)
         self._device = torch.device(device)
         if pin and self._device.type != "cpu":
             raise ValueError(f"{name} tier: only CPU memory can be pinned, not {self._device}")
         self.pinned = pin
-        self.storage = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, device=self._device, pin_memory=pin)
+        self.verify_reads = verify_reads
+        self.hashes_in_place = self._device.type == "cpu"
         # Last GPU copy touching these (CPU) slots, and the transient tensors it reads, kept alive until it is done.
         self._gpu_event: torch.cuda.Event | None = None
         self._held: list[tuple[torch.cuda.Event, torch.Tensor]] = []
@@ -46,12 +62,22 @@ class MemoryTier(Tier):
     def device(self) -> torch.device:
         return self._device
 
+    # -- synchronisation -----------------------------------------------------------
+
+    def _check_access(self, slots: Sequence[int]) -> None:
+        """Refuse slots that may not be touched; every slot of a fixed pool may."""
+
     def _cpu_access(self) -> None:
         """Before the CPU reads or writes host slots: let the last GPU copy on them finish."""
         if self._gpu_event is not None:
             self._gpu_event.synchronize()
             self._gpu_event = None
         self._held.clear()
+
+    def _before_copy(self, other_on_gpu: bool) -> None:
+        """A CPU pool waits for pending GPU copies unless the next copy is itself a GPU one on pinned memory."""
+        if self._device.type == "cpu" and not (other_on_gpu and self.pinned):
+            self._cpu_access()
 
     def _after_gpu_copy(self, event: torch.cuda.Event | None, keep: torch.Tensor | None = None) -> None:
         if event is None:
@@ -62,54 +88,85 @@ class MemoryTier(Tier):
         if keep is not None:  # pinned rows a DMA still reads: torch's host allocator must not hand them out yet
             self._held.append((event, keep))
 
+    def _stamp(self, slots: Sequence[int], blocks: Sequence[Block], rows: torch.Tensor | None = None) -> None:
+        """Checksums for blocks arriving here without one: of `rows` when on the CPU, else of the slots in place."""
+        if self.verify_reads and need_checksums(blocks):
+            stamp_checksums(blocks, checksum_rows(rows) if rows is not None and rows.device.type == "cpu"
+                            else self.checksums(slots))
+
+    # -- bytes ---------------------------------------------------------------------
+
     def read(self, slots: Sequence[int]) -> torch.Tensor:
         """Rows of `slots`; a pinned tier returns pinned rows, so moving them to a GPU is an async DMA."""
+        if not len(slots):
+            return torch.empty((0, self.slot_bytes), dtype=torch.uint8, device=self._device)
+        self._check_access(slots)
         if self._device.type == "cpu":
             self._cpu_access()
-        if not slots:
-            return self.storage[:0].clone()
-        if self._device.type == "cuda":
-            out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, device=self._device)
-            copy_slots(self.storage, slots, out, range(len(slots)))
-            return out
-        out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+        out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, device=self._device, pin_memory=self.pinned)
         copy_slots(self.storage, slots, out, range(len(slots)))
         return out
 
-    def write(self, slots: Sequence[int], rows: torch.Tensor) -> None:
-        if not slots:
+    def write(self, slots: Sequence[int], rows: torch.Tensor, blocks: Sequence[Block]) -> None:
+        if not len(slots):
             return
         if rows.shape != (len(slots), self.slot_bytes) or rows.dtype != torch.uint8:
             raise ValueError(
                 f"{self.name} tier: write needs uint8 rows of shape {(len(slots), self.slot_bytes)}, "
                 f"got {rows.dtype} {tuple(rows.shape)}"
             )
-        if self._device.type == "cpu" and not rows.is_cuda:
-            self._cpu_access()  # a plain CPU copy follows
+        self._check_access(slots)
+        self._before_copy(rows.is_cuda)
         rows = rows.contiguous()
         event = copy_slots(rows, range(len(slots)), self.storage, slots)
         self._after_gpu_copy(event, keep=rows if rows.device.type == "cpu" else None)
+        self._stamp(slots, blocks, rows)
 
-    def copy_to(self, slots: Sequence[int], other: MemoryTier, other_slots: Sequence[int]) -> None:
-        """Copy our `slots` into `other`'s `other_slots` in one batched transfer, with no temporary rows."""
+    def copy_to(self, slots: Sequence[int], other: Tier, other_slots: Sequence[int], blocks: Sequence[Block]) -> bool:
+        """Copy our `slots` into another pool's `other_slots` in one batched transfer, with no temporary rows."""
+        if not isinstance(other, PoolTier):
+            return False
         if len(slots) != len(other_slots):
             raise ValueError(f"{self.name} -> {other.name}: {len(slots)} source slots for {len(other_slots)} destinations")
         if other.slot_bytes != self.slot_bytes:
             raise ValueError(f"{self.name} -> {other.name}: slot sizes differ ({self.slot_bytes} != {other.slot_bytes})")
-        if not slots:
-            return
+        if not len(slots):
+            return True
+        self._check_access(slots)
+        other._check_access(other_slots)
         gpu = self._device.type == "cuda" or other._device.type == "cuda"
-        for tier in (self, other):
-            if tier._device.type == "cpu" and not (gpu and tier.pinned):
-                tier._cpu_access()
+        self._before_copy(gpu)
+        other._before_copy(gpu)
         event = copy_slots(self.storage, slots, other.storage, other_slots)
         self._after_gpu_copy(event)
         other._after_gpu_copy(event)
+        other._stamp(other_slots, blocks)
+        return True
+
+    def save_from_engine(self, slots: Sequence[int], engine: EngineKV, engine_slots: torch.Tensor, layout: KVLayout,
+                         blocks: Sequence[Block]) -> None:
+        """Gather the engine's pages straight into our slots (one launch or DMA batch)."""
+        self._check_access(slots)
+        self._before_copy(engine.device.type == "cuda")
+        event = gather_engine_blocks(engine, engine_slots, self.storage, layout, rows=list(slots))
+        self._after_gpu_copy(event)
+        self._stamp(slots, blocks)
+
+    def load_into_engine(self, slots: Sequence[int], engine: EngineKV, engine_slots: torch.Tensor,
+                         layout: KVLayout, rows: torch.Tensor | None = None) -> None:
+        """Scatter our slots straight into the engine's pages, on the engine device's current stream."""
+        if rows is not None:
+            super().load_into_engine(slots, engine, engine_slots, layout, rows)
+            return
+        self._check_access(slots)
+        self._before_copy(engine.device.type == "cuda")
+        self._after_gpu_copy(scatter_engine_blocks(engine, engine_slots, self.storage, layout, rows=list(slots)))
 
     def checksums(self, slots: Sequence[int]) -> list[int]:
-        """xxh3_64 of each slot's bytes, hashed where they lie (CPU tiers only)."""
+        """Checksums of the slots' bytes, hashed where they lie when that is CPU memory."""
         if self._device.type != "cpu":
-            raise ValueError(f"{self.name} tier: checksums are taken of CPU memory, this tier is on {self._device}")
+            return super().checksums(slots)
+        self._check_access(slots)
         self._cpu_access()
         return checksum_slots(self.storage, slots)
 
@@ -117,7 +174,7 @@ class MemoryTier(Tier):
         """Rows of the given slots without a copy where they are consecutive (else a gather)."""
         if self._device.type == "cpu":
             self._cpu_access()
-        run = _contiguous_run(slots) if slots else (0, 0)
+        run = _contiguous_run(slots) if len(slots) else (0, 0)
         if run is not None:
             return self.storage[run[0] : run[1]]
         return self.read(slots)
@@ -125,4 +182,14 @@ class MemoryTier(Tier):
     def close(self) -> None:
         if self._device.type == "cpu":
             self._cpu_access()
+        self._held.clear()
         self.storage = self.storage[:0]
+
+
+class MemoryTier(PoolTier):
+    """A fixed pool: one tensor allocated up front on `device` (pinned host memory where asked)."""
+
+    def __init__(self, name: str, num_slots: int, slot_bytes: int, device: torch.device, pin: bool = False,
+                 verify_reads: bool = True) -> None:
+        super().__init__(name, num_slots, slot_bytes, device, pin=pin, verify_reads=verify_reads)
+        self.storage = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, device=self._device, pin_memory=pin)

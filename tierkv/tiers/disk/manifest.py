@@ -15,9 +15,8 @@ import fcntl
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
@@ -28,8 +27,9 @@ _RECORD = struct.Struct("<QQQB")  # slot, checksum, last_use, is_root; the ident
 _IDENTITY = b"identity"
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
+    """One manifest entry: which block a data-file slot holds. The one field order of a record."""
+
     key: bytes
     slot: int
     checksum: int
@@ -37,9 +37,17 @@ class Record:
     is_root: bool
     ident: bytes  # parent key (or namespace seed) || token bytes
 
+    @property
+    def parent_key(self) -> bytes | None:
+        return None if self.is_root else self.ident[:16]
 
-def pack(record: Record) -> bytes:
-    return _RECORD.pack(record.slot, record.checksum, record.last_use, record.is_root) + record.ident
+    def pack(self) -> bytes:
+        return _RECORD.pack(self.slot, self.checksum, self.last_use, self.is_root) + self.ident
+
+    @classmethod
+    def unpack(cls, key: bytes, value: bytes) -> Record:
+        slot, checksum, last_use, is_root = _RECORD.unpack_from(value)
+        return cls(key, slot, checksum, last_use, bool(is_root), value[_RECORD.size :])
 
 
 class DirectoryLock:
@@ -110,12 +118,11 @@ class Manifest:
                 + "); open it with the same settings or use another disk_path"
             )
 
-    def load(self) -> dict[bytes, tuple[int, int, int, int, bytes]]:
-        """key -> (slot, checksum, last_use, is_root, ident) for every entry: plain tuples, fast."""
-        size = _RECORD.size
-        unpack = _RECORD.unpack_from
+    def load(self) -> dict[bytes, Record]:
+        """Every entry, by key."""
+        unpack = Record.unpack
         with self.env.begin(db=self.blocks) as txn:
-            return {key: (*unpack(value), value[size:]) for key, value in txn.cursor().iternext()}
+            return {key: unpack(key, value) for key, value in txn.cursor().iternext()}
 
     def commit(self, put: list[Record], delete: list[bytes]) -> None:
         """Apply deletions then insertions in one atomic transaction."""
@@ -125,7 +132,7 @@ class Manifest:
             for key in delete:
                 txn.delete(key)
             for record in put:
-                txn.put(record.key, pack(record))
+                txn.put(record.key, record.pack())
 
     def close(self) -> None:
         self.env.close()

@@ -1,230 +1,102 @@
 """The disk tier: block payloads in preallocated data files, one 4 KiB-aligned slot per block.
 
-The tier only keeps bytes. What a slot holds (key, token ids, checksum) is recorded in the
-manifest by the store *after* the bytes are durable, and every read is verified against the
-checksum there, so a torn or stale slot is detected instead of served.
+A block enters the manifest only after its payload is durable (per the durability setting),
+so after a crash every manifest entry points at bytes that were fully written — or, if a slot
+was reused and the crash hit between data and manifest, at bytes whose checksum no longer
+matches, which every read detects and drops. Writes go to a bounded write-behind queue
+(`writeback.py`) whose completions the store commits after each operation; with
+`durability="every"` each block is written, synced and recorded before the next.
 
-I/O is positional (`os.preadv` / `os.pwrite`) from a thread pool, through O_DIRECT where the
-file system allows it, with consecutive slots merged into one request. Slots are aligned to
-4 KiB so the same files also suit kvikio / GPUDirect Storage.
+The tier owns everything of one open store directory: the data files (`files.py`), the LMDB
+manifest and the writer lock (`manifest.py`), and recovery at open (`recovery.py`).
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ...errors import TierKVError
-from ..base import Tier
+from ...integrity import checksum_rows
+from ..base import Recovery, Tier, need_checksums, stamp_checksums
+from .files import BufferPool, IORequest, KvikioFiles, PosixFiles, aligned_empty, kvikio_status, open_data_file, slot_stride
+from .manifest import DirectoryLock, Manifest, Record
+from .recovery import prepare_directory, trusted_records
 from .writeback import WriteQueue
 
-ALIGN = 4096
+if TYPE_CHECKING:
+    from ...config import StoreConfig
+    from ...index import Block, Index
+    from ...layout import KVLayout
+    from ...namespace import Namespace
+
 MAX_REQUEST = 2 << 20  # split long runs so that every I/O thread gets a share of a batch
+_FILE_BYTES = 16 << 30
+
+__all__ = ["DiskTier", "kvikio_status", "open_data_file", "slot_stride"]
 
 
-def aligned_empty(nbytes: int) -> np.ndarray:
-    """A uint8 array whose data starts on a 4 KiB boundary, as O_DIRECT requires."""
-    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGN
-    return raw[start : start + nbytes]
-
-
-class _BufferPool:
-    """Reused aligned staging buffers: a fresh one costs a page fault per 4 KiB on first touch,
-    which at disk-write sizes is as slow as the disk."""
-
-    def __init__(self, keep: int = 8) -> None:
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._lock = threading.Lock()
-        self._keep = keep
-
-    def get(self, nbytes: int) -> np.ndarray:
-        with self._lock:
-            bufs = self._free.get(nbytes)
-            if bufs:
-                return bufs.pop()
-        return aligned_empty(nbytes)
-
-    def release(self, buf: np.ndarray) -> None:
-        with self._lock:
-            bufs = self._free.setdefault(buf.nbytes, [])
-            if len(bufs) < self._keep:
-                bufs.append(buf)
-
-
-def slot_stride(block_bytes: int) -> int:
-    return -(-block_bytes // ALIGN) * ALIGN
-
-
-def _open_data_file(path: Path, size: int) -> tuple[int, bool]:
-    """Open (creating and preallocating) one data file; returns (fd, uses O_DIRECT)."""
-    flags = os.O_RDWR | os.O_CREAT
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as e:
-        raise TierKVError(f"disk tier: cannot open data file {path}: {e.strerror}") from None
-    try:
-        if os.fstat(fd).st_size < size:
-            os.posix_fallocate(fd, 0, size)
-        elif os.fstat(fd).st_size > size:
-            os.ftruncate(fd, size)
-    except OSError as e:
-        os.close(fd)
-        if e.errno == errno.ENOSPC:
-            raise TierKVError(
-                f"disk tier: no space to preallocate {size} bytes for {path}; "
-                "free disk space or lower disk_bytes"
-            ) from None
-        raise TierKVError(f"disk tier: cannot size data file {path}: {e.strerror}") from None
-    direct = getattr(os, "O_DIRECT", 0)
-    if direct:
-        try:
-            dfd = os.open(path, os.O_RDWR | direct)
-        except OSError:  # tmpfs and some overlay file systems refuse O_DIRECT
-            return fd, False
-        probe = aligned_empty(ALIGN)
-        try:
-            os.preadv(dfd, [memoryview(probe)], 0)
-        except OSError:
-            os.close(dfd)
-            return fd, False
-        os.close(fd)
-        return dfd, True
-    return fd, False
-
-
-def kvikio_status() -> tuple[bool, str]:
-    """Whether kvikio can do file I/O here, and why (or why not), without ever hanging.
-
-    kvikio `dlopen`s libcuda even in compatibility mode and its driver probe hangs without
-    a GPU, so it is only tried where torch already sees a working CUDA driver.
-    """
-    try:
-        import kvikio  # noqa: F401
-    except ImportError:
-        return False, "kvikio is not installed (pip install 'tierkv[gpu]')"
-    if not torch.cuda.is_available():
-        return False, "kvikio is installed but there is no CUDA driver, which its file I/O needs"
-    import kvikio.defaults
-
-    mode = kvikio.defaults.get("compat_mode")
-    return True, f"kvikio {kvikio.__version__}, compat_mode={getattr(mode, 'name', mode)}"
-
-
-class _PosixFiles:
-    """Positional I/O on plain descriptors, O_DIRECT where the file system takes it."""
-
-    def __init__(self, paths: list[Path], sizes: list[int], threads: int) -> None:
-        self.fds: list[int] = []
-        self.direct = True
-        for path, size in zip(paths, sizes):
-            fd, direct = _open_data_file(path, size)
-            self.fds.append(fd)
-            self.direct &= direct
-        self.name = "posix O_DIRECT" if self.direct else "posix buffered"
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tierkv-disk")
-
-    @staticmethod
-    def _pread(fd: int, view: memoryview, offset: int) -> None:
-        got = os.preadv(fd, [view], offset)
-        if got != len(view):
-            raise TierKVError(f"disk tier: short read ({got} of {len(view)} bytes) at offset {offset}")
-
-    @staticmethod
-    def _pwrite(fd: int, view: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-
-    def run(self, write: bool, reqs: list[tuple[int, int, int, int]], buf: np.ndarray) -> None:
-        fn = self._pwrite if write else self._pread
-        view = memoryview(buf)
-        futures = [self._pool.submit(fn, self.fds[f], view[b : b + n], off) for f, off, b, n in reqs]
-        for fut in futures:
-            fut.result()
-
-    def sync(self, f: int) -> None:
-        os.fdatasync(self.fds[f])
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
-
-class _KvikioFiles:
-    """kvikio `CuFile`s: GPUDirect Storage where the machine has it, kvikio's POSIX path otherwise.
-
-    Buffers may be host arrays or CUDA tensors; kvikio splits and parallelises each request.
-    """
-
-    def __init__(self, paths: list[Path], sizes: list[int]) -> None:
-        import kvikio
-
-        for path, size in zip(paths, sizes):
-            os.close(_open_data_file(path, size)[0])  # create and preallocate with our checks
-        self.files = [kvikio.CuFile(path, "r+") for path in paths]
-        self.name = kvikio_status()[1]
-
-    def run(self, write: bool, reqs: list[tuple[int, int, int, int]], buf: np.ndarray | torch.Tensor) -> None:
-        futures = []
-        for f, off, b, n in reqs:
-            part = buf[b : b + n]
-            io = self.files[f].pwrite if write else self.files[f].pread
-            futures.append((io(part, n, off), n, off))
-        for fut, n, off in futures:
-            got = fut.get()
-            if got != n:
-                raise TierKVError(f"disk tier: kvikio moved {got} of {n} bytes at offset {off}")
-
-    def sync(self, f: int) -> None:
-        os.fdatasync(self.files[f].fileno())
-
-    def close(self) -> None:
-        for file in self.files:
-            file.close()
-        self.files = []
+def _record(block: Block, slot: int) -> Record:
+    assert block.checksum is not None, "a block reached disk without a checksum"
+    return Record(block.key, slot, block.checksum, block.last_use, block.parent is None, block.ident)
 
 
 class DiskTier(Tier):
-    """Slots in data files under `directory`; the manifest lives beside them (store's job).
+    """Slots in data files under `config.disk_path`, recorded in an LMDB manifest beside them.
 
-    `io` picks the file I/O: "posix" (everywhere), "kvikio" (needs kvikio and a CUDA driver)
+    `disk_io` picks the file I/O: "posix" (everywhere), "kvikio" (needs kvikio and a CUDA driver)
     or "auto" (kvikio when it can work, else posix).
     """
 
-    def __init__(self, directory: Path, num_slots: int, block_bytes: int, file_bytes: int = 16 << 30,
-                 io_threads: int = 4, io: str = "auto", writeback_bytes: int = 256 << 20,
-                 sync_writes: bool = True) -> None:
-        super().__init__("disk", num_slots, block_bytes)
+    persistent = True
+    section = "disk"
+
+    def __init__(self, config: StoreConfig, layout: KVLayout, namespace: Namespace, file_bytes: int = _FILE_BYTES) -> None:
+        assert config.disk_path is not None
+        directory = prepare_directory(config.disk_path)
+        block_bytes = layout.block_bytes
+        super().__init__("disk", config.disk_bytes // slot_stride(block_bytes), block_bytes)
         self.directory = directory
+        self.durability = config.durability
         self.stride = slot_stride(block_bytes)
         self.slots_per_file = max(1, file_bytes // self.stride)
-        num_files = -(-num_slots // self.slots_per_file) if num_slots else 0
-        paths = [directory / f"data{i:03d}.bin" for i in range(num_files)]
-        sizes = [min(self.slots_per_file, num_slots - i * self.slots_per_file) * self.stride for i in range(num_files)]
+        self.recovery = Recovery()
+        self._recovered_tick = 0
+        self._in_flight: dict[int, tuple[int, Block]] = {}  # slot -> (write generation, block)
+        self._dirty_files: set[int] = set()
+        self._buffers = BufferPool()
+        self._lock = DirectoryLock(directory)
+        try:
+            self.manifest = Manifest(directory, durable=config.durability != "none")
+            self.manifest.check_identity({
+                "layout": layout.to_dict(),
+                "namespace": {k: v for k, v in namespace.to_dict().items() if k != "tenant"},
+                "block_bytes": block_bytes,
+            })
+            self._files = self._open_files(config.disk_io, config.io_threads)
+        except BaseException:
+            if hasattr(self, "manifest"):
+                self.manifest.close()
+            self._lock.release()
+            raise
+        self.queue = WriteQueue(self.stride, max(config.writeback_bytes, self.stride), self._write_job, self._buffers.release)
+
+    def _open_files(self, io: str, io_threads: int) -> PosixFiles | KvikioFiles:
+        n = self.num_slots
+        num_files = -(-n // self.slots_per_file) if n else 0
+        paths = [self.directory / f"data{i:03d}.bin" for i in range(num_files)]
+        sizes = [min(self.slots_per_file, n - i * self.slots_per_file) * self.stride for i in range(num_files)]
+        if io not in ("auto", "posix", "kvikio"):
+            raise TierKVError(f"disk tier: disk_io must be 'auto', 'posix' or 'kvikio', got {io!r}")
         usable, why = kvikio_status()
         if io == "kvikio" and not usable:
             raise TierKVError(f"disk tier: disk_io='kvikio' was asked for but {why}; use disk_io='posix' or 'auto'")
-        if io not in ("auto", "posix", "kvikio"):
-            raise TierKVError(f"disk tier: disk_io must be 'auto', 'posix' or 'kvikio', got {io!r}")
-        self._files: _PosixFiles | _KvikioFiles
         if io == "kvikio" or (io == "auto" and usable):
-            self._files = _KvikioFiles(paths, sizes)
-        else:
-            self._files = _PosixFiles(paths, sizes, io_threads)
-        self._dirty: set[int] = set()
-        self.sync_writes = sync_writes
-        self._buffers = _BufferPool()
-        self.queue = WriteQueue(self.stride, max(writeback_bytes, self.stride), self._write_job, self._buffers.release)
+            return KvikioFiles(paths, sizes)
+        return PosixFiles(paths, sizes, io_threads)
 
     @property
     def device(self) -> torch.device:
@@ -234,10 +106,7 @@ class DiskTier(Tier):
     def io_path(self) -> str:
         return self._files.name
 
-    def take(self, slots: Sequence[int]) -> None:
-        """Mark slots recovered from the manifest as used."""
-        used = set(slots)
-        self._free = [s for s in self._free if s not in used]
+    # -- slots -----------------------------------------------------------------------
 
     def allocate(self, n: int) -> list[int]:
         self._free.extend(self.queue.take_released())
@@ -246,24 +115,93 @@ class DiskTier(Tier):
     def free(self, slots: Sequence[int]) -> None:
         super().free(self.queue.cancel(slots))
 
+    # -- recovery and commits ----------------------------------------------------------
+
+    def recover(self, index: Index, position: int) -> Recovery:
+        """Rebuild the index entries of every trustworthy manifest record, parents first."""
+        trusted = trusted_records(self.manifest.load(), self.num_slots)
+        self._recovered_tick = max((r.last_use for r in trusted.records), default=0)
+        index.restore(position, trusted.records)
+        used = {r.slot for r in trusted.records}
+        self._free = [s for s in self._free if s not in used]
+        self.manifest.commit([], trusted.dropped)
+        self.recovery = Recovery(blocks=len(trusted.records), dropped=len(trusted.dropped))
+        return self.recovery
+
+    def commit(self, index: Index, position: int) -> list[Block]:
+        """Record in the manifest what reached disk since the last commit, and what left it.
+
+        Entries of blocks still in the write-back queue wait until their write completes, so
+        the manifest never names bytes that are not on disk. Returns blocks whose write-back
+        failed: the store drops those disk copies.
+        """
+        completed, failed = self.queue.take_results()
+        journal = index.journal(position)
+        for slot, gen in completed:
+            entry = self._in_flight.get(slot)
+            if entry is not None and entry[0] == gen:
+                del self._in_flight[slot]
+                journal[entry[1].key] = entry[1]
+        lost = []
+        for slot, gen, _error in failed:
+            entry = self._in_flight.get(slot)
+            if entry is not None and entry[0] == gen:
+                del self._in_flight[slot]
+                if entry[1].slots[position] == slot:
+                    lost.append(entry[1])
+        if not journal:
+            return lost
+        puts: list[Record] = []
+        deletes: list[bytes] = []
+        for key, b in journal.items():
+            slot = b.slots[position]
+            if slot >= 0 and index.blocks.get(key) is b:
+                if slot in self._in_flight:
+                    continue  # committed when its write completes
+                puts.append(_record(b, slot))
+            else:
+                deletes.append(key)
+        journal.clear()
+        if self.durability != "none":
+            self.sync()
+        self.manifest.commit(puts, deletes)
+        return lost
+
+    def flush(self, index: Index, position: int) -> None:
+        """Before a clean close: finish queued writes, and journal the last use of every disk block
+        touched since open, so that the next commit records it and a restart evicts in our order."""
+        self.queue.drain()
+        since = self._recovered_tick
+        index.journal(position).update(
+            (b.key, b) for b in index.blocks.values() if b.slots[position] >= 0 and b.last_use > since)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": str(self.directory),
+            "io": self.io_path,
+            "durability": self.durability,
+            "recovered_blocks": self.recovery.blocks,
+            "recovery_dropped": self.recovery.dropped,
+        }
+
     # -- I/O -----------------------------------------------------------------------
 
-    def _requests(self, slots: Sequence[int]) -> list[tuple[int, int, int, int]]:
-        """Merge slots into (file index, file offset, buffer offset, length) requests.
+    def _requests(self, slots: Sequence[int]) -> list[IORequest]:
+        """Merge slots into requests: consecutive slots of one file become one, split at MAX_REQUEST.
 
-        The buffer holds the slots in the order given; consecutive slots of one file become
-        one request, split at MAX_REQUEST so that several threads share a big batch.
+        The buffer holds the slots in the order given, one stride apart.
         """
-        reqs: list[tuple[int, int, int, int]] = []
+        reqs: list[IORequest] = []
         spf, stride = self.slots_per_file, self.stride
         for pos, slot in enumerate(slots):
             f, off = divmod(slot, spf)
             if reqs:
-                pf, poff, pbuf, plen = reqs[-1]
-                if pf == f and poff + plen == off * stride and pbuf + plen == pos * stride and plen < MAX_REQUEST:
-                    reqs[-1] = (pf, poff, pbuf, plen + stride)
+                last = reqs[-1]
+                if (last.file == f and last.offset + last.length == off * stride
+                        and last.buffer_offset + last.length == pos * stride and last.length < MAX_REQUEST):
+                    reqs[-1] = last._replace(length=last.length + stride)
                     continue
-            reqs.append((f, off * stride, pos * stride, stride))
+            reqs.append(IORequest(f, off * stride, pos * stride, stride))
         return reqs
 
     def read(self, slots: Sequence[int]) -> torch.Tensor:
@@ -283,8 +221,24 @@ class DiskTier(Tier):
         rows = torch.from_numpy(buf).view(len(slots), self.stride)
         return rows if self.stride == self.slot_bytes else rows[:, : self.slot_bytes].contiguous()
 
-    def write(self, slots: Sequence[int], rows: torch.Tensor) -> None:
-        """Write now, on the caller's thread; durable after `sync()`."""
+    def write(self, slots: Sequence[int], rows: torch.Tensor, blocks: Sequence[Block]) -> None:
+        """Store blocks per the durability setting; their manifest entries follow once the bytes are down."""
+        if not len(slots):
+            return
+        rows = rows.to("cpu")
+        if need_checksums(blocks):
+            stamp_checksums(blocks, checksum_rows(rows))
+        if self.durability == "every":
+            for i, (slot, block) in enumerate(zip(slots, blocks)):
+                self.write_now([slot], rows[i : i + 1])
+                self.sync()
+                self.manifest.commit([_record(block, slot)], [])
+            return
+        for slot, gen, block in zip(slots, self.write_behind(slots, rows), blocks):
+            self._in_flight[slot] = (gen, block)
+
+    def write_now(self, slots: Sequence[int], rows: torch.Tensor) -> None:
+        """Write raw rows on the caller's thread, bypassing the queue; durable after `sync()`."""
         if slots:
             buf = self._stage(slots, rows)
             try:
@@ -293,16 +247,12 @@ class DiskTier(Tier):
                 self._buffers.release(buf)
 
     def write_behind(self, slots: Sequence[int], rows: torch.Tensor) -> list[int]:
-        """Queue the rows for the write-back thread; returns one generation per slot.
+        """Queue raw rows for the write-back thread; returns one generation per slot.
 
         The rows are copied, so the caller may reuse its memory at once. Blocks while the
         queue is full. Completion is reported through `queue.take_results()`.
         """
         return self.queue.submit(list(slots), self._stage(slots, rows)) if slots else []
-
-    def drain(self) -> None:
-        """Wait for the write-back queue to empty."""
-        self.queue.drain()
 
     def _stage(self, slots: Sequence[int], rows: torch.Tensor) -> np.ndarray:
         if rows.shape != (len(slots), self.slot_bytes) or rows.dtype != torch.uint8:
@@ -318,9 +268,9 @@ class DiskTier(Tier):
         return buf
 
     def _write_job(self, slots: Sequence[int], buf: np.ndarray) -> None:
-        """One write-back batch, made durable before it is reported complete (unless sync is off)."""
+        """One write-back batch, made durable before it is reported complete (unless durability is off)."""
         self._files.run(True, self._requests(slots), buf)
-        if self.sync_writes:
+        if self.durability != "none":
             for f in sorted({s // self.slots_per_file for s in slots}):
                 self._files.sync(f)
 
@@ -329,7 +279,7 @@ class DiskTier(Tier):
             self._files.run(True, self._requests(slots), buf)
         except OSError as e:
             raise TierKVError(f"disk tier: write failed in {self.directory}: {e.strerror}") from e
-        self._dirty.update(s // self.slots_per_file for s in slots)
+        self._dirty_files.update(s // self.slots_per_file for s in slots)
 
     # -- device memory (kvikio / GPUDirect Storage) -----------------------------------
 
@@ -352,15 +302,20 @@ class DiskTier(Tier):
         self._write_buffer(slots, staged.view(-1))
 
     def _need_kvikio(self) -> None:
-        if not isinstance(self._files, _KvikioFiles):
+        if not isinstance(self._files, KvikioFiles):
             raise TierKVError(f"disk tier: device-memory I/O needs the kvikio path; this tier uses {self.io_path}")
 
     def sync(self) -> None:
-        """Make every write so far durable (fdatasync of the files written since the last sync)."""
-        for f in sorted(self._dirty):
+        """Make every direct write so far durable (fdatasync of the files written since the last sync)."""
+        for f in sorted(self._dirty_files):
             self._files.sync(f)
-        self._dirty.clear()
+        self._dirty_files.clear()
 
     def close(self) -> None:
-        self.queue.close()
-        self._files.close()
+        """Finish queued writes, close the files and the manifest, release the directory lock."""
+        try:
+            self.queue.close()
+            self._files.close()
+            self.manifest.close()
+        finally:
+            self._lock.release()

@@ -1,53 +1,54 @@
-"""The part of `BlockStore` that serves a shared GPU budget: shrink the elastic device tier by demotion.
+"""The elastic tier's agent: shrink by demotion, and the dealings with a shared GPU budget.
 
-Kept apart from the store's main file because it is one policy with one job: when this store
-must give pages back (asked by the budget for another store, or by `shrink_device`), move its
-coldest device blocks to host, whole pages at a time, and tell the budget. It is a mixin: it
-works on the store's own index, tiers, lock and counters, declared below.
+When the store must give pages back (asked by the budget for another store, or by
+`BlockStore.shrink_device`), the agent moves the coldest device blocks to the next tier down,
+whole pages at a time, through the store's placement policy, and tells the budget. It acts
+before each operation of the store (a pending request), after it (the store's row in the budget),
+and from the budget's watcher thread while the store is idle.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ...errors import TierKVError
-from ...index import ABSENT, PENDING, Block, Index
+from ...index import ABSENT, PENDING, Block
+from ..base import StoreAccess, TierAgent
 from .tier import ElasticTier
 
-if TYPE_CHECKING:
-    from .budget import BudgetMember
-    from ...layout import KVLayout
-    from ...stats import StoreCounters
-    from ..base import Tier
+_PUBLISH_S = 0.1  # least interval between two refreshes of this store's row in a GPU budget
 
 
-class ElasticShrink:
-    """Shrink-by-demotion of `BlockStore`'s elastic device tier and its dealings with the budget."""
+class ElasticShrink(TierAgent):
+    """Shrink-by-demotion of one store's elastic device tier and its dealings with the budget."""
 
-    # What the store provides (see `BlockStore.__init__`).
-    index: Index
-    tiers: list[Tier]
-    layout: KVLayout
-    _lock: threading.RLock
-    _closed: bool
-    _counters: StoreCounters
-    _names: list[str]
-    _budget: BudgetMember | None
-    _shrinks: int
-    _shrink_demoted: int
-    _published: float
+    def __init__(self, tier: ElasticTier, store: StoreAccess) -> None:
+        self.tier = tier
+        self.store = store
+        self.placement = store.placement
+        self.position = store.position
+        self.budget = tier.budget
+        self.shrinks = 0  # shrink requests acted on, and the bytes they demoted
+        self.demoted_bytes = 0
+        self._published = 0.0
+        if self.budget is not None:
+            self._watch_budget()
 
-    if TYPE_CHECKING:
-        def _locked(self) -> AbstractContextManager[None]: ...
-        def _reserve(self, t: int, n: int, drop_stuck: bool = False) -> list[int]: ...
-        def _move_down(self, t: int, src_slots: list[int], dst_slots: list[int], blocks: list[Block]) -> None: ...
-        def _drop_branch(self, branch: list[Block], keep_tier: int | None = None) -> list[int]: ...
+    # -- hooks of the store -------------------------------------------------------------------
 
-    def shrink_device(self, target_bytes: int) -> int:
+    def before_operation(self) -> None:
+        if self.budget is not None and self.budget.pending_target() is not None:
+            self._honour_shrink(blocking=True)
+
+    def after_operation(self) -> None:
+        if self.budget is not None and time.monotonic() - self._published >= _PUBLISH_S:
+            self._publish_budget()
+
+    def describe(self) -> dict[str, Any]:
+        return {"shrinks": self.shrinks, "demoted_bytes": self.demoted_bytes}
+
+    def shrink(self, target_bytes: int) -> int:
         """Demote device blocks to host until the elastic device tier maps at most `target_bytes`.
 
         Whole pages are emptied, coldest first (`ElasticTier.plan_shrink`); any unleased block may
@@ -55,16 +56,14 @@ class ElasticShrink:
         leaves first (see `_vacate_device`). Returns the bytes of pages given back, which is
         less than asked when leased blocks hold the rest.
         """
-        if not isinstance(self.tiers[0], ElasticTier):
-            raise TierKVError("shrink_device needs an elastic device tier (StoreConfig(device_elastic=True))")
         if isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or target_bytes < 0:
             raise ValueError(f"target_bytes must be an int >= 0, got {target_bytes!r}")
-        with self._locked():
+        with self.store.locked():
             return self._shrink_device(target_bytes)
 
     def _shrink_device(self, target_bytes: int) -> int:
-        tier = self.tiers[0]
-        assert isinstance(tier, ElasticTier)
+        tier, d = self.tier, self.position
+        index = self.placement.index
         before = tier.mapped_bytes
         if before <= target_bytes:
             return 0
@@ -74,17 +73,17 @@ class ElasticShrink:
         # that position breaks ties of recency (a child colder than its parent).
         heat: dict[int, int] = {}
         resident: list[Block] = []
-        for b in reversed(self.index.blocks.values()):
-            if b.slots[0] >= 0:
+        for b in reversed(index.blocks.values()):
+            if b.slots[d] >= 0:
                 h = heat[id(b)] = max(b.last_use, heat.get(id(b), 0))
-                if b.parent is not None and b.parent.slots[0] >= 0 and heat.get(id(b.parent), 0) < h:
+                if b.parent is not None and b.parent.slots[d] >= 0 and heat.get(id(b.parent), 0) < h:
                     heat[id(b.parent)] = h
                 resident.append(b)
         # Never below the store's promised minimum by overshooting (a slot straddling pages can
         # empty two at once), unless asked explicitly for less than that.
         keep = min(target_bytes, tier.budget.min_bytes if tier.budget is not None else 0)
         n = len(resident)
-        picks = tier.plan_shrink([b.slots[0] for b in resident], [heat[id(b)] * n + i for i, b in enumerate(resident)],
+        picks = tier.plan_shrink([b.slots[d] for b in resident], [heat[id(b)] * n + i for i, b in enumerate(resident)],
                                  [b.leases > 0 or PENDING in b.slots for b in resident], before - target_bytes, keep)
         self._vacate_device([resident[i] for i in sorted(picks)])  # children first, as `resident` is
         return before - tier.mapped_bytes
@@ -100,65 +99,66 @@ class ElasticShrink:
         When host holds nothing but parents of device blocks, the blocks still stuck go with
         their descendants (unless one is leased): the memory must go back to the budget.
         """
-        index, dev = self.index, self.tiers[0]
-        freed = [index.clear_slot(v, 0) for v in victims if any(s != ABSENT for s in v.slots[1:])]
-        alone = [v for v in reversed(victims) if all(s == ABSENT for s in v.slots[1:])]
+        placement, d = self.placement, self.position
+        index, dev, counters = placement.index, self.tier, placement.counters
+        below = d + 1
+        freed = [index.clear_slot(v, d) for v in victims if any(s != ABSENT for s in v.slots[below:])]
+        alone = [v for v in reversed(victims) if all(s == ABSENT for s in v.slots[below:])]
         progress = True
         while alone and progress:
             progress = False
             while alone:
-                dst = self._reserve(1, len(alone))
+                dst = placement.reserve(below, len(alone)) if below < len(placement.tiers) else []
                 if not dst:
                     break
                 progress = True
                 moved, alone = alone[: len(dst)], alone[len(dst) :]
-                self._move_down(0, [v.slots[0] for v in moved], dst, moved)
-                nbytes = len(moved) * dev.slot_bytes
-                self._counters.moved_bytes(self._names[0], self._names[1], nbytes)
-                self._shrink_demoted += nbytes
+                placement.copy(d, [v.slots[d] for v in moved], below, dst, moved)
+                self.demoted_bytes += len(moved) * dev.slot_bytes
                 for v, slot in zip(moved, dst):
-                    index.set_slot(v, 1, slot)
-                    freed.append(index.clear_slot(v, 0))
+                    index.set_slot(v, below, slot)
+                    freed.append(index.clear_slot(v, d))
             stuck = []
             for v in reversed(alone):  # children first: a parent may go once its children have
                 if v.has_resident_children():
                     stuck.append(v)
                 else:
-                    freed.append(index.clear_slot(v, 0))
-                    self._counters.dropped += 1
+                    freed.append(index.clear_slot(v, d))
+                    counters.dropped += 1
                     progress = True
             alone = stuck[::-1]
-        for branch in self.index.branches(alone):  # a stuck child goes with its parent's branch
+        for branch in index.branches(alone):  # a stuck child goes with its parent's branch
             # Leases cover whole prefixes: a leased descendant would mean a leased victim.
             assert not any(b.leases or PENDING in b.slots for b in branch), "a shrink victim's branch is leased"
-            self._counters.dropped += len(branch)
-            freed += self._drop_branch(branch, keep_tier=0)
-        self._counters.tiers[self._names[0]].evictions += len(freed)
+            counters.dropped += len(branch)
+            freed += placement.drop_branch(branch, keep_tier=d)
+        counters.tiers[dev.name].evictions += len(freed)
         dev.free(freed)
 
     def _honour_shrink(self, blocking: bool) -> bool:
         """Act on this store's pending shrink request; False if the lock was busy and `blocking` is off."""
-        assert self._budget is not None
-        if not self._lock.acquire(blocking=blocking):
+        assert self.budget is not None
+        lock = self.store.lock
+        if not lock.acquire(blocking=blocking):
             return False
         try:
-            target = self._budget.pending_target()
-            if target is not None and not self._closed:
+            target = self.budget.pending_target()
+            if target is not None and not self.store.is_closed():
                 try:
                     self._shrink_device(target)
-                    self._shrinks += 1
+                    self.shrinks += 1
                 finally:  # even after a failure: a request left pending would be retried by every operation
-                    self._budget.settle(target)
+                    self.budget.settle(target)
                 self._publish_budget()
             return True
         finally:
-            self._lock.release()
+            lock.release()
 
     def _publish_budget(self) -> None:
-        assert self._budget is not None
-        c = self._counters.tiers[self._names[0]]
-        resident = self.index.resident_count(0)
-        self._budget.publish(resident * self.layout.block_bytes, c.hits, c.hits + c.misses, resident, self._shrink_demoted)
+        assert self.budget is not None
+        c = self.placement.counters.tiers[self.tier.name]
+        resident = self.placement.index.resident_count(self.position)
+        self.budget.publish(resident * self.tier.slot_bytes, c.hits, c.hits + c.misses, resident, self.demoted_bytes)
         self._published = time.monotonic()
 
     def _watch_budget(self) -> None:
@@ -166,21 +166,22 @@ class ElasticShrink:
         ref = weakref.ref(self)
 
         def on_request(blocking: bool) -> bool:
-            store = ref()
-            return store is None or store._honour_shrink(blocking)
+            agent = ref()
+            return agent is None or agent._honour_shrink(blocking)
 
         def on_tick() -> bool:
-            store = ref()
-            if store is None:
+            agent = ref()
+            if agent is None:
                 return False
-            if store._lock.acquire(blocking=False):  # never wait here: close() joins this thread
+            lock = agent.store.lock
+            if lock.acquire(blocking=False):  # never wait here: close() joins this thread
                 try:
-                    if not store._closed:
-                        store._publish_budget()
+                    if not agent.store.is_closed():
+                        agent._publish_budget()
                 finally:
-                    store._lock.release()
+                    lock.release()
             return True
 
-        assert self._budget is not None
-        self._budget.start_watcher(on_request, on_tick)
+        assert self.budget is not None
+        self.budget.start_watcher(on_request, on_tick)
 

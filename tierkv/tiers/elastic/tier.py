@@ -26,16 +26,18 @@ import torch
 from .budget import BudgetMember
 from ...config import StoreConfig
 from ...errors import TierKVError
-from ...ops.transfer import copy_slots
 from .vmm import CudaPages, PageBackend, page_backend
-from ..base import Tier
+from ..base import StoreAccess, TierAgent
+from ..memory import PoolTier
 
 
-class ElasticTier(Tier):
+class ElasticTier(PoolTier):
     """A device tier over a `PageBackend`, optionally drawing its pages from a shared budget."""
 
+    section = "elastic"
+
     def __init__(self, name: str, num_slots: int, slot_bytes: int, backend: PageBackend, budget: BudgetMember | None = None) -> None:
-        super().__init__(name, num_slots, slot_bytes)
+        super().__init__(name, num_slots, slot_bytes, backend.device, verify_reads=False)
         if slot_bytes <= 0:
             raise ValueError(f"{name} tier: slot_bytes must be > 0, got {slot_bytes}")
         if backend.nbytes < num_slots * slot_bytes:
@@ -49,15 +51,10 @@ class ElasticTier(Tier):
         self._in_use = np.zeros(num_slots, dtype=bool)
         self._page_use = np.zeros(backend.num_pages, dtype=np.int64)  # allocated slots touching each page
         self._mapped_pages = 0
-        self._held: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # host rows a GPU copy still reads
         # A store dropped without close() still gives its memory back when it is collected.
         self._finalizer = weakref.finalize(self, backend.close)
 
     # -- geometry -----------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return self.backend.device
 
     @property
     def mapped_bytes(self) -> int:
@@ -210,35 +207,16 @@ class ElasticTier(Tier):
 
     # -- bytes --------------------------------------------------------------------------------
 
-    def _check_allocated(self, slots: Sequence[int]) -> None:
+    def _check_access(self, slots: Sequence[int]) -> None:
         """Touching an unmapped page faults the process (CPU) or the context (GPU): refuse it here."""
         if not self._in_use[np.asarray(slots, dtype=np.int64)].all():
             raise TierKVError(f"{self.name} tier: access to a slot that is not allocated: {sorted(slots)}")
 
-    def read(self, slots: Sequence[int]) -> torch.Tensor:
-        if not len(slots):
-            return torch.empty((0, self.slot_bytes), dtype=torch.uint8, device=self.device)
-        self._check_allocated(slots)
-        if self.device.type == "cuda":
-            out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, device=self.device)
-            copy_slots(self.storage, slots, out, range(len(slots)))
-            return out
-        return self.storage.index_select(0, torch.as_tensor(slots, dtype=torch.long))
+    def agent(self, store: StoreAccess) -> TierAgent:
+        """Shrink by demotion, and the dealings with the shared budget (see `shrink.py`)."""
+        from .shrink import ElasticShrink
 
-    def write(self, slots: Sequence[int], rows: torch.Tensor) -> None:
-        if not len(slots):
-            return
-        if rows.shape != (len(slots), self.slot_bytes) or rows.dtype != torch.uint8:
-            raise ValueError(
-                f"{self.name} tier: write needs uint8 rows of shape {(len(slots), self.slot_bytes)}, "
-                f"got {rows.dtype} {tuple(rows.shape)}"
-            )
-        self._check_allocated(slots)
-        rows = rows.contiguous()
-        event = copy_slots(rows, range(len(slots)), self.storage, slots)
-        if event is not None and not rows.is_cuda:  # pinned rows a DMA still reads: keep them alive
-            self._held = [(e, t) for e, t in self._held if not e.query()]
-            self._held.append((event, rows))
+        return ElasticShrink(self, store)
 
     def close(self) -> None:
         """Unmap every page, give the range back and leave the budget."""

@@ -1,0 +1,385 @@
+"""Where blocks go: placement of new blocks, eviction by demotion, promotion on hit, verified reads.
+
+The policy works on the index and on tiers through their interface only (`tiers/base.py`); it
+never asks what kind a tier is. Tiers are ordered fastest first; a block evicted from tier `t`
+moves to `t + 1` unless a copy is already there, and only the last tier deletes. The store holds
+its lock around every call.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import CapacityError
+from .index import ABSENT, PENDING, Block, Index
+from .stats import StoreCounters
+from .tiers.base import Tier
+
+if TYPE_CHECKING:
+    from .layout import KVLayout
+    from .ops.engine_layout import EngineKV
+
+
+# How a chain's new blocks reach their tier: (tier position, slots, positions in the chain, blocks).
+Writer = Callable[[int, list[int], slice, list[Block]], None]
+
+
+def group_by(items: Iterable[int], keys: Iterable[int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for item, key in zip(items, keys):
+        groups[key].append(item)
+    return groups
+
+
+@dataclass(frozen=True)
+class Spots:
+    """Where a chain of new blocks goes: the tier and slot of each, slowest tier first (the head)."""
+
+    tiers: list[int]
+    slots: list[int]
+
+
+@dataclass
+class Verified:
+    """Blocks that failed their checksum (with the tier they were read from), and those that passed in this call."""
+
+    corrupt: list[tuple[Block, int]] = field(default_factory=list)
+    checked: set[int] = field(default_factory=set)  # id() of blocks whose bytes were verified by this call
+
+
+class Placement:
+    """The eviction, demotion and promotion policy of one store's tiers."""
+
+    def __init__(self, tiers: Sequence[Tier], index: Index, counters: StoreCounters) -> None:
+        self.tiers = list(tiers)
+        self.index = index
+        self.counters = counters
+        self.names = [t.name for t in self.tiers]
+        # Where hits are promoted: the first tier with slots (no device tier behind an engine).
+        self.top = next((t for t, tier in enumerate(self.tiers) if tier.num_slots > 0), 0)
+
+    # -- placing new blocks --------------------------------------------------------
+
+    def place(self, n: int) -> Spots:
+        """Reserve slots for `n` new chain blocks: the tail in the fastest tier with room.
+
+        On failure every reserved slot goes back and `CapacityError` says why.
+        """
+        reserved: list[tuple[int, list[int]]] = []
+        remaining = n
+        try:
+            # First without deleting anything that could still move down; then, if the chain
+            # still does not fit, allow deleting blocks nothing depends on.
+            for drop_stuck in (False, True):
+                # Deleting in one tier can unblock another (a parent becomes a leaf once its
+                # child is gone): with deletion allowed, go round until a round frees nothing.
+                while remaining:
+                    before = remaining
+                    for t in range(len(self.tiers)):
+                        if remaining == 0:
+                            break
+                        slots = self.reserve(t, remaining, drop_stuck)
+                        reserved.append((t, slots))
+                        remaining -= len(slots)
+                    if remaining == before or not drop_stuck:
+                        break
+            if remaining:
+                raise CapacityError(self.capacity_message(n, n - remaining))
+        except BaseException:
+            for t, slots in reserved:
+                self.tiers[t].free(slots)
+            raise
+        by_tier: dict[int, list[int]] = defaultdict(list)
+        for t, slots in reserved:
+            by_tier[t] += slots
+        spots = Spots([], [])
+        for t in sorted(by_tier, reverse=True):  # slowest tier first: it takes the head of the chain
+            spots.tiers.extend([t] * len(by_tier[t]))
+            spots.slots.extend(by_tier[t])
+        return spots
+
+    def add_chain(self, parent: Block | None, chain: list[tuple[bytes, bytes]], start: int, write: Writer) -> list[Block]:
+        """Index and write the new blocks `chain` ((key, ident) each) below `parent`, at chain positions `start..`.
+
+        Refused with `CapacityError` before anything is evicted when leases leave too little
+        room; if a write fails, every new block is taken out again (children first) and the
+        error propagates.
+        """
+        m = len(chain)
+        movable = self.movable_slots()
+        if m > movable:
+            raise CapacityError(self.capacity_message(m, max(movable, 0)))
+        spots = self.place(m)
+        tick = self.index.tick()
+        added: list[Block] = []
+        for i, (key, ident) in enumerate(chain):
+            parent = self.index.add(key, ident, parent, spots.tiers[i], spots.slots[i], tick)
+            added.append(parent)
+        try:
+            for t, positions in group_by(range(m), spots.tiers).items():
+                span = slice(positions[0], positions[-1] + 1)  # positions are consecutive
+                write(t, spots.slots[span], slice(start + span.start, start + span.stop), added[span])
+        except BaseException:
+            for b in reversed(added):  # children first: nothing is ever stranded
+                for t in range(len(self.tiers)):
+                    if b.slots[t] != ABSENT:
+                        self.tiers[t].free([self.index.clear_slot(b, t)])
+            raise
+        return added
+
+    def movable_slots(self) -> int:
+        """Slots over all tiers that are not held by leased blocks: the most a put can ever take."""
+        return sum(t.num_slots for t in self.tiers) - self.index.leased_copies
+
+    def capacity_message(self, need: int, room: int) -> str:
+        sizes = ", ".join(f"{t.name} {t.num_slots}" for t in self.tiers)
+        return (
+            f"cannot store {need} new blocks of {self.tiers[0].slot_bytes} bytes: only {room} fit "
+            f"(slots per tier: {sizes}; {self.index.leased_copies} slots hold leased blocks that cannot move). "
+            "Release leases, store a shorter prefix, or raise device_bytes / host_bytes."
+        )
+
+    # -- eviction ------------------------------------------------------------------
+
+    def reserve(self, t: int, n: int, drop_stuck: bool = False) -> list[int]:
+        """Up to `n` free slots of tier `t`, evicting its least-recently-used leaves as needed.
+
+        A victim that has a copy in a slower tier just leaves; one that has not is demoted to
+        the next tier (which may evict in turn); the last tier deletes. A victim that cannot
+        be demoted for lack of room below stays, and fewer slots are returned — unless
+        `drop_stuck`: then a stuck victim that no resident block depends on is deleted, and if
+        leaves alone cannot make room, whole cold branches are (see `Index.cold_branches`).
+        """
+        index, tier = self.index, self.tiers[t]
+        slots = tier.allocate(n)
+        last = t == len(self.tiers) - 1
+        moving: list[tuple[Block, int]] = []
+        while len(slots) + len(moving) < n:
+            victim = index.pop_victim(t)
+            if victim is None:
+                break
+            self.counters.tiers[tier.name].evictions += 1
+            below = any(s >= 0 for s in victim.slots[t + 1 :])
+            if last or below:
+                slots.append(index.clear_slot(victim, t))
+                self.counters.dropped += int(last)
+            else:
+                index.set_slot(victim, t + 1, PENDING)  # so its parent sees it stay resident
+                moving.append((victim, index.clear_slot(victim, t)))
+        if drop_stuck and len(slots) + len(moving) < n:
+            self.drop_cold_branches(t, n - len(moving), slots)
+        if not moving:
+            return slots
+        dst = self.reserve(t + 1, len(moving))
+        if dst:
+            src = [old for _, old in moving[: len(dst)]]
+            self.copy(t, src, t + 1, dst, [victim for victim, _ in moving[: len(dst)]])
+            for (victim, old), new in zip(moving, dst):
+                index.set_slot(victim, t + 1, new)
+                slots.append(old)
+        for victim, old in moving[len(dst) :]:
+            if victim.has_resident_children() or not drop_stuck:
+                index.set_slot(victim, t, old)
+                index.clear_slot(victim, t + 1)
+                self.counters.tiers[tier.name].evictions -= 1
+            else:
+                index.clear_slot(victim, t + 1)
+                slots.append(old)
+                self.counters.dropped += 1
+        return slots
+
+    def drop_branch(self, branch: list[Block], keep_tier: int | None = None) -> list[int]:
+        """Delete `branch` (parents before children) from every tier, children first.
+
+        Freed slots go back to their tiers, except those of `keep_tier`, which are returned to
+        the caller that needs them.
+        """
+        kept = []
+        for b in reversed(branch):  # children first: nothing is ever stranded
+            for u, s in enumerate(b.slots):
+                if s >= 0:
+                    slot = self.index.clear_slot(b, u)
+                    if u == keep_tier:
+                        kept.append(slot)
+                    else:
+                        self.tiers[u].free([slot])
+        return kept
+
+    def drop_cold_branches(self, t: int, want: int, slots: list[int]) -> None:
+        """Delete cold unleased branches rooted in tier `t` until `slots` holds `want` of its slots."""
+        for branch in self.index.cold_branches(t):
+            if len(slots) >= want:
+                break
+            self.counters.tiers[self.names[t]].evictions += 1
+            self.counters.dropped += len(branch)
+            slots += self.drop_branch(branch, keep_tier=t)
+        if len(slots) > want:
+            self.tiers[t].free(slots[want:])
+            del slots[want:]
+
+    def discard_copy(self, block: Block, t: int) -> None:
+        """Forget a copy that failed verification (or was lost); without another copy, its subtree goes too."""
+        if self.index.blocks.get(block.key) is not block or block.slots[t] < 0:
+            return
+        if any(s >= 0 for u, s in enumerate(block.slots) if u != t):
+            self.tiers[t].free([self.index.clear_slot(block, t)])
+            return
+        self.drop_branch(self.index.subtree(block))
+
+    # -- moving bytes --------------------------------------------------------------
+
+    def copy(self, src: int, src_slots: list[int], dst: int, dst_slots: list[int], blocks: list[Block]) -> None:
+        """Copy slots between two tiers, slot to slot where the tiers allow it, else through rows.
+
+        Not verified here: a corrupt copy keeps its original checksum below and is caught when
+        it is next read to be served.
+        """
+        if not self.tiers[src].copy_to(src_slots, self.tiers[dst], dst_slots, blocks):
+            self.tiers[dst].write(dst_slots, self.tiers[src].read(src_slots), blocks)
+        self.counters.moved_bytes(self.names[src], self.names[dst], len(dst_slots) * self.tiers[dst].slot_bytes)
+
+    def write(self, t: int, slots: list[int], rows: torch.Tensor, blocks: list[Block], source: str) -> None:
+        self.tiers[t].write(slots, rows, blocks)
+        self.counters.moved_bytes(source, self.names[t], rows.numel())
+
+    def verify(self, t: int, blocks: list[Block], rows: torch.Tensor | None = None) -> list[int]:
+        """Positions of `blocks` whose bytes in tier `t` (or in `rows` read from it) fail their checksum.
+
+        Without `rows`, the tier hashes its slots where they lie when it can: no copy just to check them.
+        """
+        tier = self.tiers[t]
+        if not tier.verify_reads or not blocks:
+            return []
+        if rows is not None and rows.device.type == "cpu":
+            from .integrity import checksum_rows
+
+            sums = checksum_rows(rows)
+        else:
+            sums = tier.checksums([b.slots[t] for b in blocks])
+        bad = [i for i, (b, s) in enumerate(zip(blocks, sums)) if b.checksum is not None and b.checksum != s]
+        self.counters.tiers[tier.name].corrupt += len(bad)
+        return bad
+
+    def promote(self, blocks: list[Block], verified: Verified) -> None:
+        """Copy leased `blocks` that live only in slower tiers up to the top tier, as room allows.
+
+        Every promoted block is verified on its way up (and noted in `verified.checked`, so it is
+        not hashed again when served); those that fail are noted in `verified.corrupt` and not promoted.
+        """
+        top = self.top
+        slow = [b for b in blocks if b.fastest > top]
+        if not slow:
+            return
+        dst = self.reserve(top, len(slow))
+        lifted = slow[: len(dst)]
+        for src_tier, picks in group_by(range(len(lifted)), [b.fastest for b in lifted]).items():
+            group = [lifted[i] for i in picks]
+            slots = [dst[i] for i in picks]
+            src = self.tiers[src_tier]
+            direct = src.hashes_in_place
+            # Memory to memory: checksums over the source slots in place, then one slot-to-slot
+            # copy (a DMA on a GPU). From disk the bytes come through rows that are hashed once.
+            rows = None if direct else src.read([b.slots[src_tier] for b in group])
+            bad = self.verify(src_tier, group, rows)
+            if bad:
+                bad_set = set(bad)
+                self.tiers[top].free([slots[i] for i in bad])
+                verified.corrupt += [(group[i], src_tier) for i in bad]
+                good = [i for i in range(len(group)) if i not in bad_set]
+                group, slots = [group[i] for i in good], [slots[i] for i in good]
+                rows = rows[good] if rows is not None else None
+            if rows is None:
+                self.copy(src_tier, [b.slots[src_tier] for b in group], top, slots, group)
+            else:
+                self.write(top, slots, rows, group, self.names[src_tier])
+            for block, slot in zip(group, slots):
+                self.index.set_slot(block, top, slot)
+            if src.verify_reads:
+                verified.checked.update(id(b) for b in group)
+
+    def _check_group(self, t: int, group: list[Block], rows: torch.Tensor | None, verified: Verified) -> bool:
+        """Verify the blocks of `group` (read from tier `t`, as `rows` if given) not yet verified by this call."""
+        unchecked = [i for i, b in enumerate(group) if id(b) not in verified.checked]
+        if not unchecked:
+            return True
+        part = None if rows is None else rows if len(unchecked) == len(group) else rows[unchecked]
+        bad = self.verify(t, [group[i] for i in unchecked], part)
+        verified.corrupt += [(group[unchecked[i]], t) for i in bad]
+        return not bad
+
+    def gather(self, blocks: list[Block], device: torch.device, verified: Verified) -> torch.Tensor:
+        """One `[n, block_bytes]` uint8 tensor on `device`, each block read from its fastest tier and verified."""
+        groups = group_by(range(len(blocks)), [b.fastest for b in blocks])
+        out: torch.Tensor | None = None
+        for t, picks in groups.items():
+            group = [blocks[i] for i in picks]
+            part = self.tiers[t].read([b.slots[t] for b in group])
+            self._check_group(t, group, part, verified)
+            part = part.to(device)
+            self.counters.moved_bytes(self.names[t], "get", part.numel())
+            if len(groups) == 1:
+                out = part
+            else:
+                if out is None:
+                    out = torch.empty((len(blocks), self.tiers[t].slot_bytes), dtype=torch.uint8, device=device)
+                out.index_copy_(0, torch.as_tensor(picks, device=device), part)
+        assert out is not None
+        return out
+
+    def load_into_engine(self, blocks: list[Block], engine: EngineKV, engine_slots: torch.Tensor, layout: KVLayout,
+                         verified: Verified) -> None:
+        """Copy each block from its fastest tier into the engine tokens `engine_slots[i]`, verified first.
+
+        A tier that hashes in place is verified where the bytes lie and copies slot to page;
+        others (disk) are read once into rows that are verified and then scattered.
+        """
+        for t, picks in group_by(range(len(blocks)), [b.fastest for b in blocks]).items():
+            group = [blocks[i] for i in picks]
+            tier = self.tiers[t]
+            slots = [b.slots[t] for b in group]
+            rows = tier.read(slots) if tier.verify_reads and not tier.hashes_in_place else None
+            if self._check_group(t, group, rows, verified):
+                tier.load_into_engine(slots, engine, engine_slots[torch.as_tensor(picks)], layout, rows)
+                self.counters.moved_bytes(tier.name, "engine", len(group) * layout.block_bytes)
+
+    def flush_into(self, d: int) -> None:
+        """Copy blocks with no copy in tier `d` into its free slots, parents first (a clean close)."""
+        depth: dict[int, int] = {}
+
+        def depth_of(b: Block | None) -> int:
+            chain = []
+            while b is not None and id(b) not in depth:
+                chain.append(b)
+                b = b.parent
+            base = depth[id(b)] if b is not None else -1
+            for i, c in enumerate(reversed(chain)):
+                depth[id(c)] = base + 1 + i
+            return depth[id(chain[0])] if chain else base
+
+        todo = [b for b in self.index.blocks.values() if b.slots[d] == ABSENT]
+        todo.sort(key=depth_of)
+        todo = todo[: self.tiers[d].free_slots]
+        for src, picks in group_by(range(len(todo)), [b.fastest for b in todo]).items():
+            blocks = [todo[i] for i in picks]
+            slots = self.tiers[d].allocate(len(blocks))
+            self.copy(src, [b.slots[src] for b in blocks], d, slots, blocks)
+            for b, slot in zip(blocks, slots):
+                self.index.set_slot(b, d, slot)
+
+    # -- accounting ----------------------------------------------------------------
+
+    def count_lookups(self, blocks: list[Block], requested: int) -> None:
+        """A block is a hit in its fastest tier and a miss in each faster one; unfound blocks miss everywhere."""
+        found = Counter(b.fastest for b in blocks)
+        covered = 0
+        for t, name in enumerate(self.names):
+            c = self.counters.tiers[name]
+            covered += found[t]
+            c.hits += found[t]
+            c.misses += requested - covered
+
