@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from ..config import StoreConfig
+from ..errors import ConfigError
 from ..ops import cuda_driver as _cuda
 from ..ops.transfer import transfer_paths
 from ..tiers.disk import kvikio_status
-from ..config import StoreConfig
-from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -159,5 +159,7 @@ def disk_io_in_effect(config: dict[str, Any] | None) -> str:
     usable, why = kvikio_status()
     wanted = (config or {}).get("disk_io", "auto")
     if wanted == "posix" or (wanted == "auto" and not usable):
-        return f"posix (pread/pwrite, O_DIRECT where the file system allows): {why}" if wanted == "auto" else "posix (disk_io=posix)"
+        if wanted == "posix":
+            return "posix (disk_io=posix)"
+        return f"posix (pread/pwrite, O_DIRECT where the file system allows): {why}"
     return f"kvikio: {why}" if usable else f"disk_io=kvikio cannot work here: {why}"

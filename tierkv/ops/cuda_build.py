@@ -28,7 +28,7 @@ from . import cuda_driver as _cuda
 log = logging.getLogger("tierkv.ops")
 
 try:  # `tierkv._csrc` when installed; the source tree's csrc/ maps to it (see pyproject)
-    from tierkv import _csrc as _csrc_pkg
+    from tierkv import _csrc as _csrc_pkg  # type: ignore[attr-defined]  # exists only once installed
 
     CSRC_DIR = Path(_csrc_pkg.__file__).parent
 except ImportError:  # running from a source checkout without an editable install
@@ -156,8 +156,9 @@ class Module:
         driver = cuda_driver()
         self._make_current()
         params = (tuple(a.value for a in args), tuple(a.ctype for a in args))
+        cu_stream = driver.CUstream(stream.cuda_stream)
         check_cuda(
-            driver.cuLaunchKernel(self.function(name), grid, 1, 1, block, 1, 1, 0, driver.CUstream(stream.cuda_stream), params, 0),
+            driver.cuLaunchKernel(self.function(name), grid, 1, 1, block, 1, 1, 0, cu_stream, params, 0),
             f"kernel {name} ({self.source})",
         )
 

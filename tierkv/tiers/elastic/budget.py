@@ -513,7 +513,8 @@ class BudgetMember:
         """Counters for `tierkv top`; only this member writes them, readers tolerate a torn update."""
         if self._left:
             return
-        _STATS.pack_into(self._mm, _row_offset(self.row) + _STATS_OFFSET, used_bytes, hits, lookups, blocks, demoted_bytes, time.time())
+        offset = _row_offset(self.row) + _STATS_OFFSET
+        _STATS.pack_into(self._mm, offset, used_bytes, hits, lookups, blocks, demoted_bytes, time.time())
 
     def snapshot(self) -> BudgetSnapshot:
         with self._locked():

@@ -257,7 +257,7 @@ class HostPages(PageBackend):
         vec = (ctypes.c_ubyte * n)()
         if _libc.mincore(self.address, self._length, vec):
             raise _os_error("mincore")
-        return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * mmap.PAGESIZE
+        return int((np.frombuffer(memoryview(vec), dtype=np.uint8) & 1).sum()) * mmap.PAGESIZE
 
     def _release_range(self) -> None:
         self._tensor = self._tensor[:0]
@@ -302,7 +302,9 @@ class CudaPages(PageBackend):
         granularity = cuda_granularity(index)
         page_bytes = granularity if page_bytes is None else page_bytes
         if page_bytes <= 0 or page_bytes % granularity:
-            raise ConfigError(f"device_page_bytes: must be a multiple of the GPU's VMM granularity {granularity}, got {page_bytes}")
+            raise ConfigError(
+                f"device_page_bytes: must be a multiple of the GPU's VMM granularity {granularity}, got {page_bytes}"
+            )
         super().__init__(num_bytes, page_bytes)
         self._device = torch.device("cuda", index)
         (self._dev,) = _check(driver.cuDeviceGet(index), "cuDeviceGet")
@@ -315,7 +317,8 @@ class CudaPages(PageBackend):
         self._access = [access]
         self._length = max(self.nbytes, page_bytes)
         self._make_current()
-        (base,) = _check(driver.cuMemAddressReserve(self._length, page_bytes, 0, 0), f"cuMemAddressReserve of {self._length} bytes")
+        (base,) = _check(driver.cuMemAddressReserve(self._length, page_bytes, 0, 0),
+                         f"cuMemAddressReserve of {self._length} bytes")
         self.address = int(base)
         self._tensor = tensor_over(self.address, self.nbytes, self._device)
 
