@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,7 +103,8 @@ def test_info_json_is_valid_and_says_there_is_no_gpu_here(capsys: pytest.Capture
         assert data["pinned_memory"]["available"] is False
 
 
-def test_info_shows_a_config_error_instead_of_failing(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_info_shows_a_config_error_instead_of_failing(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TIERKV_HOST_BYTES", "plenty")
     assert main(["info"]) == 0
     out = capsys.readouterr().out
@@ -113,6 +115,24 @@ def test_info_shows_the_environment_config(capsys: pytest.CaptureFixture[str], m
     monkeypatch.setenv("TIERKV_DEVICE_BYTES", "3GiB")
     assert main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["device_bytes"] == 3 << 30
+
+
+def test_info_shows_the_config_file_under_the_variables(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    path = tmp_path / "tierkv.yaml"
+    path.write_text("device_bytes: 2GiB\nhost_bytes: 5GiB\n")
+    monkeypatch.setenv("TIERKV_CONFIG", str(path))
+    monkeypatch.setenv("TIERKV_HOST_BYTES", "6GiB")
+    assert main(["info", "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert (config["device_bytes"], config["host_bytes"]) == (2 << 30, 6 << 30)
+
+
+def test_info_shows_a_bad_log_level_as_a_config_error(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_LOG_LEVEL", "loud")
+    assert main(["info"]) == 0
+    assert "error: TIERKV_LOG_LEVEL" in capsys.readouterr().out
 
 
 # -- demo ----------------------------------------------------------------------------
@@ -176,6 +196,10 @@ def test_demo_flags_override_the_environment(capsys: pytest.CaptureFixture[str],
         (("replay", "--users", "0"), ("--users", "expected a whole number >= 1", "'0'")),
         (("replay", "--turns", "two"), ("--turns", "'two'")),
         (("replay", "--seed", "-1"), ("--seed", "expected a whole number >= 0")),
+        (("replay", "--users", "1.5"), ("--users", "expected a whole number >= 1", "'1.5'")),
+        (("replay", "--device-bytes", "1EiB"), ("--device-bytes", "expected a size such as 64MiB", "PiB", "'1EiB'")),
+        (("top", "--interval", "0"), ("--interval", "expected a number > 0", "'0'")),
+        (("top", "--interval", "nan"), ("--interval", "expected a number > 0", "'nan'")),
         (("info", "--verbose"), ("unrecognized arguments: --verbose",)),
     ],
 )
@@ -202,6 +226,13 @@ def test_demo_with_tiers_too_small_for_one_prompt_says_what_to_raise(capsys: pyt
 def test_demo_with_a_bad_environment_names_the_variable_family() -> None:
     done = tierkv("replay", env={"TIERKV_DEVICE_BYTES": "abc"})
     assert_usage_error(done, "TIERKV_* environment", "device_bytes", "'abc'")
+
+
+def test_a_bad_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_LOG_LEVEL", "loud")
+    assert main(["top", "--once", "no-such-budget-here"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tierkv top: error: TIERKV_LOG_LEVEL: expected one of") and "'loud'" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")

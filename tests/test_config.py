@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_layout
-from tierkv import BlockStore, ConfigError, Namespace, StoreConfig
-from tierkv.config import parse_bytes
+
+import tierkv
+from tierkv import BlockStore, ConfigError, Namespace, StoreConfig, parse_bool, parse_bytes, parse_float, parse_int
 
 
 def test_defaults() -> None:
@@ -67,7 +69,8 @@ def test_bad_device_names_the_field(value: object) -> None:
         StoreConfig(device=value)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("value", "expected"), [("yes", True), ("ON", True), ("1", True), ("false", False), ("off", False), (False, False)])
+@pytest.mark.parametrize(("value", "expected"),
+                         [("yes", True), ("ON", True), ("1", True), ("false", False), ("off", False), (False, False)])
 def test_pin_host_accepts_bool_words(value: object, expected: bool) -> None:
     assert StoreConfig(pin_host=value).pin_host is expected
 
@@ -136,7 +139,8 @@ def test_directory_is_a_config_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "text", "kind"),
-    [("bad.json", '{"device_bytes": 1,', "json"), ("bad.yaml", "device_bytes: [1, 2\n", "yaml"), ("bad.conf", "device_bytes=1", "conf")],
+    [("bad.json", '{"device_bytes": 1,', "json"), ("bad.yaml", "device_bytes: [1, 2\n", "yaml"),
+     ("bad.conf", "device_bytes=1", "conf")],
 )
 def test_bad_syntax_is_a_config_error(tmp_path: Path, name: str, text: str, kind: str) -> None:
     p = tmp_path / name
@@ -194,8 +198,10 @@ def test_from_env_unknown_variable_is_named() -> None:
         StoreConfig.from_env({"TIERKV_DEVCE_BYTES": "1GiB"})
 
 
-def test_from_env_ignores_program_variables() -> None:
-    c = StoreConfig.from_env({"TIERKV_CONFIG": "/etc/x.yaml", "TIERKV_LOG_LEVEL": "debug", "TIERKVX": "1"})
+def test_from_env_ignores_program_variables(tmp_path: Path) -> None:
+    p = tmp_path / "empty.json"
+    p.write_text("{}")
+    c = StoreConfig.from_env({"TIERKV_CONFIG": str(p), "TIERKV_LOG_LEVEL": "", "TIERKVX": "1"})
     assert c == StoreConfig()
 
 
@@ -223,3 +229,196 @@ def test_capacities_become_whole_slots() -> None:
         assert store.tiers[0].num_slots == 3 and store.tiers[1].num_slots == 0
         s = store.stats()["tiers"]
         assert s["device"]["capacity_bytes"] == 3 * bb and s["host"]["capacity_bytes"] == 0
+
+
+# -- the shared parsers ------------------------------------------------------------------
+
+
+def test_the_parsers_are_public() -> None:
+    for name in ("parse_bool", "parse_bytes", "parse_float", "parse_int"):
+        assert name in tierkv.__all__ and getattr(tierkv, name) is getattr(tierkv.config, name)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1PiB", 1 << 50), ("2 pib", 2 << 50), ("1PB", 10**15), ("3 pb", 3 * 10**15), ("0.5PiB", 1 << 49),
+     ("5TiB", 5 << 40), ("1KB", 1000), ("1KiB", 1024), ("1k", 1000), ("+4MiB", 4 << 20),
+     ("9007199254740993", 2**53 + 1)],  # exact, not through a float
+)
+def test_parse_bytes_units(text: str, expected: int) -> None:
+    assert parse_bytes(text, "disk_bytes") == expected
+
+
+@pytest.mark.parametrize("value", [True, False, 1.5, "1.5.5GiB", "1 2MiB", "12XB", "1EiB", "0x10", "1_000", "inf", float("nan")])
+def test_parse_bytes_refuses_non_sizes_naming_the_field_and_the_units(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^disk_bytes: expected a size such as 64MiB.*PiB\), got ") as e:
+        parse_bytes(value, "disk_bytes")
+    assert repr(value) in str(e.value)
+
+
+@pytest.mark.parametrize("value", ["-1GiB", "-0.5B", -1])
+def test_parse_bytes_refuses_negative_sizes(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^host_bytes: must be >= 0, got "):
+        parse_bytes(value, "host_bytes")
+
+
+@pytest.mark.parametrize(("value", "expected"), [(7, 7), ("12", 12), (" 3 ", 3), ("-2", -2), ("+5", 5), (0, 0)])
+def test_parse_int_accepts_ints_and_decimal_strings(value: object, expected: int) -> None:
+    assert parse_int(value, "n") == expected
+
+
+@pytest.mark.parametrize("value", [True, False, "4.0", 4.0, "1e3", "0x10", "1_000", "", "  ", "four", None, "\u00b2", [1]])
+def test_parse_int_refuses_bools_floats_and_other_spellings(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^io_threads: expected a whole number, got ") as e:
+        parse_int(value, "io_threads")
+    assert repr(value) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "value", "message"),
+    [({"minimum": 1}, 0, r"^n: expected a whole number >= 1, got 0$"),
+     ({"maximum": 9}, "10", r"^n: expected a whole number <= 9, got '10'$"),
+     ({"minimum": 1, "maximum": 256}, 257, r"^n: expected a whole number from 1 to 256, got 257$"),
+     ({"minimum": 1, "maximum": 256}, True, r"^n: expected a whole number from 1 to 256, got True$")],
+)
+def test_parse_int_names_its_bounds(bounds: dict[str, int], value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_int(value, "n", **bounds)
+    for bound in bounds.values():  # the bounds themselves are in range
+        assert parse_int(bound, "n", **bounds) == bound
+
+
+@pytest.mark.parametrize(("value", "expected"), [(2, 2.0), ("0.5", 0.5), (" 2e-3 ", 0.002), (1.25, 1.25)])
+def test_parse_float_accepts_numbers(value: object, expected: float) -> None:
+    assert parse_float(value, "interval", above=0) == expected
+
+
+@pytest.mark.parametrize("value", [0, "0", -1.0, True, "nan", "inf", float("-inf"), "soon", None])
+def test_parse_float_refuses_non_numbers_and_values_at_or_below_the_bound(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^interval: expected a number > 0, got "):
+        parse_float(value, "interval", above=0)
+
+
+TRUE_WORDS = ["1", "true", "True", "TRUE", "yes", "Yes", "on", "ON", " on ", True, 1]
+FALSE_WORDS = ["0", "false", "False", "no", "NO", "off", "Off", False, 0]
+
+
+@pytest.mark.parametrize(("value", "expected"), [(w, True) for w in TRUE_WORDS] + [(w, False) for w in FALSE_WORDS])
+def test_parse_bool_spellings(value: object, expected: bool) -> None:
+    assert parse_bool(value, "verify_reads") is expected
+    assert StoreConfig(verify_reads=value).verify_reads is expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["maybe", "y", "n", "t", "", "2", 2, -1, 1.0, None, [True]])
+def test_parse_bool_refuses_other_spellings_naming_the_field(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^flush_on_close: expected true or false \(or yes/no, on/off, 1/0\), got ") as e:
+        parse_bool(value, "flush_on_close")
+    assert repr(value) in str(e.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("8", 8), (" 16 ", 16), (1, 1), (256, 256)])
+def test_io_threads_goes_through_parse_int(value: object, expected: int) -> None:
+    assert StoreConfig(io_threads=value).io_threads == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [0, 257, True, "4.0", "many"])
+def test_bad_io_threads_names_the_field_and_range(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^io_threads: expected a whole number from 1 to 256, got "):
+        StoreConfig(io_threads=value)  # type: ignore[arg-type]
+
+
+def test_every_bool_field_takes_the_same_words_from_the_environment() -> None:
+    env = {"TIERKV_PIN_HOST": "on", "TIERKV_FLUSH_ON_CLOSE": "No", "TIERKV_VERIFY_READS": "0", "TIERKV_IO_THREADS": "2"}
+    c = StoreConfig.from_env(env)
+    assert (c.pin_host, c.flush_on_close, c.verify_reads, c.io_threads) == (True, False, False, 2)
+
+
+# -- TIERKV_CONFIG and TIERKV_LOG_LEVEL ----------------------------------------------------
+
+
+def test_tierkv_config_file_is_read_first_and_variables_override_it(tmp_path: Path) -> None:
+    p = tmp_path / "tierkv.yaml"
+    p.write_text("host_bytes: 8MiB\ndisk_bytes: 1GiB\nverify_reads: off\n")
+    c = StoreConfig.from_env({"TIERKV_CONFIG": str(p), "TIERKV_DISK_BYTES": "2GiB"},
+                             base={"device_bytes": 5, "host_bytes": 7})
+    assert (c.device_bytes, c.host_bytes, c.disk_bytes, c.verify_reads) == (5, 8 << 20, 2 << 30, False)
+
+
+def test_tierkv_config_json_file(tmp_path: Path) -> None:
+    p = tmp_path / "tierkv.json"
+    p.write_text(json.dumps({"device": "cpu", "io_threads": 3}))
+    c = StoreConfig.from_env({"TIERKV_CONFIG": str(p)})
+    assert (c.device, c.io_threads) == ("cpu", 3)
+
+
+def test_empty_tierkv_config_is_unset() -> None:
+    assert StoreConfig.from_env({"TIERKV_CONFIG": "  "}) == StoreConfig()
+
+
+def test_missing_tierkv_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"^cannot read config file {tmp_path / 'nope.yaml'}: .* \(named by TIERKV_CONFIG\)$"):
+        StoreConfig.from_env({"TIERKV_CONFIG": str(tmp_path / "nope.yaml")})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"^config file .*bad\.json is not valid json: .* \(named by TIERKV_CONFIG\)$"):
+        StoreConfig.from_env({"TIERKV_CONFIG": str(tmp_path / "bad.json")})
+
+
+def test_unknown_field_in_tierkv_config_names_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"hots_bytes": 1}))
+    message = rf"config file {p} \(named by TIERKV_CONFIG\): unknown config field\(s\) \['hots_bytes'\]; known fields are "
+    with pytest.raises(ConfigError, match=message):
+        StoreConfig.from_env({"TIERKV_CONFIG": str(p)})
+
+
+def test_bad_value_in_tierkv_config_names_the_field_and_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("host_bytes: lots\n")
+    with pytest.raises(ConfigError, match=rf"^host_bytes: expected a size .* \(in config file {p}, named by TIERKV_CONFIG\)$"):
+        StoreConfig.from_env({"TIERKV_CONFIG": str(p)})
+    with pytest.raises(ConfigError, match=r"^host_bytes: expected a size .*'plenty'$"):  # the variable's value is at fault
+        StoreConfig.from_env({"TIERKV_CONFIG": str(p), "TIERKV_HOST_BYTES": "plenty"})
+    assert StoreConfig.from_env({"TIERKV_CONFIG": str(p), "TIERKV_HOST_BYTES": "1MiB"}).host_bytes == 1 << 20
+
+
+@pytest.fixture
+def tierkv_logger() -> Iterator[logging.Logger]:
+    logger = logging.getLogger("tierkv")
+    level, handlers = logger.level, list(logger.handlers)
+    yield logger
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+
+
+@pytest.mark.parametrize(("word", "level"), [("debug", logging.DEBUG), ("INFO", logging.INFO), (" Warning ", logging.WARNING),
+                                             ("error", logging.ERROR), ("critical", logging.CRITICAL)])
+def test_tierkv_log_level_sets_the_tierkv_logger(tierkv_logger: logging.Logger, word: str, level: int) -> None:
+    assert StoreConfig.from_env({"TIERKV_LOG_LEVEL": word}) == StoreConfig()
+    assert tierkv_logger.level == level
+
+
+def test_tierkv_log_level_unset_leaves_logging_alone(tierkv_logger: logging.Logger) -> None:
+    tierkv_logger.setLevel(logging.ERROR)
+    StoreConfig.from_env({"TIERKV_LOG_LEVEL": ""})
+    StoreConfig.from_env({})
+    assert tierkv_logger.level == logging.ERROR
+
+
+def test_tierkv_log_level_adds_one_stderr_handler_only_where_none_exists(tierkv_logger: logging.Logger,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    tierkv_logger.handlers[:] = []
+    for _ in range(2):
+        StoreConfig.from_env({"TIERKV_LOG_LEVEL": "debug"})
+    assert len(tierkv_logger.handlers) == 1
+    tierkv_logger.handlers[:] = []
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.NullHandler()])
+    StoreConfig.from_env({"TIERKV_LOG_LEVEL": "debug"})
+    assert tierkv_logger.handlers == [], "the application's root handler shows tierkv's records already"
+
+
+@pytest.mark.parametrize("word", ["verbose", "10", "warn"])
+def test_bad_tierkv_log_level_is_named(tierkv_logger: logging.Logger, word: str) -> None:
+    message = r"^TIERKV_LOG_LEVEL: expected one of \['debug', 'info', 'warning', 'error', 'critical'\], got "
+    with pytest.raises(ConfigError, match=message):
+        StoreConfig.from_env({"TIERKV_LOG_LEVEL": word})

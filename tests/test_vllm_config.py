@@ -7,6 +7,7 @@ also reports these errors is checked in test_vllm_engine.py.
 
 from __future__ import annotations
 
+import ast
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,14 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
     MLAAttentionSpec,
     SlidingWindowSpec,
 )
-
-from tierkv import ConfigError  # noqa: E402
-from tierkv_connectors.vllm.config import ConnectorConfig  # noqa: E402
-from tierkv_connectors.vllm import TierKVConnector  # noqa: E402
-from tierkv_connectors.vllm.identity import engine_namespace, weights_fingerprint  # noqa: E402
-
 from vllm_model import make_model  # noqa: E402
+
+import tierkv  # noqa: E402
+import tierkv_connectors.vllm.config as connector_config  # noqa: E402
+from tierkv import ConfigError  # noqa: E402
+from tierkv_connectors.vllm import TierKVConnector  # noqa: E402
+from tierkv_connectors.vllm.config import ConnectorConfig  # noqa: E402
+from tierkv_connectors.vllm.identity import engine_namespace, weights_fingerprint  # noqa: E402
 
 NAMES = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 
@@ -48,7 +50,8 @@ def kv_cache_config(*specs: Any) -> KVCacheConfig:
     return KVCacheConfig(num_blocks=16, kv_cache_tensors=[], kv_cache_groups=groups)
 
 
-def connector(model: Path, extra: dict[str, Any], policy: str = "recompute", cache: KVCacheConfig | None = None) -> TierKVConnector:
+def connector(model: Path, extra: dict[str, Any], policy: str = "recompute",
+              cache: KVCacheConfig | None = None) -> TierKVConnector:
     transfer = KVTransferConfig(kv_connector="TierKVConnector", kv_connector_module_path="tierkv_connectors.vllm",
                                 kv_role="kv_both", kv_load_failure_policy=policy, kv_connector_extra_config=extra)
     config = EngineArgs(model=str(model), dtype="float32", enforce_eager=True, max_model_len=1024,
@@ -106,6 +109,39 @@ def test_hybrid_models_with_two_cache_groups_are_refused(model: Path) -> None:
     full = FullAttentionSpec(block_size=128, num_kv_heads=1, head_size=32, dtype=torch.float32)
     with pytest.raises(ConfigError, match="2"):
         connector(model, {}, cache=kv_cache_config(full, full))
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({}, (None, True)),
+    ({"block_tokens": "32", "async_disk_loads": "off"}, (32, False)),
+    ({"block_tokens": 64, "async_disk_loads": "Yes"}, (64, True)),
+    ({"block_tokens": " 16 ", "async_disk_loads": 0}, (16, False)),
+])
+def test_connector_keys_take_the_spellings_store_fields_take(extra: dict[str, Any], expected: tuple[Any, bool]) -> None:
+    config = ConnectorConfig.from_extra(extra, environ={})
+    assert (config.block_tokens, config.async_disk_loads) == expected
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"block_tokens": True}, r"^kv_connector_extra_config\.block_tokens: expected a whole number >= 1, got True$"),
+    ({"block_tokens": "32.0"}, r"^kv_connector_extra_config\.block_tokens: expected a whole number >= 1, got '32\.0'$"),
+    ({"block_tokens": -16}, r"^kv_connector_extra_config\.block_tokens: expected a whole number >= 1, got -16$"),
+    ({"async_disk_loads": "maybe"}, r"^kv_connector_extra_config\.async_disk_loads: expected true or false .*'maybe'$"),
+    ({"async_disk_loads": 2}, r"^kv_connector_extra_config\.async_disk_loads: expected true or false .*got 2$"),
+])
+def test_bad_connector_keys_name_the_key_and_what_is_expected(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ConnectorConfig.from_extra(extra, environ={})
+
+
+def test_the_connector_config_uses_only_public_tierkv_names() -> None:
+    tree = ast.parse(Path(connector_config.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tierkv":
+            assert node.module == "tierkv" and node.level == 0, ast.unparse(node)
+            assert {a.name for a in node.names} <= set(tierkv.__all__), ast.unparse(node)
+        if isinstance(node, ast.Import):
+            assert not any(a.name.split(".")[0] == "tierkv" for a in node.names), ast.unparse(node)
 
 
 def test_environment_overrides_the_extra_config_and_unknown_variables_fail() -> None:

@@ -2,25 +2,46 @@
 
 Validated once, in `__post_init__`, with messages that name the field, so a bad value fails at
 start-up and not in the middle of serving.
+
+`parse_bytes`, `parse_int`, `parse_float` and `parse_bool` are the project's one way to read a
+setting (the store's fields, the command line's options, the vLLM connector's keys): the same
+spellings are accepted everywhere and a refusal is a `ConfigError` that names the field and says
+what was expected.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
 ENV_PREFIX = "TIERKV_"
+CONFIG_ENV = "TIERKV_CONFIG"  # path of a YAML/JSON file that `StoreConfig.from_env` reads first
+LOG_LEVEL_ENV = "TIERKV_LOG_LEVEL"  # level of the "tierkv" logger
+# TIERKV_ variables that steer the program rather than name a store field.
+_PROGRAM_ENV = frozenset({CONFIG_ENV, LOG_LEVEL_ENV})
 DURABILITY = ("none", "batch", "every")
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+# Decimal units are powers of 1000, binary ones (KiB...) powers of 1024; bare k/m/g/t/p are decimal.
+_UNITS = {"": 1, "b": 1,
+          "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "p": 1000**5, "pb": 1000**5,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "pib": 1024**5}
+_SIZE = re.compile(r"^\s*([+-]?[0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_INT = re.compile(r"^\s*[+-]?[0-9]+\s*$")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+               "error": logging.ERROR, "critical": logging.CRITICAL}
 _BUDGET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -31,32 +52,134 @@ def check_budget_name(name: str) -> str:
     return name
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# -- the shared parsers ------------------------------------------------------------------
 
 
 def parse_bytes(value: Any, field: str) -> int:
-    """Accept an int or a size string such as "512MiB", "4 GB", "1.5GiB"."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{field}: expected a size in bytes, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, float) and value.is_integer():
-        n = int(value)
-    elif isinstance(value, str) and (m := _SIZE.match(value)) and m.group(2).lower() in _UNITS:
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    else:
-        raise ConfigError(f"{field}: expected a size such as 1073741824 or '1GiB', got {value!r}")
-    if n < 0:
+    """A size in bytes, >= 0: an int, a whole float, or a string such as "512MiB", "4 GB", "1.5GiB".
+
+    Units (any case, optional space before them): B; KB, MB, GB, TB, PB (powers of 1000);
+    KiB, MiB, GiB, TiB, PiB (powers of 1024). A fractional result is rounded down to whole bytes.
+    Bools are refused. Raises `ConfigError` naming `field`.
+    """
+    exact = _exact_bytes(value)
+    if exact is None:
+        raise ConfigError(f"{field}: expected a size such as 64MiB, 1.5GiB or 1048576 (units B, KB, MB, GB, TB, PB "
+                          f"or KiB, MiB, GiB, TiB, PiB), got {value!r}")
+    if exact < 0:
         raise ConfigError(f"{field}: must be >= 0, got {value!r}")
+    return int(exact)
+
+
+def _exact_bytes(value: Any) -> Fraction | None:
+    """The exact number of bytes `value` spells, or None where it spells no size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Fraction(value)
+    if isinstance(value, float):
+        return Fraction(value) if value.is_integer() else None
+    if isinstance(value, str) and (m := _SIZE.match(value)) and m.group(2).lower() in _UNITS:
+        return Fraction(m.group(1)) * _UNITS[m.group(2).lower()]
+    return None
+
+
+def parse_int(value: Any, field: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """A whole number within [`minimum`, `maximum`] (either bound optional): an int or a decimal string.
+
+    Strings may carry a sign and surrounding spaces ("12", " -3 "); floats ("4.0"), other bases,
+    digit separators and bools are refused. Raises `ConfigError` naming `field` and the bounds.
+    """
+    n: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and _INT.match(value):
+        n = int(value)
+    if n is None or (minimum is not None and n < minimum) or (maximum is not None and n > maximum):
+        if minimum is not None and maximum is not None:
+            expected = f"a whole number from {minimum} to {maximum}"
+        elif minimum is not None:
+            expected = f"a whole number >= {minimum}"
+        elif maximum is not None:
+            expected = f"a whole number <= {maximum}"
+        else:
+            expected = "a whole number"
+        raise ConfigError(f"{field}: expected {expected}, got {value!r}")
     return n
 
 
-def _parse_bool(value: Any, field: str) -> bool:
+def parse_float(value: Any, field: str, *, above: float | None = None) -> float:
+    """A finite number greater than `above` (when given): an int, a float or a string such as "0.5", "2e-3".
+
+    Bools, NaN and infinities are refused. Raises `ConfigError` naming `field`.
+    """
+    x: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        x = float(value)
+    elif isinstance(value, str):
+        try:
+            x = float(value)
+        except ValueError:
+            x = None
+    if x is None or not math.isfinite(x) or (above is not None and not x > above):
+        expected = "a number" if above is None else f"a number > {above:g}"
+        raise ConfigError(f"{field}: expected {expected}, got {value!r}")
+    return x
+
+
+def parse_bool(value: Any, field: str) -> bool:
+    """True or False, from a bool, the ints 1 and 0, or (any case, spaces around ignored)
+    "1"/"0", "true"/"false", "yes"/"no", "on"/"off". Raises `ConfigError` naming `field`."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.lower() in ("1", "true", "yes", "on")
-    raise ConfigError(f"{field}: expected true or false, got {value!r}")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise ConfigError(f"{field}: expected true or false (or yes/no, on/off, 1/0), got {value!r}")
+
+
+def apply_log_level(environ: Mapping[str, str] | None = None) -> None:
+    """Set the "tierkv" logger's level from `TIERKV_LOG_LEVEL` (debug, info, warning, error or
+    critical, any case); unset or empty leaves logging alone. Where neither that logger nor the
+    root logger has a handler, one writing to stderr is added, so the level chosen is seen."""
+    env = os.environ if environ is None else environ
+    word = env.get(LOG_LEVEL_ENV, "").strip().lower()
+    if not word:
+        return
+    if word not in _LOG_LEVELS:
+        raise ConfigError(f"{LOG_LEVEL_ENV}: expected one of {list(_LOG_LEVELS)}, got {env[LOG_LEVEL_ENV]!r}")
+    logger = logging.getLogger("tierkv")
+    logger.setLevel(_LOG_LEVELS[word])
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+def _read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping a JSON or YAML file holds (YAML for .yaml/.yml, JSON otherwise)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # both parsers raise their own error types
+        raise ConfigError(f"config file {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of field names to values")
+    return data
 
 
 @dataclass(frozen=True)
@@ -111,11 +234,10 @@ class StoreConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "device_bytes", parse_bytes(self.device_bytes, "device_bytes"))
         object.__setattr__(self, "host_bytes", parse_bytes(self.host_bytes, "host_bytes"))
-        if self.device is not None:
-            if not isinstance(self.device, str) or not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
-                raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.device is not None and (not isinstance(self.device, str) or not re.match(r"^(cpu|cuda(:\d+)?)$", self.device)):
+            raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.pin_host is not None:
-            object.__setattr__(self, "pin_host", _parse_bool(self.pin_host, "pin_host"))
+            object.__setattr__(self, "pin_host", parse_bool(self.pin_host, "pin_host"))
         object.__setattr__(self, "disk_bytes", parse_bytes(self.disk_bytes, "disk_bytes"))
         if self.disk_path is not None:
             if not isinstance(self.disk_path, (str, os.PathLike)) or not str(self.disk_path):
@@ -123,33 +245,29 @@ class StoreConfig:
             object.__setattr__(self, "disk_path", os.fspath(self.disk_path))
         if self.durability not in DURABILITY:
             raise ConfigError(f"durability: expected one of {list(DURABILITY)}, got {self.durability!r}")
-        object.__setattr__(self, "flush_on_close", _parse_bool(self.flush_on_close, "flush_on_close"))
-        object.__setattr__(self, "verify_reads", _parse_bool(self.verify_reads, "verify_reads"))
-        threads = self.io_threads
-        if isinstance(threads, str) and threads.isdigit():
-            threads = int(threads)
-        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
-            raise ConfigError(f"io_threads: expected an int from 1 to 256, got {self.io_threads!r}")
-        object.__setattr__(self, "io_threads", threads)
+        object.__setattr__(self, "flush_on_close", parse_bool(self.flush_on_close, "flush_on_close"))
+        object.__setattr__(self, "verify_reads", parse_bool(self.verify_reads, "verify_reads"))
+        object.__setattr__(self, "io_threads", parse_int(self.io_threads, "io_threads", minimum=1, maximum=256))
         object.__setattr__(self, "writeback_bytes", parse_bytes(self.writeback_bytes, "writeback_bytes"))
         if self.disk_io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"disk_io: expected 'auto', 'posix' or 'kvikio', got {self.disk_io!r}")
         self._check_elastic()
 
     def _check_elastic(self) -> None:
-        object.__setattr__(self, "device_elastic", _parse_bool(self.device_elastic, "device_elastic"))
+        object.__setattr__(self, "device_elastic", parse_bool(self.device_elastic, "device_elastic"))
         object.__setattr__(self, "device_min_bytes", parse_bytes(self.device_min_bytes, "device_min_bytes"))
-        for name in ("device_page_bytes", "gpu_budget_bytes"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, parse_bytes(getattr(self, name), name))
+        for size_field in ("device_page_bytes", "gpu_budget_bytes"):
+            if getattr(self, size_field) is not None:
+                object.__setattr__(self, size_field, parse_bytes(getattr(self, size_field), size_field))
         if self.device_page_bytes == 0:
             raise ConfigError("device_page_bytes: must be > 0, or unset for the GPU's granularity")
         name = self.gpu_budget_name
         if name is not None:
             check_budget_name(name)
         if not self.device_elastic:
-            for field, unset in (("device_min_bytes", 0), ("device_page_bytes", None), ("gpu_budget_name", None), ("gpu_budget_bytes", None)):
-                if getattr(self, field) != unset:
+            unset = {"device_min_bytes": 0, "device_page_bytes": None, "gpu_budget_name": None, "gpu_budget_bytes": None}
+            for field, value in unset.items():
+                if getattr(self, field) != value:
                     raise ConfigError(f"{field}: only used by an elastic device tier; set device_elastic=true or leave it unset")
             return
         if (name is None) != (self.gpu_budget_bytes is None):
@@ -157,7 +275,8 @@ class StoreConfig:
         if self.device_min_bytes and name is None:
             raise ConfigError("device_min_bytes: a minimum only matters against others sharing a GPU budget; set gpu_budget_name")
         if self.device_min_bytes > self.device_bytes:
-            raise ConfigError(f"device_min_bytes: {self.device_min_bytes} is above device_bytes {self.device_bytes}, the tier's maximum")
+            raise ConfigError(f"device_min_bytes: {self.device_min_bytes} is above device_bytes {self.device_bytes}, "
+                              "the tier's maximum")
         if self.gpu_budget_bytes is not None and self.device_min_bytes > self.gpu_budget_bytes:
             raise ConfigError(f"device_min_bytes: {self.device_min_bytes} is above gpu_budget_bytes {self.gpu_budget_bytes}")
 
@@ -172,42 +291,48 @@ class StoreConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> StoreConfig:
         """Read a JSON or YAML mapping (chosen by the file extension)."""
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
-        try:
-            if p.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as e:  # both parsers raise their own error types
-            raise ConfigError(f"config file {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of field names to values")
-        return cls.from_dict(data)
+        return cls.from_dict(_read_config_file(path))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None) -> StoreConfig:
-        """`base` overridden by `TIERKV_<FIELD>` variables; unknown `TIERKV_` names are errors."""
+        """`base`, overridden by the file `TIERKV_CONFIG` names (if set), overridden by `TIERKV_<FIELD>` variables.
+
+        A `TIERKV_<FIELD>` value of "", "none" or "auto" means unset (None). Unknown `TIERKV_`
+        names are errors. `TIERKV_LOG_LEVEL`, when set, sets the "tierkv" logger's level
+        (`apply_log_level`). `environ` defaults to `os.environ`.
+        """
         env = os.environ if environ is None else environ
-        data = dict(base or {})
+        apply_log_level(env)
         known = {f.name for f in fields(cls)}
+        data = dict(base or {})
+        path = env.get(CONFIG_ENV, "").strip()
+        from_file: set[str] = set()
+        if path:
+            try:
+                file_data = _read_config_file(Path(path).expanduser())
+            except ConfigError as e:
+                raise ConfigError(f"{e} (named by {CONFIG_ENV})") from None
+            unknown = sorted(set(file_data) - known)
+            if unknown:
+                raise ConfigError(f"config file {path} (named by {CONFIG_ENV}): unknown config field(s) {unknown}; "
+                                  f"known fields are {sorted(known)}")
+            data.update(file_data)
+            from_file = set(file_data)
         for name, value in env.items():
-            if not name.startswith(ENV_PREFIX) or name in _NON_CONFIG_ENV:
+            if not name.startswith(ENV_PREFIX) or name in _PROGRAM_ENV:
                 continue
             field = name[len(ENV_PREFIX):].lower()
             if field not in known:
                 raise ConfigError(f"environment variable {name} names no config field; known: {sorted(known)}")
             data[field] = None if value.lower() in ("", "none", "auto") else value
-        return cls.from_dict(data)
+            from_file.discard(field)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            if str(e).partition(":")[0] in from_file:  # say where a bad value came from
+                raise ConfigError(f"{e} (in config file {path}, named by {CONFIG_ENV})") from None
+            raise
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-
-# TIERKV_ variables that steer the program rather than the store.
-_NON_CONFIG_ENV = frozenset({"TIERKV_CONFIG", "TIERKV_LOG_LEVEL"})

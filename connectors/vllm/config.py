@@ -16,25 +16,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from tierkv import ConfigError, StoreConfig
+from tierkv import ConfigError, StoreConfig, parse_bool, parse_int
 
 CONNECTOR_KEYS = frozenset({"block_tokens", "model_fingerprint", "async_disk_loads"})
 STORE_KEYS = frozenset(f.name for f in fields(StoreConfig))
 STORE_DEFAULTS: dict[str, Any] = {"device_bytes": 0}
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"kv_connector_extra_config.{key}: expected a positive int, got {value!r}")
-    return value
-
-
-def _bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"kv_connector_extra_config.{key}: expected true or false, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -76,11 +62,13 @@ class ConnectorConfig:
         fingerprint = extra.get("model_fingerprint")
         if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
             raise ConfigError(f"kv_connector_extra_config.model_fingerprint: expected a non-empty string, got {fingerprint!r}")
+        if block_tokens is not None:
+            block_tokens = parse_int(block_tokens, "kv_connector_extra_config.block_tokens", minimum=1)
         return cls(
             store=store,
-            block_tokens=None if block_tokens is None else _positive_int(block_tokens, "block_tokens"),
+            block_tokens=block_tokens,
             model_fingerprint=fingerprint,
-            async_disk_loads=_bool(extra.get("async_disk_loads", True), "async_disk_loads"),
+            async_disk_loads=parse_bool(extra.get("async_disk_loads", True), "kv_connector_extra_config.async_disk_loads"),
         )
 
     def resolve_block_tokens(self, vllm_block_size: int) -> int:

@@ -11,19 +11,19 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from tqdm import tqdm
 
 from .. import __version__
-from ..tiers.elastic.budget import BudgetError, BudgetSnapshot, list_budgets, read_budget
-from ..config import StoreConfig, parse_bytes
+from ..config import StoreConfig, apply_log_level, parse_bytes, parse_float, parse_int
 from ..errors import ConfigError, TierKVError
 from ..layout import KVLayout, dtype_name
-from .machine import MachineInfo, collect
 from ..store import BlockStore
+from ..tiers.elastic.budget import BudgetError, BudgetSnapshot, list_budgets, read_budget
+from .machine import MachineInfo, collect
 from .workload import SYNTHETIC_LAYOUT, SYNTHETIC_NAMESPACE, ChatWorkload, ReplayResult, check_fits, replay
 
 # The default demo overflows both tiers: its 48 conversations need about 4300 blocks (268 MiB),
@@ -41,31 +41,28 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_bytes(text, "size")
-    except ConfigError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 64MiB, 1GiB or 1048576, got {text!r}") from None
+T = TypeVar("T")
+_ARG = "value"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+def _arg(parse: Callable[..., T], **bounds: Any) -> Callable[[str], T]:
+    """An argparse `type=` from one of the shared parsers of `tierkv.config`: `parse(text, ..., **bounds)`,
+    its `ConfigError` turned into argparse's error (argparse names the option itself)."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text, _ARG, **bounds)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{_ARG}: ")) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+_SIZE = _arg(parse_bytes)
+_POSITIVE_INT = _arg(parse_int, minimum=1)
+_NON_NEGATIVE_INT = _arg(parse_int, minimum=0)
+_POSITIVE_FLOAT = _arg(parse_float, above=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tierkv",
         description="tierkv: a tiered KV-cache store for LLM inference (GPU, pinned host memory, NVMe).",
         epilog="Store settings come from TIERKV_* environment variables (TIERKV_DEVICE_BYTES, "
-        "TIERKV_HOST_BYTES, TIERKV_DEVICE, TIERKV_PIN_HOST); 'tierkv info' shows the ones in effect.",
+        "TIERKV_HOST_BYTES, TIERKV_DEVICE, TIERKV_PIN_HOST, ...), over a YAML/JSON file named by TIERKV_CONFIG; "
+        "'tierkv info' shows the ones in effect. TIERKV_LOG_LEVEL (e.g. debug) sets the log level.",
     )
     parser.add_argument("--version", action="version", version=f"tierkv {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -96,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Needs the 'hf' extra: pip install 'tierkv[hf]'.",
     )
     demo.add_argument("--model", metavar="PATH", default=None, help="a local transformers model directory to run instead")
-    demo.add_argument("--turns", type=_positive_int, default=4, help="chat turns (default %(default)s, at most 6)")
-    demo.add_argument("--new-tokens", type=_positive_int, default=16, help="tokens generated per reply (default %(default)s)")
-    demo.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where the model runs (default: cuda when available)")
-    demo.add_argument("--device-bytes", type=_size, default=None, metavar="SIZE", help="device tier capacity (default 1MiB: some hits come from host)")
-    demo.add_argument("--host-bytes", type=_size, default=None, metavar="SIZE", help="host tier capacity (default 256MiB)")
-    demo.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random demo model (default %(default)s)")
+    demo.add_argument("--turns", type=_POSITIVE_INT, default=4, help="chat turns (default %(default)s, at most 6)")
+    demo.add_argument("--new-tokens", type=_POSITIVE_INT, default=16, help="tokens generated per reply (default %(default)s)")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                      help="where the model runs (default: cuda when available)")
+    demo.add_argument("--device-bytes", type=_SIZE, default=None, metavar="SIZE",
+                      help="device tier capacity (default 1MiB: some hits come from host)")
+    demo.add_argument("--host-bytes", type=_SIZE, default=None, metavar="SIZE", help="host tier capacity (default 256MiB)")
+    demo.add_argument("--seed", type=_NON_NEGATIVE_INT, default=0, help="seed of the random demo model (default %(default)s)")
 
     replay = commands.add_parser(
         "replay",
@@ -112,13 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         "runs), which lets every served block be checked bit-exact. The default sizes overflow the device "
         "tier (demotion to host) and the host tier (drops).",
     )
-    replay.add_argument("--users", type=_positive_int, default=ChatWorkload.users, help="conversations (default %(default)s)")
-    replay.add_argument("--turns", type=_positive_int, default=ChatWorkload.turns, help="prompts per conversation (default %(default)s)")
-    replay.add_argument("--device-bytes", type=_size, default=None, metavar="SIZE",
+    replay.add_argument("--users", type=_POSITIVE_INT, default=ChatWorkload.users, help="conversations (default %(default)s)")
+    replay.add_argument("--turns", type=_POSITIVE_INT, default=ChatWorkload.turns,
+                        help="prompts per conversation (default %(default)s)")
+    replay.add_argument("--device-bytes", type=_SIZE, default=None, metavar="SIZE",
                         help=f"device tier capacity, e.g. 64MiB (default {DEMO_DEVICE_BYTES}, or TIERKV_DEVICE_BYTES)")
-    replay.add_argument("--host-bytes", type=_size, default=None, metavar="SIZE",
+    replay.add_argument("--host-bytes", type=_SIZE, default=None, metavar="SIZE",
                         help=f"host tier capacity, e.g. 1GiB (default {DEMO_HOST_BYTES}, or TIERKV_HOST_BYTES)")
-    replay.add_argument("--seed", type=_non_negative_int, default=ChatWorkload.seed, help="workload seed (default %(default)s)")
+    replay.add_argument("--seed", type=_NON_NEGATIVE_INT, default=ChatWorkload.seed, help="workload seed (default %(default)s)")
     replay.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
 
     top = commands.add_parser(
@@ -131,19 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument("budgets", nargs="*", metavar="BUDGET", help="budget names (default: every budget on this machine)")
     top.add_argument("--once", action="store_true", help="print the table once and exit")
-    top.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS", help="refresh period (default %(default)s)")
+    top.add_argument("--interval", type=_POSITIVE_FLOAT, default=1.0, metavar="SECONDS",
+                     help="refresh period (default %(default)s)")
     top.add_argument("--json", action="store_true", help="print one JSON object and exit")
     return parser
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help and --version
         return int(e.code or 0)
     try:
+        if args.command != "info":  # info reports a bad TIERKV_LOG_LEVEL with the config in effect
+            apply_log_level()
         if args.command == "info":
             return _info(args)
         if args.command == "top":
