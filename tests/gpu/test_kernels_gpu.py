@@ -11,7 +11,7 @@ import torch
 from cases import BLOCK_RATIOS, make_case
 from tierkv import KVLayout
 from tierkv.ops import reference as ref
-from tierkv.ops import transfer
+from tierkv.ops import staging, transfer
 from tierkv.ops.cuda_build import KernelError, i32, i64, module, ptr
 from tierkv.ops.engine_layout import DimOrder
 from tierkv.ops.paged_attention import paged_attention
@@ -59,7 +59,7 @@ def test_copy_slots(direction: str, path: str, width: int, n: int) -> None:
 
 
 def test_staged_copies_pipeline_over_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transfer, "STAGING_BYTES", 3 * 4096)  # 3 rows per chunk, 11 chunks, 2 buffers
+    monkeypatch.setattr(staging, "STAGING_BYTES", 3 * 4096)  # 3 rows per chunk, 11 chunks, 2 buffers
     src = rand_rows(40, 4096)
     host = poisoned((50, 4096), pinned=True, cuda=False)
     sr, hr = torch.randperm(40)[:31], torch.randperm(50)[:31]

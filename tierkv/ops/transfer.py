@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,14 +32,11 @@ from . import dma, kernels
 from . import reference as ref
 from .cuda_build import KernelError, cuda_driver, nvrtc_version
 from .engine_layout import EngineKV
+from .staging import STAGING_BYTES, staged_from_host, staged_to_host, upload
 
 log = logging.getLogger("tierkv.ops")
 
 PATHS = ("torch", "kernel", "dma", "staged")
-STAGING_BYTES = 32 << 20  # per staging buffer
-# Buffers filled ahead of the copy engines: 4 x 32 MiB is 2.4 ms of PCIe traffic, longer than a
-# 1.4 ms bf16 8192^3 matmul kernel that holds every SM while the next fill waits for one.
-STAGING_BUFFERS = 4
 DMA_DIRECT_MIN = 256 << 10  # from this block size on, DMA straight from slot to slot (no staging pass)
 
 # (operation, direction) -> path for blocks below DMA_DIRECT_MIN, path from it on.
@@ -68,7 +65,7 @@ def cuda_kernels_available() -> bool:
             reason = "CUDA is not available"
         else:
             try:
-                _cuda_state["nvrtc"] = "%d.%d" % nvrtc_version()
+                _cuda_state["nvrtc"] = "{}.{}".format(*nvrtc_version())
                 _, version = cuda_driver().cuDriverGetVersion()
                 _cuda_state["driver"] = version
             except Exception as e:  # noqa: BLE001 - any failure to load the toolchain means: no kernels
@@ -239,7 +236,7 @@ def copy_slots(src: torch.Tensor, src_rows: Rows, dst: torch.Tensor, dst_rows: R
         return _done(s)
     assert s is not None
     if chosen == "kernel":
-        idx = _upload(torch.stack([sr, dr]), s)  # one small host->device copy for both index lists
+        idx = upload(torch.stack([sr, dr]), s)  # one small host->device copy for both index lists
         kernels.copy_rows(s_pool, idx[0], d_pool, idx[1], row_bytes, s)
         return _done(s)
     if chosen == "dma":
@@ -249,12 +246,12 @@ def copy_slots(src: torch.Tensor, src_rows: Rows, dst: torch.Tensor, dst_rows: R
         def fill(buf: torch.Tensor, items: torch.Tensor, buf_rows: torch.Tensor, fs: torch.cuda.Stream) -> None:
             kernels.copy_rows(s_pool, items, buf, buf_rows, row_bytes, fs)
 
-        _staged_to_host(sr, dr, d_pool, row_bytes, fill, s)
+        staged_to_host(sr, dr, d_pool, row_bytes, fill, s)
     else:
         def drain(buf: torch.Tensor, items: torch.Tensor, buf_rows: torch.Tensor, fs: torch.cuda.Stream) -> None:
             kernels.copy_rows(buf, buf_rows, d_pool, items, row_bytes, fs)
 
-        _staged_from_host(dr, sr, s_pool, row_bytes, drain, s)
+        staged_from_host(dr, sr, s_pool, row_bytes, drain, s)
     return _done(s)
 
 
@@ -309,7 +306,7 @@ def _engine_op(to_store: bool, engine: EngineKV, slots: torch.Tensor, store: tor
     assert s is not None
     g = engine.layout.chunk_tokens(bt)
     if chosen == "kernel":
-        kernels.engine_copy(to_store, engine, _upload(slots, s), g, bt, pool, _upload(r, s), bb, s)
+        kernels.engine_copy(to_store, engine, upload(slots, s), g, bt, pool, upload(r, s), bb, s)
         return _done(s)
 
     def kernel(buf: torch.Tensor, items: torch.Tensor, buf_rows: torch.Tensor, fs: torch.cuda.Stream) -> None:
@@ -317,9 +314,9 @@ def _engine_op(to_store: bool, engine: EngineKV, slots: torch.Tensor, store: tor
 
     # Staged: the items are the engine slots themselves, permuted to host-row order.
     if to_store:
-        _staged_to_host(slots, r, pool, bb, kernel, s)
+        staged_to_host(slots, r, pool, bb, kernel, s)
     else:
-        _staged_from_host(slots, r, pool, bb, kernel, s)
+        staged_from_host(slots, r, pool, bb, kernel, s)
     return _done(s)
 
 
@@ -331,125 +328,9 @@ def _on(s: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
     return torch.cuda.stream(s) if s is not None else contextlib.nullcontext()
 
 
-def _upload(t: torch.Tensor, s: torch.cuda.Stream) -> torch.Tensor:
-    """A CPU index tensor on the stream's device, queued on that stream (so kernels see it in order).
-
-    Staged through torch's pinned-memory cache: a copy from pageable memory would first wait for
-    all work already queued on `s`, which serialises back-to-back transfers."""
-    with torch.cuda.stream(s):
-        return t.pin_memory().to(s.device, non_blocking=True)
-
-
-def _arange(n: int, s: torch.cuda.Stream) -> torch.Tensor:
-    with torch.cuda.stream(s):
-        return torch.arange(n, dtype=torch.int64, device=s.device)
-
-
 def _dma(entries: tuple[list[int], list[int], list[int]], s: torch.cuda.Stream) -> None:
     """Queue DMA entries on the copy stream, ordered after everything on `s` and before what follows on it."""
     cs = dma.copy_stream(s.device)
     cs.wait_stream(s)
     dma.memcpy_batch(*entries, cs)
     s.wait_stream(cs)
-
-
-# (staging buffer, this chunk's device items, rows 0..m-1 of the buffer, stream to launch on)
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.Stream], None]
-_fill_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _fill_stream(device: torch.device) -> torch.cuda.Stream:
-    """A highest-priority stream for the staging kernels: when the model's kernels hold every SM,
-    the block scheduler gives the next free SM to these short fills first, so the copy engines
-    are not left waiting behind the model's queue."""
-    s = _fill_streams.get(device.index)
-    if s is None:
-        s = _fill_streams[device.index] = torch.cuda.Stream(device=device, priority=-100)
-    return s
-
-
-def _chunks(n: int, row_bytes: int) -> list[tuple[int, int]]:
-    per = max(1, STAGING_BYTES // row_bytes)
-    return [(a, min(a + per, n)) for a in range(0, n, per)]
-
-
-def _host_order(host_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, host rows in that order): ascending host rows, so consecutive slots merge into one DMA entry."""
-    arr = host_rows.numpy()
-    if arr.size < 2 or bool(np.all(arr[1:] > arr[:-1])):
-        return torch.arange(arr.size, dtype=torch.int64), host_rows
-    order = torch.from_numpy(np.argsort(arr))
-    return order, host_rows[order]
-
-
-def _staging_plan(items: torch.Tensor, host_rows: torch.Tensor, row_bytes: int, s: torch.cuda.Stream
-                  ) -> tuple[torch.Tensor, torch.cuda.Stream, torch.cuda.Stream, torch.Tensor, list[tuple[int, int]],
-                             list[torch.Tensor], torch.Tensor]:
-    """What both staged directions share: host rows in ascending order (the device items
-    reordered to match, uploaded), the fill and copy streams started after `s`, the chunks and
-    their staging buffers, and the row indices of a buffer."""
-    order, sorted_rows = _host_order(host_rows)
-    fs, cs = _fill_stream(s.device), dma.copy_stream(s.device)
-    fs.wait_stream(s)
-    cs.wait_stream(s)
-    dev_items = _upload(items[order], fs)
-    chunks = _chunks(sorted_rows.numel(), row_bytes)
-    bufs = _staging(chunks, row_bytes, fs)
-    return sorted_rows, fs, cs, dev_items, chunks, bufs, _arange(bufs[0].shape[0], fs)
-
-
-def _staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Tensor, row_bytes: int,
-                    fill: Kernel, s: torch.cuda.Stream) -> None:
-    """Device kernels fill staging buffers (items in host-row order), the copy engines drain them to host rows.
-
-    Fills run on a high-priority stream `fs`, DMA on the copy stream `cs`; a buffer is refilled
-    only after its DMA's event. Both streams start after `s` and `s` continues after both.
-    """
-    sorted_rows, fs, cs, dev_items, chunks, bufs, buf_rows = _staging_plan(items, host_rows, row_bytes, s)
-    freed: list[torch.cuda.Event | None] = [None] * len(bufs)
-    for k, (a, b) in enumerate(chunks):
-        i = k % len(bufs)
-        if freed[i] is not None:
-            fs.wait_event(freed[i])
-        fill(bufs[i], dev_items[a:b], buf_rows[: b - a], fs)
-        ready = torch.cuda.Event()
-        ready.record(fs)
-        cs.wait_event(ready)
-        staged = torch.arange(b - a, dtype=torch.int64)
-        dma.memcpy_batch(*dma.entries(host.data_ptr(), sorted_rows[a:b], bufs[i].data_ptr(), staged, row_bytes), cs)
-        freed[i] = torch.cuda.Event()
-        freed[i].record(cs)
-    s.wait_stream(fs)
-    s.wait_stream(cs)
-
-
-def _staged_from_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Tensor, row_bytes: int,
-                      drain: Kernel, s: torch.cuda.Stream) -> None:
-    """The copy engines fill staging buffers from host rows (ascending), device kernels scatter them."""
-    sorted_rows, fs, cs, dev_items, chunks, bufs, buf_rows = _staging_plan(items, host_rows, row_bytes, s)
-    freed: list[torch.cuda.Event | None] = [None] * len(bufs)
-    for k, (a, b) in enumerate(chunks):
-        i = k % len(bufs)
-        if freed[i] is not None:
-            cs.wait_event(freed[i])
-        staged = torch.arange(b - a, dtype=torch.int64)
-        dma.memcpy_batch(*dma.entries(bufs[i].data_ptr(), staged, host.data_ptr(), sorted_rows[a:b], row_bytes), cs)
-        ready = torch.cuda.Event()
-        ready.record(cs)
-        fs.wait_event(ready)
-        drain(bufs[i], dev_items[a:b], buf_rows[: b - a], fs)
-        freed[i] = torch.cuda.Event()
-        freed[i].record(fs)
-    s.wait_stream(fs)
-    s.wait_stream(cs)
-
-
-def _staging(chunks: list[tuple[int, int]], row_bytes: int, fs: torch.cuda.Stream) -> list[torch.Tensor]:
-    """Up to STAGING_BUFFERS buffers from torch's allocator on the fill stream.
-
-    Freed memory is reused only in `fs`'s order, and `fs` ends after waiting for the copy
-    stream, so no later user of the memory can overtake a DMA still reading or writing it."""
-    rows = max(b - a for a, b in chunks)
-    with torch.cuda.stream(fs):
-        return [torch.empty((rows, row_bytes), dtype=torch.uint8, device=fs.device)
-                for _ in range(min(len(chunks), STAGING_BUFFERS))]
