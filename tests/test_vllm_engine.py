@@ -112,7 +112,7 @@ def _corrupt(store_dir: Path, token_ids: list[int]) -> None:
     finally:
         manifest.close()
     target = np.asarray(token_ids, dtype="<i4").tobytes()
-    (slot,) = [r[0] for r in records.values() if r[4][16:] == target]
+    (slot,) = [r.slot for r in records.values() if r.ident[16:] == target]
     block_bytes = 2 * 2 * BT * 1 * 32 * 4  # layers, K/V, tokens, kv heads, head dim, float32
     with (directory / "data000.bin").open("r+b") as f:
         f.seek(slot * slot_stride(block_bytes) + 123)

@@ -22,13 +22,14 @@ from tierkv import LayoutMismatchError, Namespace, StoreConfig  # noqa: E402
 from tierkv.tiers.disk.manifest import Manifest  # noqa: E402
 from tierkv.tiers.disk import slot_stride  # noqa: E402
 from tierkv_connectors.vllm.layout import AttentionKV, engine_kv  # noqa: E402
-from tierkv_connectors.vllm.meta import GONE, LoadJob, RankResidency, ResidencyReport, SaveJob  # noqa: E402
+from tierkv_connectors.vllm.meta import LoadJob, RankResidency, ResidencyReport, SaveJob  # noqa: E402
 from tierkv_connectors.vllm.scheduler import SchedulerSide  # noqa: E402
 from tierkv_connectors.vllm.worker import WorkerSide, rank_store_config  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 2, 32, 128, 12
 NAMES = tuple(f"model.layers.{i}.self_attn.attn" for i in range(LAYERS))
 NAMESPACE = Namespace(model="tiny-vllm", weights_fingerprint="w0")
+ORDER = ("device", "host", "disk")  # tier names of a connector's store, fastest first
 
 
 def attention(block_size: int = BLOCK_SIZE) -> AttentionKV:
@@ -123,7 +124,7 @@ def _corrupt_block(directory: Path, block_bytes: int, block_tokens_bytes: bytes)
         records = manifest.load()
     finally:
         manifest.close()
-    (slot,) = [r[0] for r in records.values() if r[4][16:] == block_tokens_bytes]
+    (slot,) = [r.slot for r in records.values() if r.ident[16:] == block_tokens_bytes]
     with (directory / "data000.bin").open("r+b") as f:
         f.seek(slot * slot_stride(block_bytes) + 100)
         byte = f.read(1)
@@ -162,10 +163,10 @@ def test_residency_reports_full_then_changes_then_evictions(tmp_path: Path) -> N
     assert side.report() is None, "nothing changed"
     save(side, src, 96)
     added = side.report().ranks[0]
-    assert not added.full and sorted(added.tiers.values()) == [1, 1, 1], "three blocks, all in host"
+    assert not added.full and sorted(added.tiers.values()) == ["host", "host", "host"], "three blocks, all in host"
     side._save(SaveJob("r2", "other", TOKENS[:96], SRC_TABLE))  # host holds 4: two of r0's blocks go
     change = side.report().ranks[0].tiers
-    assert list(change.values()).count(GONE) == 2 and list(change.values()).count(1) == 3
+    assert list(change.values()).count(None) == 2 and list(change.values()).count("host") == 3
     side.close()
 
 
@@ -182,12 +183,12 @@ def test_scheduler_waits_for_reports_then_hits_only_what_every_rank_holds() -> N
     sched.on_new_request(req)
     assert sched.match(req, 0) == (None, False), "no report yet: ask again later"
     keys = sched._keys_for(req, 9)
-    sched.apply(ResidencyReport({0: RankResidency(True, {k: 1 for k in keys[0][:8]}),
-                                 1: RankResidency(True, {k: 1 for k in keys[1][:6]} | {keys[1][6]: 2})}))
+    sched.apply(ResidencyReport({0: RankResidency(True, {k: "host" for k in keys[0][:8]}, ORDER),
+                                 1: RankResidency(True, {k: "host" for k in keys[1][:6]} | {keys[1][6]: "disk"}, ORDER)}))
     assert sched.match(req, 0) == (224, True), "rank 1 holds 7 blocks, the 7th on disk: an async load"
     assert sched.match(req, 128) == (96, True)
     assert sched.match(req, 64) == (160, True)
-    sched.apply(ResidencyReport({1: RankResidency(False, {keys[1][6]: GONE})}))
+    sched.apply(ResidencyReport({1: RankResidency(False, {keys[1][6]: None})}))
     assert sched.match(req, 0) == (192, False), "host only now: a synchronous load"
     assert sched.match(_request("b", TOKENS[:300], salt="t2"), 0) == (0, False), "another tenant's keys"
 
@@ -198,7 +199,7 @@ def test_hit_never_covers_the_last_prompt_token() -> None:
     sched = SchedulerSide(layout, [NAMESPACE], async_disk_loads=False)
     req = _request("a", TOKENS[:256])
     keys = sched._keys_for(req, 8)
-    sched.apply(ResidencyReport({0: RankResidency(True, {k: 1 for k in keys[0]})}))
+    sched.apply(ResidencyReport({0: RankResidency(True, {k: "host" for k in keys[0]}, ORDER)}))
     assert sched.match(req, 0) == (224, False), "256 tokens stored, but vLLM must compute the last one"
 
 
