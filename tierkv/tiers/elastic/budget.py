@@ -23,6 +23,11 @@ Rules, all applied under the lock, so the total held never exceeds the budget:
   died, so its share returns to the pool.
 - `min_bytes` are promised: a store may join only if the minimums of all live members fit in the
   budget, and nobody is asked to go below its minimum.
+
+The module is longer than most (the table's format, liveness, snapshots and the member's rules)
+because it is one protocol: every rule above is kept by code that reads and writes the rows under
+the same lock, and splitting the format from the rules would put those halves in two files that
+can only be changed together.
 """
 
 from __future__ import annotations
