@@ -8,6 +8,8 @@ tier. What the engine adds (scheduling, the forward pass) is covered by test_vll
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from tierkv import LayoutMismatchError, Namespace, StoreConfig  # noqa: E402
 from tierkv.tiers.disk.manifest import Manifest  # noqa: E402
 from tierkv.tiers.disk import slot_stride  # noqa: E402
 from tierkv_connectors.vllm.layout import AttentionKV, engine_kv  # noqa: E402
-from tierkv_connectors.vllm.meta import LoadJob, RankResidency, ResidencyReport, SaveJob  # noqa: E402
+from tierkv_connectors.vllm.meta import LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata  # noqa: E402
 from tierkv_connectors.vllm.scheduler import SchedulerSide  # noqa: E402
 from tierkv_connectors.vllm.worker import WorkerSide, rank_store_config  # noqa: E402
 
@@ -246,3 +248,70 @@ def test_disk_hits_are_promoted_to_host_when_the_store_has_no_device_tier(tmp_pa
     side.close()
     assert tiers["host"]["used_slots"] == 4, "the blocks just read from disk should now be in host memory"
 
+
+
+def _meta(saves: list[SaveJob], preempted: list[str] | None = None) -> TierKVMetadata:
+    return TierKVMetadata(saves=saves, preempted=preempted or [])
+
+
+def test_async_saves_are_queued_and_reported_finished_only_once_done(tmp_path: Path) -> None:
+    side, _ = worker(tmp_path, 128)
+    src = cpu_kv_cache(fill=True)
+    side.engine = engine_kv(src, side.attention, "CPU_ATTN", "LBHNC")
+    gate = threading.Event()
+    real = side._save
+
+    def held(job: SaveJob) -> None:  # the real save, once the test lets it run
+        gate.wait(10)
+        real(job)
+
+    side._saves._save = held
+    side.save(_meta([SaveJob("r0", "", TOKENS[:384], SRC_TABLE)]))  # returns at once: the save waits for the gate
+    assert side.store.match(TOKENS) == 0, "nothing stored before the save ran"
+    assert side.finished_saves({"r0", "other"}) == set(), "r0's save is still queued: vLLM keeps its blocks"
+    gate.set()
+    side._saves.drain()
+    assert side.finished_saves(set()) == {"r0"}, "reported once its save is done (finished earlier)"
+    assert side.finished_saves({"r0"}) == set(), "reported exactly once"
+    assert side.store.match(TOKENS) == 384
+    side.close()
+
+
+def test_preempted_requests_saves_finish_before_vllm_reuses_their_pages(tmp_path: Path) -> None:
+    side, _ = worker(tmp_path, 128)
+    side.engine = engine_kv(cpu_kv_cache(fill=True), side.attention, "CPU_ATTN", "LBHNC")
+    real = side._save
+    side._saves._save = lambda job: (time.sleep(0.3), real(job))[1]
+    side.save(_meta([SaveJob("r0", "", TOKENS[:384], SRC_TABLE)]))
+    side.handle_preemptions(_meta([], preempted=["r0"]))
+    assert side.store.match(TOKENS) == 384, "handle_preemptions returned before r0's save was done"
+    side.close()
+
+
+def test_a_save_queue_that_falls_behind_drops_saves_and_counts_them(tmp_path: Path) -> None:
+    att = attention()
+    config = rank_store_config(StoreConfig(device_bytes=0, device="cpu", disk_path=str(tmp_path), disk_bytes="16MiB"), 0, 1)
+    side = WorkerSide(att.store_layout(128), NAMESPACE, config, att, max_pending_saves=1)
+    side.open(engine_kv(cpu_kv_cache(fill=True), att, "CPU_ATTN", "LBHNC"))
+    gate = threading.Event()
+    real = side._save
+    side._saves._save = lambda job: (gate.wait(10), real(job))[1]
+    side.save(_meta([SaveJob("r0", "", TOKENS[:128], SRC_TABLE), SaveJob("r1", "", TOKENS[:256], SRC_TABLE)]))
+    assert side.stats()["save_dropped"] == 1, "the second save found the queue full"
+    gate.set()
+    side._saves.drain()
+    assert side.finished_saves({"r0", "r1"}) == {"r0", "r1"}, "a dropped save still frees its request's blocks"
+    side.close()
+
+
+def test_scheduler_keeps_blocks_of_requests_with_queued_saves() -> None:
+    att = attention()
+    sched = SchedulerSide(att.store_layout(32), [NAMESPACE], async_disk_loads=True)
+    req = _request("a", TOKENS[:300])
+    sched.on_new_request(req)
+    assert sched.finished(req) is False, "no save was ever queued: vLLM frees at once"
+    sched._saved["b"] = 128
+    assert sched.finished(_request("b", TOKENS[:300])) is True
+    sync = SchedulerSide(att.store_layout(32), [NAMESPACE], async_disk_loads=True, async_saves=False)
+    sync._saved["c"] = 128
+    assert sync.finished(_request("c", TOKENS[:300])) is False, "synchronous saves are done when the step ends"

@@ -18,7 +18,7 @@ from typing import Any
 
 from tierkv import ConfigError, StoreConfig, parse_bool, parse_int
 
-CONNECTOR_KEYS = frozenset({"block_tokens", "model_fingerprint", "async_disk_loads"})
+CONNECTOR_KEYS = frozenset({"block_tokens", "model_fingerprint", "async_disk_loads", "async_saves", "max_pending_saves"})
 STORE_KEYS = frozenset(f.name for f in fields(StoreConfig))
 STORE_DEFAULTS: dict[str, Any] = {"device_bytes": 0}
 
@@ -35,12 +35,17 @@ class ConnectorConfig:
         (or to share a store between copies of the same weights at different paths).
     async_disk_loads: hits that need a disk read load in the background while other requests
         run, instead of inside the step that schedules them.
+    async_saves: saves run on a worker thread, off the engine's step (vLLM keeps a finished
+        request's blocks until its saves are done); false saves inside `wait_for_save`.
+    max_pending_saves: saves queued at most; past that new saves are dropped (counted), never waited for.
     """
 
     store: StoreConfig
     block_tokens: int | None = None
     model_fingerprint: str | None = None
     async_disk_loads: bool = True
+    async_saves: bool = True
+    max_pending_saves: int = 64
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> ConnectorConfig:
@@ -69,6 +74,9 @@ class ConnectorConfig:
             block_tokens=block_tokens,
             model_fingerprint=fingerprint,
             async_disk_loads=parse_bool(extra.get("async_disk_loads", True), "kv_connector_extra_config.async_disk_loads"),
+            async_saves=parse_bool(extra.get("async_saves", True), "kv_connector_extra_config.async_saves"),
+            max_pending_saves=parse_int(extra.get("max_pending_saves", 64), "kv_connector_extra_config.max_pending_saves",
+                                        minimum=1),
         )
 
     def resolve_block_tokens(self, vllm_block_size: int) -> int:

@@ -50,7 +50,9 @@ def _hit_source(tier: str) -> CacheHitSource:
 
 def _check_engine(vllm_config: VllmConfig) -> None:
     """Engine settings the connector cannot work with, refused before anything is loaded."""
-    policy = vllm_config.kv_transfer_config.kv_load_failure_policy
+    transfer = vllm_config.kv_transfer_config
+    assert transfer is not None, "vLLM builds a KV connector only from a kv_transfer_config"
+    policy = transfer.kv_load_failure_policy
     if policy != "recompute":
         raise ConfigError(
             f'kv_transfer_config.kv_load_failure_policy is "{policy}": set it to "recompute", so that a block '
@@ -69,7 +71,9 @@ class TierKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         _check_engine(vllm_config)
-        config = ConnectorConfig.from_extra(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        transfer = vllm_config.kv_transfer_config
+        assert transfer is not None, "vLLM builds a KV connector only from a kv_transfer_config"
+        config = ConnectorConfig.from_extra(transfer.kv_connector_extra_config)
         self._attention: AttentionKV = attention_kv(kv_cache_config)
         layout = self._attention.store_layout(config.resolve_block_tokens(self._attention.block_size))
         model = vllm_config.model_config
@@ -81,13 +85,14 @@ class TierKVConnector(KVConnectorBase_V1):
         self._kv_caches: dict[str, torch.Tensor] | None = None
         if role == KVConnectorRole.SCHEDULER:
             namespaces = [engine_namespace(model.model, fingerprint, r, tp_size) for r in range(tp_size)]
-            self._scheduler = SchedulerSide(layout, namespaces, config.async_disk_loads)
+            self._scheduler = SchedulerSide(layout, namespaces, config.async_disk_loads, config.async_saves)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             rank = get_tensor_model_parallel_rank()
             self._worker = WorkerSide(layout, engine_namespace(model.model, fingerprint, rank, tp_size),
-                                      rank_store_config(config.store, rank, tp_size), self._attention)
+                                      rank_store_config(config.store, rank, tp_size), self._attention,
+                                      async_saves=config.async_saves, max_pending_saves=config.max_pending_saves)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -140,12 +145,19 @@ class TierKVConnector(KVConnectorBase_V1):
         """Nothing per layer: a stored block holds every layer, so it is saved once all are written (`wait_for_save`)."""
 
     def wait_for_save(self) -> None:
+        """Queue this step's saves (asynchronous by default: the step does not wait for them)."""
         assert self._worker is not None
         self._worker.save(self._meta())
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before vLLM reuses preempted requests' pages: their queued saves finish."""
+        assert self._worker is not None and isinstance(kv_connector_metadata, TierKVMetadata)
+        self._worker.handle_preemptions(kv_connector_metadata)
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose saves are done, so vLLM frees their blocks; requests whose async load is done)."""
         assert self._worker is not None
-        return None, self._worker.finished_loads() or None
+        return self._worker.finished_saves(finished_req_ids) or None, self._worker.finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
@@ -198,10 +210,10 @@ class TierKVConnector(KVConnectorBase_V1):
             self._scheduler.apply(report)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Blocks are saved in the steps that fill them, so vLLM may free them at once."""
+        """Blocks are saved in the steps that fill them; with saves still queued, vLLM frees them once
+        `get_finished` reports the request."""
         assert self._scheduler is not None
-        self._scheduler.finished(request)
-        return False, None
+        return self._scheduler.finished(request), None
 
 
 def worker_stats(worker: Any) -> dict[str, Any]:

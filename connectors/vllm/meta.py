@@ -43,6 +43,7 @@ class TierKVMetadata(KVConnectorMetadata):
 
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)  # requests whose pages vLLM reuses from this step on
 
 
 @dataclass

@@ -60,11 +60,13 @@ class LoadPlan:
 class SchedulerSide:
     """Hit decisions and per-step jobs; one per engine, in the scheduler process."""
 
-    def __init__(self, layout: KVLayout, namespaces: list[Namespace], async_disk_loads: bool) -> None:
+    def __init__(self, layout: KVLayout, namespaces: list[Namespace], async_disk_loads: bool,
+                 async_saves: bool = True) -> None:
         self.layout = layout
         self.block_tokens = layout.block_tokens
         self.namespaces = namespaces
         self.async_disk_loads = async_disk_loads
+        self.async_saves = async_saves
         self._mirrors: list[dict[bytes, str] | None] = [None] * len(namespaces)
         self._order: dict[str, int] = {}  # tier name -> position, fastest first, as the workers' stores report it
         self._chains = [KeyChain(ns, layout) for ns in namespaces]
@@ -186,7 +188,7 @@ class SchedulerSide:
 
     def build(self, scheduler_output: Any) -> TierKVMetadata:
         """`build_connector_meta`: this step's loads, and saves of every block this step completes."""
-        meta = TierKVMetadata(loads=self._loads)
+        meta = TierKVMetadata(loads=self._loads, preempted=sorted(scheduler_output.preempted_req_ids or ()))
         self._loads = []
         computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
         cached = scheduler_output.scheduled_cached_reqs
@@ -211,8 +213,11 @@ class SchedulerSide:
             self._saved[req_id] = end
         return meta
 
-    def finished(self, request: Any) -> None:
-        """`request_finished`: forget the request. Its saves already ran in the steps that computed them."""
+    def finished(self, request: Any) -> bool:
+        """`request_finished`: forget the request; True when vLLM must keep its blocks until the workers
+        report its saves done (asynchronous saves were queued for it)."""
         req_id = request.request_id
+        had_saves = req_id in self._saved
         for table in (self._requests, self._keys, self._plans, self._sources, self._saved):
             table.pop(req_id, None)
+        return self.async_saves and had_saves

@@ -29,6 +29,7 @@ from tierkv import BlockStore, CapacityError, EngineKV, KVLayout, Namespace, Sto
 
 from .layout import AttentionKV, engine_block_table
 from .meta import LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
+from .saves import SaveQueue
 
 log = logging.getLogger("tierkv.vllm")
 
@@ -43,7 +44,8 @@ def rank_store_config(config: StoreConfig, tp_rank: int, tp_size: int) -> StoreC
 class WorkerSide:
     """Loads, saves and residency reports of one worker; the store opens when vLLM registers its KV cache."""
 
-    def __init__(self, layout: KVLayout, namespace: Namespace, config: StoreConfig, attention: AttentionKV) -> None:
+    def __init__(self, layout: KVLayout, namespace: Namespace, config: StoreConfig, attention: AttentionKV,
+                 async_saves: bool = True, max_pending_saves: int = 64) -> None:
         self.layout = layout
         self.namespace = namespace
         self.config = config
@@ -56,6 +58,12 @@ class WorkerSide:
         self._async: dict[str, Future[set[int]]] = {}
         self._invalid: set[int] = set()
         self._reported = False
+        # Residency changes since the last report, collected after each store operation by the
+        # thread that ran it, so the report itself never waits for the store lock.
+        self._changes: dict[bytes, str | None] = {}
+        self._changes_lock = threading.Lock()
+        self._full = False
+        self._saves = SaveQueue(self._save, self._engine_device, max_pending_saves) if async_saves else None
         self.counters = {"loaded_blocks": 0, "load_errors": 0, "saved_blocks": 0, "save_refused": 0}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -66,13 +74,17 @@ class WorkerSide:
         self.engine = engine
         if self.store is None:
             self.store = BlockStore(self.layout, self.namespace, self.config)
-            self._reported = False  # the next report lists the whole store, recovered blocks included
+            with self._changes_lock:  # the next report lists the whole store, recovered blocks included
+                self._changes, self._full = self.store.residency_changes(), True  # the first call: everything
             if self.store.recovery.blocks or self.store.recovery.dropped:
                 log.info("tierkv: rank %d recovered %d blocks from %s (%d dropped)", self.rank,
                          self.store.recovery.blocks, self.config.disk_path, self.store.recovery.dropped)
 
+    def _engine_device(self) -> torch.device | None:
+        return None if self.engine is None else self.engine.device
+
     def unbind(self) -> None:
-        """vLLM is about to release its pages (sleep mode): nothing may copy into them until `bind`."""
+        """vLLM is about to release its pages (sleep mode): nothing may copy into or out of them until `bind`."""
         self._drain()
         self.engine = None
 
@@ -81,9 +93,11 @@ class WorkerSide:
         self.engine = engine
 
     def close(self) -> None:
-        """Finish background loads, then close the store (which writes host-only blocks to disk)."""
+        """Finish background loads and saves, then close the store (which writes host-only blocks to disk)."""
         self._drain()
         self._pool.shutdown(wait=True)
+        if self._saves is not None:
+            self._saves.close()
         if self.store is not None:
             with self._store_lock:
                 self.store.close()
@@ -91,6 +105,16 @@ class WorkerSide:
     def _drain(self) -> None:
         for future in list(self._async.values()):
             future.exception()  # waits; failures were turned into load errors by the job itself
+        if self._saves is not None:
+            self._saves.drain()
+
+    def _collect_changes(self) -> None:
+        """Fold what the last store operation changed into the next residency report (caller holds `_store_lock`)."""
+        assert self.store is not None
+        changes = self.store.residency_changes()
+        if changes:
+            with self._changes_lock:
+                self._changes.update(changes)
 
     # -- loads -----------------------------------------------------------------------
 
@@ -127,6 +151,7 @@ class WorkerSide:
             with self._store_lock:
                 got = self.store.load_into(self.engine, table, job.token_ids[: want * bt], first_block=first,
                                            tenant=job.tenant)
+                self._collect_changes()
         except (TierKVError, OSError):  # an unreadable disk costs a recompute, not the engine
             log.exception("tierkv: request %s: reading stored blocks failed; vLLM recomputes them", job.req_id)
             return self._failed_blocks(job, job.start)
@@ -160,23 +185,42 @@ class WorkerSide:
     # -- saves -----------------------------------------------------------------------
 
     def save(self, meta: TierKVMetadata) -> None:
-        """Store the blocks this step completed (`wait_for_save`: vLLM's pages hold their KV now)."""
-        if self.engine is None or self.store is None:
+        """Store the blocks this step completed (`wait_for_save`: vLLM's pages hold their KV now).
+
+        With asynchronous saves (the default) this only queues them; see `saves.py`.
+        """
+        if self.engine is None or self.store is None or not meta.saves:
+            return
+        if self._saves is not None:
+            self._saves.submit(meta.saves)
             return
         for job in meta.saves:
             self._save(job)
 
+    def handle_preemptions(self, meta: TierKVMetadata) -> None:
+        """vLLM is about to reuse the pages of preempted requests: their pending saves finish first."""
+        if self._saves is not None and meta.preempted:
+            self._saves.wait(meta.preempted)
+
+    def finished_saves(self, finished_req_ids: set[str]) -> set[str]:
+        """Finished requests whose saves are done: vLLM frees their blocks now."""
+        return set() if self._saves is None else self._saves.finished(finished_req_ids)
+
     def _save(self, job: SaveJob) -> None:
-        assert self.engine is not None and self.store is not None
-        table = engine_block_table(job.block_ids, self.attention, self.engine.layout)
+        engine, store = self.engine, self.store
+        if engine is None or store is None:  # unbound meanwhile (sleep mode)
+            return
+        table = engine_block_table(job.block_ids, self.attention, engine.layout)
         with self._store_lock:
             try:
                 # Only the blocks past the stored prefix are gathered out of vLLM's pages.
-                added = self.store.save_from(self.engine, table, job.token_ids, tenant=job.tenant)
+                added = store.save_from(engine, table, job.token_ids, tenant=job.tenant)
             except CapacityError as e:
                 self.counters["save_refused"] += 1
                 log.warning("tierkv: request %s: blocks not stored: %s", job.req_id, e)
                 return
+            finally:
+                self._collect_changes()
         self.counters["saved_blocks"] += added
 
     # -- residency reports -------------------------------------------------------------
@@ -192,12 +236,16 @@ class WorkerSide:
                 return None
             self._reported = True
             return ResidencyReport({self.rank: RankResidency(full=True, tiers={})})
-        changes = self.store.residency_changes()  # the first call lists every stored block
-        if not self._reported:
-            self._reported = True
-            return ResidencyReport({self.rank: RankResidency(full=True, tiers=changes, order=self.store.tier_names)})
+        with self._changes_lock:
+            changes, self._changes = self._changes, {}
+            full, self._full = self._full, False
+        if full:  # a full report lists what is stored: the snapshot with later changes folded in
+            stored = {key: tier for key, tier in changes.items() if tier is not None}
+            return ResidencyReport({self.rank: RankResidency(full=True, tiers=stored, order=self.store.tier_names)})
         return ResidencyReport({self.rank: RankResidency(full=False, tiers=changes)}) if changes else None
 
     def stats(self) -> dict[str, Any]:
         """The store's `stats()` plus the connector's own counters, for `collective_rpc`."""
-        return {"rank": self.rank, **self.counters, "store": None if self.store is None else self.store.stats()}
+        dropped = 0 if self._saves is None else self._saves.dropped
+        return {"rank": self.rank, **self.counters, "save_dropped": dropped,
+                "store": None if self.store is None else self.store.stats()}
