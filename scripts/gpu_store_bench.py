@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "asv_bench"))
 from benchmarks import bench_disk  # noqa: E402
 
 from tierkv import BlockStore, KVLayout, Namespace, StoreConfig  # noqa: E402
-from tierkv.tiers.disk import DiskTier, kvikio_status  # noqa: E402
+from tierkv.tiers.disk import kvikio_status  # noqa: E402
 
 rows: list[str] = []
 
@@ -39,7 +39,7 @@ def disk_rows() -> None:
             b = bench_disk.DiskThroughput()
             b.setup(block)
             b.tier.close()
-            b.tier = DiskTier(b.dir, b.n, block, io=io)
+            b.tier = bench_disk.disk_tier(b.dir, b.n, block, io=io)
             try:
                 w = b._write_all()
                 r = b._read_all()

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from tierkv import BlockStore, KVLayout, Namespace, StoreConfig
-from tierkv.tiers.disk import DiskTier, aligned_empty
+from tierkv.tiers.disk import DiskTier
+from tierkv.tiers.disk.files import aligned_empty
 
 TOTAL_BYTES = 256 << 20
 BENCH_DIR = os.environ.get("TIERKV_BENCH_DIR")  # default: the system temp dir
@@ -51,6 +52,15 @@ def _baseline(path: Path, nbytes: int, chunk: int = 8 << 20, threads: int = 4) -
     return write, read
 
 
+def disk_tier(directory: Path, num_slots: int, block_bytes: int, io: str = "auto") -> DiskTier:
+    """A disk tier alone, outside a store, of `num_slots` blocks of `block_bytes` (a multiple of 64 KiB)."""
+    layout = KVLayout(num_layers=1, kv_factor=2, num_kv_heads=1, head_dim=block_bytes // 64, dtype=torch.bfloat16,
+                      block_tokens=16)
+    assert layout.block_bytes == block_bytes
+    config = StoreConfig(device="cpu", disk_path=str(directory), disk_bytes=num_slots * block_bytes, disk_io=io, io_threads=4)
+    return DiskTier(config, layout, Namespace(model="bench-disk"))
+
+
 class DiskThroughput:
     """host -> disk and disk -> host through `DiskTier`, in batches of 64 blocks.
 
@@ -67,7 +77,7 @@ class DiskThroughput:
     def setup(self, block_bytes: int) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tierkv-bench-", dir=BENCH_DIR))
         self.n = TOTAL_BYTES // block_bytes
-        self.tier = DiskTier(self.dir, self.n, block_bytes, io_threads=4)
+        self.tier = disk_tier(self.dir, self.n, block_bytes)
         self.rows = torch.randint(0, 256, (64, block_bytes), dtype=torch.uint8)
         batches = [self.tier.allocate(64) for _ in range(-(-self.n // 64))]
         self.tier.free([s for batch in batches for s in batch])
@@ -85,7 +95,7 @@ class DiskThroughput:
         for i in range(0, self.n, 64):
             slots = self.order[i : i + 64]
             self.tier.write_behind(slots, self.rows[: len(slots)])
-        self.tier.drain()
+        self.tier.queue.drain()
         self.tier.queue.take_results()
         return TOTAL_BYTES / (time.perf_counter() - t)
 
