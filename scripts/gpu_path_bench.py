@@ -1,0 +1,233 @@
+"""The store's public data path on a GPU, each figure a ratio to a large pinned copy of the same run.
+
+Llama-3-8B KV shapes (32 layers, 8 KV heads, head_dim 128, bf16), 2048-token prompts whose KV is in
+GPU memory, checksums verified on every read (the default):
+
+- `put` GPU -> store and `get` store -> GPU, 16-token (2 MiB) and 256-token (32 MiB) blocks, in a
+  store with a host tier only (how the vLLM connector runs it) and in one with a device tier too;
+- `save_from` / `load_into` with vLLM's GPU layout (LBNHC, 16-token pages);
+- both directions at once (a put and a get of different prompts, in two stores, two threads);
+- the slowdown of a bf16 matmul loop while the store moves blocks (median of alternating windows).
+
+    PYTHONUNBUFFERED=1 python scripts/gpu_path_bench.py OUT.md [OUT.png]
+
+Targets (issue 11): >= 0.85 of the link for 2 MiB blocks and up; both directions >= 1.4x one; the
+matmul <= 3% slower.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tierkv import BlockStore, DimOrder, EngineKV, EngineKVLayout, KVLayout, Namespace, StoreConfig
+
+GiB = 1 << 30
+PROMPT = 2048
+REPS = 5
+lines: list[str] = []
+
+
+def out(text: str = "") -> None:
+    lines.append(text)
+    print(text)
+
+
+def layout(block_tokens: int) -> KVLayout:
+    return KVLayout(num_layers=32, kv_factor=2, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_tokens=block_tokens)
+
+
+def reference() -> dict[str, float]:
+    dev = torch.empty(GiB, dtype=torch.uint8, device="cuda")
+    host = torch.empty(GiB, dtype=torch.uint8).pin_memory()
+    bw = {"d2h": GiB / gpu_time(lambda: host.copy_(dev, non_blocking=True)),
+          "h2d": GiB / gpu_time(lambda: dev.copy_(host, non_blocking=True))}
+    del dev, host
+    return bw
+
+
+def gpu_time(fn: Callable[[], object], reps: int = REPS) -> float:
+    """Median wall seconds of `fn` including the GPU work it queued (one warm-up call first)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def store(lay: KVLayout, device_bytes: int) -> BlockStore:
+    return BlockStore(lay, Namespace(model="bench-path"), StoreConfig(device_bytes=device_bytes, host_bytes=4 * GiB))
+
+
+def prompt(i: int) -> torch.Tensor:
+    return torch.arange(i * 10**6, i * 10**6 + PROMPT)
+
+
+def put_get(lay: KVLayout, device_bytes: int) -> tuple[float, float]:
+    """GB/s of put and get of one 2048-token prompt; a fresh prompt per timed put."""
+    n = PROMPT // lay.block_tokens
+    kv = torch.randn((n, *lay.block_shape), device="cuda").to(lay.dtype)
+    nbytes = n * lay.block_bytes
+    with store(lay, device_bytes) as s:
+        counter = iter(range(1, 10**6))
+        put = gpu_time(lambda: s.put(prompt(next(counter)), kv))
+        s.put(prompt(0), kv)
+        get = gpu_time(lambda: s.get(prompt(0), device="cuda"))
+        assert torch.equal(s.get(prompt(0), device="cuda"), kv)
+    return nbytes / put / 1e9, nbytes / get / 1e9
+
+
+def vllm_engine(lay: KVLayout, num_blocks: int) -> tuple[EngineKV, torch.Tensor]:
+    """vLLM's GPU cache in its LBNHC layout: one allocation, [layers, blocks, 16 tokens, heads, K|V channels]."""
+    eng = EngineKVLayout(order=DimOrder.LBNHSC, num_layers=lay.num_layers, num_blocks=num_blocks, block_size=16,
+                         num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype)
+    buf = torch.randn(eng.shape, device="cuda").to(lay.dtype)
+    return EngineKV(eng, buf), buf
+
+
+def save_load(lay: KVLayout) -> tuple[float, float]:
+    pages = PROMPT // 16
+    engine, buf = vllm_engine(lay, 2 * pages)
+    table = torch.randperm(2 * pages)[:pages].tolist()
+    nbytes = PROMPT // lay.block_tokens * lay.block_bytes
+    with store(lay, 0) as s:
+        counter = iter(range(1, 10**6))
+        save = gpu_time(lambda: s.save_from(engine, table, prompt(next(counter))))
+        s.save_from(engine, table, prompt(0))
+        before = buf.clone()
+        buf.zero_()
+        load = gpu_time(lambda: s.load_into(engine, table, prompt(0)))
+        assert s.load_into(engine, table, prompt(0)) == PROMPT // lay.block_tokens
+        torch.cuda.synchronize()
+        idx = torch.tensor(table, device="cuda")
+        assert torch.equal(buf.index_select(1, idx), before.index_select(1, idx)), "load_into changed the KV"
+    return nbytes / save / 1e9, nbytes / load / 1e9
+
+
+def both_ways(lay: KVLayout) -> float:
+    """GB/s of a put and a get running at once, in two stores (each has its own lock)."""
+    n = PROMPT // lay.block_tokens
+    kv = torch.randn((n, *lay.block_shape), device="cuda").to(lay.dtype)
+    with store(lay, 0) as a, store(lay, 0) as b:
+        b.put(prompt(0), kv)
+        counter = iter(range(1, 10**6))
+
+        def once() -> None:
+            t = threading.Thread(target=lambda: (a.put(prompt(next(counter)), kv), torch.cuda.synchronize()))
+            t.start()
+            b.get(prompt(0), device="cuda")
+            torch.cuda.synchronize()
+            t.join()
+
+        return 2 * n * lay.block_bytes / gpu_time(once) / 1e9
+
+
+def matmul_slowdown(lay: KVLayout, windows: int = 6) -> float:
+    """Median over alternating windows of (matmul time beside store traffic) / (matmul time alone) - 1."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    c = torch.empty_like(a)
+    m_stream = torch.cuda.Stream()
+    n = PROMPT // lay.block_tokens
+    kv = torch.randn((n, *lay.block_shape), device="cuda").to(lay.dtype)
+
+    def matmuls() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(m_stream):
+            start.record(m_stream)
+            for _ in range(40):
+                torch.matmul(a, b, out=c)
+            end.record(m_stream)
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    ratios = []
+    with store(lay, 0) as s:
+        s.put(prompt(0), kv)
+        for w in range(windows):
+            alone = matmuls()
+            stop = threading.Event()
+
+            def traffic() -> None:
+                i = 1
+                while not stop.is_set():
+                    s.put(prompt(w * 1000 + i), kv)
+                    s.get(prompt(0), device="cuda")
+                    i += 1
+
+            t = threading.Thread(target=traffic)
+            t.start()
+            loaded = matmuls()
+            stop.set()
+            t.join()
+            ratios.append(loaded / alone)
+    return statistics.median(ratios) - 1
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit("usage: gpu_path_bench.py OUT.md [OUT.png]")
+    ref = reference()
+    link = min(ref["d2h"], ref["h2d"])
+    out(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; large pinned copy device->host "
+        f"{ref['d2h'] / 1e9:.1f} GB/s, host->device {ref['h2d'] / 1e9:.1f} GB/s (this run)")
+    out()
+    out("| operation | block | store | GB/s | ratio to link |")
+    out("| --- | --- | --- | ---: | ---: |")
+    figures: dict[str, float] = {}
+    for bt in (16, 256):
+        lay = layout(bt)
+        size = f"{bt} tokens ({lay.block_bytes >> 20} MiB)"
+        for name, device_bytes in (("host only", 0), ("device + host", 2 * GiB)):
+            put, get = put_get(lay, device_bytes)
+            for op, gbps, d in (("put", put, "d2h"), ("get", get, "h2d")):
+                out(f"| {op} | {size} | {name} | {gbps:.1f} | {gbps * 1e9 / ref[d]:.2f} |")
+                figures[f"{op} {bt} {name}"] = gbps * 1e9 / ref[d]
+        save, load = save_load(lay)
+        out(f"| save_from (vLLM LBNHC pages) | {size} | host only | {save:.1f} | {save * 1e9 / ref['d2h']:.2f} |")
+        out(f"| load_into (vLLM LBNHC pages) | {size} | host only | {load:.1f} | {load * 1e9 / ref['h2d']:.2f} |")
+        figures[f"save_from {bt}"] = save * 1e9 / ref["d2h"]
+        figures[f"load_into {bt}"] = load * 1e9 / ref["h2d"]
+    lay = layout(16)
+    one = figures["put 16 host only"] * ref["d2h"] / 1e9
+    both = both_ways(lay)
+    out(f"| put + get at once | 16 tokens | host only x2 | {both:.1f} | {both * 1e9 / link:.2f} (x{both / one:.2f} of put alone) |")
+    slow = matmul_slowdown(lay)
+    out()
+    out(f"bf16 8192^3 matmul beside the store's put/get traffic: {slow * 100:+.1f}% (median of alternating windows)")
+    Path(sys.argv[1]).write_text("\n".join(lines) + "\n")
+    if len(sys.argv) > 2:
+        plot(figures, Path(sys.argv[2]))
+
+
+def plot(figures: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(figures)
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.2))
+    ax.barh(names, [figures[n] for n in names], color="#4472c4")
+    ax.axvline(0.85, color="#c00000", linestyle="--", label="target 0.85")
+    ax.set_xlabel("ratio to a large pinned copy (same run)")
+    ax.set_xlim(0, 1.1)
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    ax.set_title("tierkv public data path, Llama-3-8B KV, verification on")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
