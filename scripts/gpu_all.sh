@@ -15,6 +15,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m tierkv info | tee "$out/info.txt" | head -20
 echo "== pytest -m gpu"
 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE > "$out/pytest_gpu.txt" 2>&1; tail -30 "$out/pytest_gpu.txt"
+echo "== public data path"
+python3 scripts/gpu_path_bench.py "$out/path.md" "$out/path.png"
 echo "== store + disk"
 python3 scripts/gpu_store_bench.py "$out/store.md" /tmp/tierkv-bench
 if [ "${KERNEL_BENCH:-1}" = 1 ]; then echo "== kernels"
