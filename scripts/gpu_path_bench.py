@@ -46,10 +46,8 @@ def layout(block_tokens: int) -> KVLayout:
 def reference() -> dict[str, float]:
     dev = torch.empty(GiB, dtype=torch.uint8, device="cuda")
     host = torch.empty(GiB, dtype=torch.uint8).pin_memory()
-    bw = {"d2h": GiB / gpu_time(lambda: host.copy_(dev, non_blocking=True)),
-          "h2d": GiB / gpu_time(lambda: dev.copy_(host, non_blocking=True))}
-    del dev, host
-    return bw
+    return {"d2h": GiB / gpu_time(lambda: host.copy_(dev, non_blocking=True)),
+            "h2d": GiB / gpu_time(lambda: dev.copy_(host, non_blocking=True))}
 
 
 def gpu_time(fn: Callable[[], object], reps: int = REPS) -> float:
@@ -158,14 +156,14 @@ def matmul_slowdown(lay: KVLayout, windows: int = 6) -> float:
             alone = matmuls()
             stop = threading.Event()
 
-            def traffic() -> None:
+            def traffic(stop: threading.Event, base: int) -> None:
                 i = 1
                 while not stop.is_set():
-                    s.put(prompt(w * 1000 + i), kv)
+                    s.put(prompt(base + i), kv)
                     s.get(prompt(0), device="cuda")
                     i += 1
 
-            t = threading.Thread(target=traffic)
+            t = threading.Thread(target=traffic, args=(stop, (w + 1) * 1000))
             t.start()
             loaded = matmuls()
             stop.set()
@@ -201,7 +199,8 @@ def main() -> None:
     lay = layout(16)
     one = figures["put 16 host only"] * ref["d2h"] / 1e9
     both = both_ways(lay)
-    out(f"| put + get at once | 16 tokens | host only x2 | {both:.1f} | {both * 1e9 / link:.2f} (x{both / one:.2f} of put alone) |")
+    out(f"| put + get at once | 16 tokens | host only x2 | {both:.1f} | {both * 1e9 / link:.2f} "
+        f"(x{both / one:.2f} of put alone) |")
     slow = matmul_slowdown(lay)
     out()
     out(f"bf16 8192^3 matmul beside the store's put/get traffic: {slow * 100:+.1f}% (median of alternating windows)")
