@@ -1,0 +1,109 @@
+"""Block checksums on the GPU: `tierkv.integrity.block_checksum`, computed where the bytes are.
+
+`checksum_rows_gpu(pool, rows, stream)` queues two kernels of `csrc/checksum.cu` on `stream`
+(leaves: XXH3 of every 4 KiB sector; roots: XXH64 over each block's leaves) and returns the
+checksums as an int64 CUDA tensor (the u64 bit pattern; `as_unsigned` turns it into ints).
+Nothing here synchronises with the device. The pool may be device memory or pinned host memory
+(read over UVA, at PCIe speed). The CPU function in `tierkv.integrity` is the reference: the
+values are bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..integrity import SECTOR_BYTES, TREE_CHECKSUM
+from .cuda_build import i32, i64, module, ptr
+from .kernels import access_width
+
+__all__ = ["TREE_CHECKSUM", "as_unsigned", "checksum_rows_gpu"]
+
+SOURCE = "checksum.cu"
+THREADS = 256  # 64 sectors per thread block: four lanes per sector
+ROOT_THREADS = 128  # the warp-per-block root kernel is written for 4 warps
+ROOT_WARP_MIN_LEAVES = 33  # from this many sectors on, one warp per block computes the root
+CTAS_PER_SM = 16  # grid cap; the leaf kernel's sectors loop over the grid beyond it
+_U64 = (1 << 64) - 1
+
+
+def as_unsigned(sums: torch.Tensor) -> list[int]:
+    """The checksums of `checksum_rows_gpu` as Python ints in [0, 2**64) (this syncs: it copies to the host)."""
+    return [v & _U64 for v in sums.tolist()]
+
+
+def _device_rows(rows: torch.Tensor | Sequence[int], limit: int, stream: torch.cuda.Stream) -> torch.Tensor:
+    """Row indices as an int64 tensor on the stream's device; host indices are bounds-checked first."""
+    if isinstance(rows, torch.Tensor) and rows.is_cuda:
+        if rows.dtype != torch.int64 or rows.dim() != 1:
+            raise ValueError(f"rows on the GPU must be a 1-D int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
+        if rows.device != stream.device:
+            raise ValueError(f"rows are on {rows.device} but the stream is on {stream.device}")
+        return rows.contiguous()  # not bounds-checked: that would need a host sync
+    if isinstance(rows, torch.Tensor):
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise TypeError(f"rows must be integers, got {rows.dtype}")
+        arr = rows.reshape(-1).to(torch.int64).numpy()
+    else:
+        arr = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= limit):
+        bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
+        raise IndexError(f"rows holds row {bad}, outside [0, {limit})")
+    host = torch.from_numpy(np.ascontiguousarray(arr))
+    with torch.cuda.stream(stream):  # through pinned memory: a pageable copy would wait for the stream
+        return host.pin_memory().to(stream.device, non_blocking=True)
+
+
+def checksum_rows_gpu(pool: torch.Tensor, rows: torch.Tensor | Sequence[int] | None = None,
+                      stream: torch.cuda.Stream | None = None, *, max_ctas: int | None = None) -> torch.Tensor:
+    """`block_checksum` of each row of a `[num_rows, row_bytes]` uint8 pool, queued on `stream`.
+
+    `pool` is a contiguous CUDA tensor or a pinned host tensor. `rows` (default: every row, in
+    order) picks which rows to hash: a CPU sequence/tensor is bounds-checked here; an int64 CUDA
+    tensor is used as is (checking it would sync). Returns an int64 tensor on the stream's
+    device, one checksum per row picked (the u64 bits; see `as_unsigned`), valid once `stream`
+    reaches that point. `stream` defaults to the current stream of the pool's device (of the
+    current device for a host pool). The caching allocator ties the result to `stream`.
+    """
+    if not isinstance(pool, torch.Tensor) or pool.dtype != torch.uint8 or pool.dim() != 2:
+        raise ValueError(f"checksum_rows_gpu needs a 2-D uint8 pool, got {getattr(pool, 'dtype', type(pool))} "
+                         f"{tuple(getattr(pool, 'shape', ()))}")
+    if not pool.is_contiguous():
+        raise ValueError(f"the pool must be contiguous rows, got strides {pool.stride()}")
+    if pool.is_cuda:
+        device = pool.device
+    elif pool.is_pinned():
+        device = stream.device if stream is not None else torch.device("cuda", torch.cuda.current_device())
+    else:
+        raise ValueError("checksum_rows_gpu hashes CUDA or pinned host memory; "
+                         "use tierkv.integrity.checksum_blocks for pageable memory")
+    s = stream if stream is not None else torch.cuda.current_stream(device)
+    if s.device != device:
+        raise ValueError(f"stream is on {s.device} but the pool is on {device}")
+    num_rows, n = pool.shape
+    dev_rows = None if rows is None else _device_rows(rows, num_rows, s)
+    m = num_rows if dev_rows is None else dev_rows.numel()
+    k = -(-n // SECTOR_BYTES)
+    if m >= 1 << 31 or m * k >= 1 << 40:
+        raise ValueError(f"{m} rows of {k} sectors is too many for one call")
+    with torch.cuda.stream(s):
+        out = torch.empty(m, dtype=torch.int64, device=device)
+        if m == 0:
+            return out
+        mod = module(SOURCE, device)
+        rows_arg = ptr(0) if dev_rows is None else ptr(dev_rows)
+        leaves = out
+        if k:
+            leaves = torch.empty(m * k, dtype=torch.int64, device=device)
+            w = access_width(pool.data_ptr(), n)
+            limit = mod.num_sms * CTAS_PER_SM if max_ctas is None else max_ctas
+            grid = max(1, min(-(-m * k // (THREADS // 4)), limit))
+            mod.launch(f"tierkv_checksum_leaves_w{w}", grid, THREADS,
+                       [ptr(pool), rows_arg, i64(n), i32(k), i32(m), ptr(leaves)], s)
+        per_cta = ROOT_THREADS // 32 if k >= ROOT_WARP_MIN_LEAVES else ROOT_THREADS
+        name = "tierkv_checksum_roots_warp" if k >= ROOT_WARP_MIN_LEAVES else "tierkv_checksum_roots"
+        mod.launch(name, max(1, min(-(-m // per_cta), mod.num_sms * CTAS_PER_SM)), ROOT_THREADS,
+                   [ptr(leaves), i64(n), i32(k), i32(m), ptr(out)], s)
+    return out
