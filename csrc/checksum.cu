@@ -290,10 +290,11 @@ extern "C" __global__ void tierkv_checksum_roots(const u64* __restrict__ leaves,
     out[j] = xxh64_words(leaves + (i64)j * k, k, (u64)n);
 }
 
-// The same with one warp per block, for blocks of many sectors: XXH64 is one dependent chain
-// per 32 bytes, so one thread must do the rounds, but the warp loads its leaves into shared
-// memory ROOT_CHUNK at a time (32 loads in flight per lane) instead of one thread waiting on
-// every load. 4 warps per thread block.
+// The same with one warp per block, for blocks of many sectors. XXH64 keeps four independent
+// chains (v1..v4, one per word of each 32-byte stripe), so lanes 0-3 run one chain each, one
+// round per stripe, and lane 0 merges them; the whole warp first loads the leaves into shared
+// memory ROOT_CHUNK at a time (16 loads in flight per lane) so no chain waits on global memory.
+// 4 warps per thread block.
 #define ROOT_CHUNK 512
 extern "C" __global__ void __launch_bounds__(128) tierkv_checksum_roots_warp(
     const u64* __restrict__ leaves, i64 n, int k, int m, u64* __restrict__ out) {
@@ -302,26 +303,29 @@ extern "C" __global__ void __launch_bounds__(128) tierkv_checksum_roots_warp(
   const int lane = threadIdx.x & 31;
   u64* mine = buf[warp];
   const u64 seed = (u64)n;
-  for (int j = blockIdx.x * 4 + warp; j < m; j += gridDim.x * 4) {
+  const u64 start = lane == 0 ? seed + P64_1 + P64_2 : lane == 1 ? seed + P64_2 : lane == 2 ? seed : seed - P64_1;
+  for (int j = blockIdx.x * 4 + warp; j < m; j += gridDim.x * 4) {  // warp-uniform
     const u64* w = leaves + (i64)j * k;
-    u64 v1 = seed + P64_1 + P64_2, v2 = seed + P64_2, v3 = seed, v4 = seed - P64_1;
+    u64 v = start;  // lanes 0-3: chain v1..v4
     if (k == 0 && lane == 0) out[j] = xxh64_avalanche(seed + P64_5);
     for (int c = 0; c < k; c += ROOT_CHUNK) {
       const int len = k - c < ROOT_CHUNK ? k - c : ROOT_CHUNK;
       for (int t = lane; t < len; t += 32) mine[t] = w[c + t];
       __syncwarp();
-      if (lane == 0) {
-        int q = 0;
-        for (; q + 4 <= len; q += 4) {  // chunks hold whole stripes: ROOT_CHUNK % 4 == 0
-          v1 = xxh64_round(v1, mine[q]);
-          v2 = xxh64_round(v2, mine[q + 1]);
-          v3 = xxh64_round(v3, mine[q + 2]);
-          v4 = xxh64_round(v4, mine[q + 3]);
-        }
-        if (c + len == k) {  // the last chunk: merge, length, the last k % 4 words
+      const int stripes = len >> 2;  // chunks hold whole stripes (ROOT_CHUNK % 4 == 0) but the last
+      if (lane < 4) {
+#pragma unroll 8
+        for (int s = 0; s < stripes; ++s) v = xxh64_round(v, mine[4 * s + lane]);
+      }
+      if (c + len == k) {  // the last chunk: merge, length, the last k % 4 words
+        const u64 v1 = __shfl_sync(0xffffffffu, v, 0);
+        const u64 v2 = __shfl_sync(0xffffffffu, v, 1);
+        const u64 v3 = __shfl_sync(0xffffffffu, v, 2);
+        const u64 v4 = __shfl_sync(0xffffffffu, v, 3);
+        if (lane == 0) {
           u64 h = k >= 4 ? xxh64_merge(v1, v2, v3, v4) : seed + P64_5;
           h += (u64)k * 8;
-          for (; q < len; ++q) h = xxh64_tail_round(h, mine[q]);
+          for (int q = 4 * stripes; q < len; ++q) h = xxh64_tail_round(h, mine[q]);
           out[j] = xxh64_avalanche(h);
         }
       }
