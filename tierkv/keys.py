@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .layout import KVLayout
     from .namespace import Namespace
 
-Tokens = Union[Sequence[int], np.ndarray, torch.Tensor]
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _hash = xxhash.xxh3_128_digest

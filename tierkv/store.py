@@ -219,7 +219,6 @@ class BlockStore:
                 chain.append((key, ident))
             if not chain:
                 return 0
-            m = len(chain)
             self.index.acquire(existing)  # their children are about to arrive: keep them here
             try:
                 self.placement.add_chain(existing[-1] if existing else None, chain, k, write)

@@ -123,7 +123,8 @@ class TierKV:
             left_padded_rows(input_ids, None)
             attention_mask = torch.ones_like(input_ids)
         cache = self.cache(input_ids, attention_mask, tenant=tenant)
-        sequences = self.model.generate(
+        # PreTrainedModel lacks GenerationMixin in transformers 5 (the causal-LM classes add it)
+        sequences = self.model.generate(  # type: ignore[operator]
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=cache,
@@ -144,7 +145,9 @@ class TierKV:
 def _check_generation_config(config: GenerationConfig) -> None:
     # Unset fields are None in transformers 5 and mean the defaults (1 beam, 1 sequence).
     if (config.num_beams or 1) != 1:
-        raise ValueError(f"num_beams={config.num_beams}: beam search is not supported with prefix reuse (one cache row per prompt)")
+        raise ValueError(
+            f"num_beams={config.num_beams}: beam search is not supported with prefix reuse (one cache row per prompt)"
+        )
     if (config.num_return_sequences or 1) != 1:
         raise ValueError(
             f"num_return_sequences={config.num_return_sequences}: several sequences per prompt are not supported "

@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from tierkv import BlockStore, CapacityError, LayoutMismatchError, TierKVError
 
@@ -26,10 +27,19 @@ from .blocks import copy_blocks_to_tokens, tokens_to_blocks
 from .model import ModelKV
 
 
+def _filled_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one layer of a `TierKVCache` after prefill: a `DynamicCache` made without a
+    config has plain `DynamicLayer`s, and prefill has run through every one of them."""
+    assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
 def left_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[int, np.ndarray]]:
     """`(padding, token ids)` of each row of a left-padded batch; anything else is refused."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        raise TypeError(f"input_ids must be a 2-D integer tensor [batch, tokens], got {getattr(input_ids, 'shape', type(input_ids))}")
+        raise TypeError(
+            f"input_ids must be a 2-D integer tensor [batch, tokens], got {getattr(input_ids, 'shape', type(input_ids))}"
+        )
     batch, length = input_ids.shape
     if batch == 0 or length == 0:
         raise ValueError(f"input_ids must hold at least one token in one row, got shape {tuple(input_ids.shape)}")
@@ -173,8 +183,9 @@ class TierKVCache(DynamicCache):
                 continue
             first = hit // bt  # blocks that were loaded from the store: only the rest is converted
             start = pad + first * bt
-            keys = [layer.keys[i, :, start : pad + full].detach() for layer in self.layers]
-            values = [layer.values[i, :, start : pad + full].detach() for layer in self.layers]
+            layer_kv = [_filled_kv(layer) for layer in self.layers]
+            keys = [k[i, :, start : pad + full].detach() for k, _ in layer_kv]
+            values = [v[i, :, start : pad + full].detach() for _, v in layer_kv]
             home = keys[0].device
             blocks = tokens_to_blocks([k.to(home) for k in keys], [v.to(home) for v in values], bt)
             try:

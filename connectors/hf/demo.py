@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
-from tierkv import StoreConfig
+from tierkv import StoreConfig, parse_bytes
 
 from . import TierKV
 
@@ -36,7 +36,9 @@ DEMO_INTERMEDIATE = 1536
 DEMO_MAX_POSITIONS = 8192
 
 
-def build_demo_model(vocab_size: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlamaForCausalLM:
+def build_demo_model(
+    vocab_size: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> LlamaForCausalLM:
     """The demo's Llama-architecture model, random weights drawn from `seed`."""
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -51,7 +53,8 @@ def build_demo_model(vocab_size: int, *, seed: int = 0, dtype: torch.dtype = tor
         pad_token_id=2,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    # transformers types `to` as `@wraps(nn.Module.to)`, whose _Wrapped signature keeps the unbound `self`
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,9 @@ class MistralV3Tokenizer:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-        self._messages = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        self._messages: dict[str, type[SystemMessage | UserMessage | AssistantMessage]] = {
+            "system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage
+        }
         self._request = ChatCompletionRequest
         self._tokenizer = MistralTokenizer.v3()
         inner = self._tokenizer.instruct_tokenizer.tokenizer
@@ -166,7 +171,9 @@ class LocalTokenizer:
         self.eos_id = self._tokenizer.eos_token_id if self._tokenizer.eos_token_id is not None else 0
         has_template = bool(getattr(self._tokenizer, "chat_template", None))
         self._template = has_template
-        self.description = f"{type(self._tokenizer).__name__} from {path}" + ("" if has_template else " (no chat template: plain 'User:/Assistant:' turns)")
+        self.description = f"{type(self._tokenizer).__name__} from {path}" + (
+            "" if has_template else " (no chat template: plain 'User:/Assistant:' turns)"
+        )
 
     def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         if self._template:
@@ -176,7 +183,9 @@ class LocalTokenizer:
         return self._tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        text = self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string (lists are for batches)
+        return text
 
 
 _DOCUMENT_SENTENCES = [
@@ -237,7 +246,8 @@ def load_chat_model(model_path: str | None, device: str, seed: int = 0) -> tuple
         )
         return model, tokenizer, about
     local = LocalTokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True).to(device).eval()
+    # transformers types `to` as `@wraps(nn.Module.to)`, whose _Wrapped signature keeps the unbound `self`
+    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True).to(device).eval()  # type: ignore[arg-type]
     return model, local, f"{type(model).__name__} from {model_path} ({model.dtype})"
 
 
@@ -266,7 +276,10 @@ def _chat(
         start = time.perf_counter()
         with torch.no_grad():
             if tkv is None:
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=clock)
+                # PreTrainedModel lacks GenerationMixin in transformers 5 (the causal-LM classes add it)
+                out = model.generate(  # type: ignore[operator]
+                    ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=clock
+                )
                 reused = 0
             else:
                 result = tkv.generate(ids, generation_config=config, streamer=clock, store_generated=True)
@@ -284,7 +297,8 @@ def run_demo(options: DemoOptions | None = None, out: TextIO = sys.stdout) -> De
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, about = load_chat_model(options.model_path, device, options.seed)
     document = _document(tokenizer, options.document_tokens)
-    store_config = StoreConfig(device_bytes=options.device_bytes, host_bytes=options.host_bytes, device=device)
+    store_config = StoreConfig(device_bytes=parse_bytes(options.device_bytes, "device_bytes"),
+                               host_bytes=parse_bytes(options.host_bytes, "host_bytes"), device=device)
     print("tierkv demo: multi-turn chat about a long document, with and without prefix reuse", file=out)
     print(f"model: {about}", file=out)
     print(f"tokenizer: {tokenizer.description}", file=out)
@@ -299,7 +313,10 @@ def run_demo(options: DemoOptions | None = None, out: TextIO = sys.stdout) -> De
         # Warm-up at full length, so neither run pays for first-call allocations and kernel selection.
         warm = torch.tensor([tokenizer.encode_chat([("user", f"{document}\n\n{QUESTIONS[-1]}")])], device=model.device)
         with torch.no_grad():
-            model.generate(warm, attention_mask=torch.ones_like(warm), generation_config=_generation_config(2, tokenizer.eos_id))
+            # PreTrainedModel lacks GenerationMixin in transformers 5 (the causal-LM classes add it)
+            model.generate(  # type: ignore[operator]
+                warm, attention_mask=torch.ones_like(warm), generation_config=_generation_config(2, tokenizer.eos_id)
+            )
         plain = _chat(model, tokenizer, document, options, None)
         reuse = _chat(model, tokenizer, document, options, tkv)
         stats = tkv.store.stats()
@@ -312,7 +329,8 @@ def run_demo(options: DemoOptions | None = None, out: TextIO = sys.stdout) -> De
 
 
 def _print_report(report: DemoReport, out: TextIO) -> None:
-    print(f"\n{'turn':>4} {'prompt':>7} {'reused':>7} {'computed':>9} {'TTFT plain':>11} {'TTFT tierkv':>12} {'speedup':>8}", file=out)
+    print(f"\n{'turn':>4} {'prompt':>7} {'reused':>7} {'computed':>9} {'TTFT plain':>11} {'TTFT tierkv':>12} {'speedup':>8}",
+          file=out)
     for i, t in enumerate(report.turns, 1):
         print(
             f"{i:>4} {t.prompt_tokens:>7} {t.reused_tokens:>7} {t.prompt_tokens - t.reused_tokens:>9} "

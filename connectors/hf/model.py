@@ -78,7 +78,9 @@ _LAYER_REASONS = {
 def _check_cache_structure(model: PreTrainedModel) -> None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
-        raise _refuse(model, "it is an encoder-decoder model; its decoder KV depends on the encoder input, not only on the prompt tokens")
+        raise _refuse(
+            model, "it is an encoder-decoder model; its decoder KV depends on the encoder input, not only on the prompt tokens"
+        )
     media = sorted(k for k in getattr(type(config), "sub_configs", {}) if k != "text_config")
     if media:
         raise _refuse(
@@ -114,7 +116,7 @@ def describe_model(model: PreTrainedModel) -> ModelKV:
     dtypes = set()
     devices = []
     for i, layer in enumerate(probe.layers):
-        if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys is None:
+        if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys is None or layer.values is None:
             raise _refuse(model, f"layer {i} did not store per-token K/V in the cache ({type(layer).__name__})")
         k, v = layer.keys, layer.values
         if k.shape != v.shape:
@@ -129,7 +131,9 @@ def describe_model(model: PreTrainedModel) -> ModelKV:
         dtypes.add(k.dtype)
         devices.append(k.device)
     if len(shapes) != 1 or len(dtypes) != 1:
-        raise _refuse(model, f"its layers keep K/V of different (heads, head_dim) {sorted(shapes)} or dtypes {sorted(map(str, dtypes))}")
+        raise _refuse(
+            model, f"its layers keep K/V of different (heads, head_dim) {sorted(shapes)} or dtypes {sorted(map(str, dtypes))}"
+        )
     ((heads, head_dim),) = shapes
     return ModelKV(len(probe.layers), int(heads), int(head_dim), dtypes.pop(), tuple(devices))
 

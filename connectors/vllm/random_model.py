@@ -20,7 +20,7 @@ def save_random_llama(path: Path, *, hidden: int = 64, layers: int = 2, heads: i
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                         max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, torch_dtype=dtype)
+                         max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, dtype=dtype)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(path)
     words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}

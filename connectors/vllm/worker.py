@@ -240,7 +240,7 @@ class WorkerSide:
             changes, self._changes = self._changes, {}
             full, self._full = self._full, False
         if full:  # a full report lists what is stored: the snapshot with later changes folded in
-            stored = {key: tier for key, tier in changes.items() if tier is not None}
+            stored: dict[bytes, str | None] = {key: tier for key, tier in changes.items() if tier is not None}
             return ResidencyReport({self.rank: RankResidency(full=True, tiers=stored, order=self.store.tier_names)})
         return ResidencyReport({self.rank: RankResidency(full=False, tiers=changes)}) if changes else None
 

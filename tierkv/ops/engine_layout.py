@@ -180,7 +180,9 @@ class EngineKV:
     an exception rather than a stray write.
     """
 
-    def __init__(self, layout: EngineKVLayout, tensors: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]]) -> None:
+    def __init__(
+        self, layout: EngineKVLayout, tensors: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]]
+    ) -> None:
         if not isinstance(layout, EngineKVLayout):
             raise TypeError(f"layout must be an EngineKVLayout, got {type(layout).__name__}")
         self.layout = layout

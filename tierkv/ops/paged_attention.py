@@ -138,7 +138,9 @@ def _check(q: torch.Tensor, kv_pool: torch.Tensor, layout: KVLayout, layer: int,
     if kv_pool.shape[0] == 0 or kv_pool[:1].numel() * kv_pool.element_size() != layout.block_bytes:
         raise LayoutMismatchError(f"kv_pool rows are not blocks of {layout.block_bytes} bytes: shape {tuple(kv_pool.shape)}")
     if block_table.dim() != 2 or block_table.shape[0] != b or block_table.is_floating_point():
-        raise ValueError(f"block_table must be an integer [batch={b}, max_blocks] tensor, got {block_table.dtype} {tuple(block_table.shape)}")
+        raise ValueError(
+            f"block_table must be an integer [batch={b}, max_blocks] tensor, got {block_table.dtype} {tuple(block_table.shape)}"
+        )
     if block_table.device != q.device or kv_pool.device != q.device:
         raise ValueError(f"q, kv_pool and block_table must share a device: {q.device}, {kv_pool.device}, {block_table.device}")
     lens = torch.as_tensor(context_lens)

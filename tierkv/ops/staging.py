@@ -103,16 +103,18 @@ def staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Ten
     freed: list[torch.cuda.Event | None] = [None] * len(bufs)
     for k, (a, b) in enumerate(plan.chunks):
         i = k % len(bufs)
-        if freed[i] is not None:
-            fs.wait_event(freed[i])
+        prev = freed[i]
+        if prev is not None:
+            fs.wait_event(prev)
         fill(bufs[i], dev_items[a:b], buf_rows[: b - a], fs)
         ready = torch.cuda.Event()
         ready.record(fs)
         cs.wait_event(ready)
         staged = torch.arange(b - a, dtype=torch.int64)
         dma.memcpy_batch(*dma.entries(host.data_ptr(), sorted_rows[a:b], bufs[i].data_ptr(), staged, row_bytes), cs)
-        freed[i] = torch.cuda.Event()
-        freed[i].record(cs)
+        done = torch.cuda.Event()
+        done.record(cs)
+        freed[i] = done
     s.wait_stream(fs)
     s.wait_stream(cs)
 
@@ -126,16 +128,18 @@ def staged_from_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.T
     freed: list[torch.cuda.Event | None] = [None] * len(bufs)
     for k, (a, b) in enumerate(plan.chunks):
         i = k % len(bufs)
-        if freed[i] is not None:
-            cs.wait_event(freed[i])
+        prev = freed[i]
+        if prev is not None:
+            cs.wait_event(prev)
         staged = torch.arange(b - a, dtype=torch.int64)
         dma.memcpy_batch(*dma.entries(bufs[i].data_ptr(), staged, host.data_ptr(), sorted_rows[a:b], row_bytes), cs)
         ready = torch.cuda.Event()
         ready.record(cs)
         fs.wait_event(ready)
         drain(bufs[i], dev_items[a:b], buf_rows[: b - a], fs)
-        freed[i] = torch.cuda.Event()
-        freed[i].record(fs)
+        done = torch.cuda.Event()
+        done.record(fs)
+        freed[i] = done
     s.wait_stream(fs)
     s.wait_stream(cs)
 

@@ -51,7 +51,7 @@ AUTO: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 Rows = Sequence[int] | torch.Tensor
-_cuda_state: dict[str, object] = {}
+_cuda_state: dict[str, bool | int | str] = {}  # "ok": bool, "nvrtc": "major.minor", "driver": int
 
 
 # -- capability ------------------------------------------------------------------------
@@ -115,8 +115,10 @@ def transfer_paths() -> dict[str, object]:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         out["arch"] = f"sm_{major}{minor}"
+    per_op: dict[str, dict[str, dict[str, str]]] = {}
     for op, direction in AUTO:
-        out.setdefault(op, {})[direction] = {name: choose_path(op, direction, b) for name, b in sizes.items()}  # type: ignore[union-attr]
+        per_op.setdefault(op, {})[direction] = {name: choose_path(op, direction, b) for name, b in sizes.items()}
+    out.update(per_op)
     return out
 
 

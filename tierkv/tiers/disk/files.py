@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -95,7 +94,7 @@ def open_data_file(path: Path, size: int) -> tuple[int, bool]:
             return fd, False
         probe = aligned_empty(ALIGN)
         try:
-            os.preadv(dfd, [memoryview(probe)], 0)
+            os.preadv(dfd, [probe.data], 0)
         except OSError:
             os.close(dfd)
             return fd, False
@@ -149,7 +148,7 @@ class PosixFiles:
 
     def run(self, write: bool, reqs: list[IORequest], buf: np.ndarray) -> None:
         fn = self._pwrite if write else self._pread
-        view = memoryview(buf)
+        view = buf.data  # the array's own memoryview (numpy types __buffer__ only for Python >= 3.12)
         futures = [self._pool.submit(fn, self.fds[f], view[b : b + n], off) for f, off, b, n in reqs]
         for fut in futures:
             fut.result()

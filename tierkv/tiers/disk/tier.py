@@ -276,7 +276,10 @@ class DiskTier(Tier):
 
     def _write_buffer(self, slots: Sequence[int], buf: np.ndarray | torch.Tensor) -> None:
         try:
-            self._files.run(True, self._requests(slots), buf)
+            if isinstance(buf, torch.Tensor):  # device rows: only the kvikio path takes them
+                self._need_kvikio().run(True, self._requests(slots), buf)
+            else:
+                self._files.run(True, self._requests(slots), buf)
         except OSError as e:
             raise TierKVError(f"disk tier: write failed in {self.directory}: {e.strerror}") from e
         self._dirty_files.update(s // self.slots_per_file for s in slots)
@@ -285,10 +288,10 @@ class DiskTier(Tier):
 
     def read_to_device(self, slots: Sequence[int], device: torch.device) -> torch.Tensor:
         """Rows read straight into CUDA memory (GDS where available): needs the kvikio path."""
-        self._need_kvikio()
+        files = self._need_kvikio()
         out = torch.empty((len(slots) * self.stride,), dtype=torch.uint8, device=device)
         if slots:
-            self._files.run(False, self._requests(slots), out)
+            files.run(False, self._requests(slots), out)
         rows = out.view(len(slots), self.stride)
         return rows if self.stride == self.slot_bytes else rows[:, : self.slot_bytes].contiguous()
 
@@ -301,9 +304,10 @@ class DiskTier(Tier):
         staged[:, : self.slot_bytes].copy_(rows)
         self._write_buffer(slots, staged.view(-1))
 
-    def _need_kvikio(self) -> None:
+    def _need_kvikio(self) -> KvikioFiles:
         if not isinstance(self._files, KvikioFiles):
             raise TierKVError(f"disk tier: device-memory I/O needs the kvikio path; this tier uses {self.io_path}")
+        return self._files
 
     def sync(self) -> None:
         """Make every direct write so far durable (fdatasync of the files written since the last sync)."""

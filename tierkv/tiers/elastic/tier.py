@@ -23,12 +23,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .budget import BudgetMember
 from ...config import StoreConfig
 from ...errors import TierKVError
-from .vmm import CudaPages, PageBackend, page_backend
 from ..base import StoreAccess, TierAgent
 from ..memory import PoolTier
+from .budget import BudgetMember
+from .vmm import CudaPages, PageBackend, page_backend
 
 
 class ElasticTier(PoolTier):
@@ -36,7 +36,9 @@ class ElasticTier(PoolTier):
 
     section = "elastic"
 
-    def __init__(self, name: str, num_slots: int, slot_bytes: int, backend: PageBackend, budget: BudgetMember | None = None) -> None:
+    def __init__(
+        self, name: str, num_slots: int, slot_bytes: int, backend: PageBackend, budget: BudgetMember | None = None
+    ) -> None:
         super().__init__(name, num_slots, slot_bytes, backend.device, verify_reads=False)
         if slot_bytes <= 0:
             raise ValueError(f"{name} tier: slot_bytes must be > 0, got {slot_bytes}")
