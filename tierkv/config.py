@@ -18,18 +18,22 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from dataclasses import field as dataclass_field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .remote_url import SECRET_ENV, parse_remote_url
 
 ENV_PREFIX = "TIERKV_"
 CONFIG_ENV = "TIERKV_CONFIG"  # path of a YAML/JSON file that `StoreConfig.from_env` reads first
 LOG_LEVEL_ENV = "TIERKV_LOG_LEVEL"  # level of the "tierkv" logger
-# TIERKV_ variables that steer the program rather than name a store field.
-_PROGRAM_ENV = frozenset({CONFIG_ENV, LOG_LEVEL_ENV})
+# TIERKV_ variables that steer the program rather than name a store field (remote credentials
+# among them: read by the remote tier when it connects, never stored in a config).
+_PROGRAM_ENV = frozenset({CONFIG_ENV, LOG_LEVEL_ENV}) | SECRET_ENV
 DURABILITY = ("none", "batch", "every")
+REMOTE_WRITE = ("through", "evict")
 
 # Decimal units are powers of 1000, binary ones (KiB...) powers of 1024; bare k/m/g/t/p are decimal.
 _UNITS = {"": 1, "b": 1,
@@ -211,6 +215,16 @@ class StoreConfig:
     gpu_budget_name: name of a GPU memory budget shared by the elastic tiers of several stores,
         in this process or others; None: this store's tier grows alone up to device_bytes.
     gpu_budget_bytes: size of that budget; every member must give the same size.
+    remote_url: a Redis Cluster (or plain Redis) shared by a fleet of stores, below the disk tier:
+        redis:// or rediss:// (TLS) URL of any node, or a comma-separated list; credentials in the
+        URL or in TIERKV_REMOTE_USERNAME / TIERKV_REMOTE_PASSWORD. None: no remote tier. See docs/remote.md.
+    remote_bytes: how much of the remote tier this store keeps track of (its index entries), not the
+        cluster's size: the cluster's own maxmemory and remote_ttl_s bound that.
+    remote_ttl_s: expiry of each block written to the remote tier, in seconds; None: no TTL.
+    remote_timeout_s: limit of one network operation (connect, or one batch) before it counts as a miss.
+    remote_write: "through": every new block is written to the remote tier (asynchronously) as it is
+        stored locally, so other stores see it at once; "evict": only blocks leaving the last local tier.
+    remote_read_only: read blocks others published, never write (for nodes that may consume, not publish).
     """
 
     device_bytes: int = 1 << 30
@@ -230,6 +244,12 @@ class StoreConfig:
     device_page_bytes: int | None = None
     gpu_budget_name: str | None = None
     gpu_budget_bytes: int | None = None
+    remote_url: str | None = dataclass_field(default=None, repr=False)  # may carry a password
+    remote_bytes: int = 64 << 30
+    remote_ttl_s: float | None = None
+    remote_timeout_s: float = 1.0
+    remote_write: str = "through"
+    remote_read_only: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device_bytes", parse_bytes(self.device_bytes, "device_bytes"))
@@ -252,6 +272,23 @@ class StoreConfig:
         if self.disk_io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"disk_io: expected 'auto', 'posix' or 'kvikio', got {self.disk_io!r}")
         self._check_elastic()
+        self._check_remote()
+
+    def _check_remote(self) -> None:
+        if self.remote_url is not None:
+            parse_remote_url(self.remote_url, "remote_url")
+        object.__setattr__(self, "remote_bytes", parse_bytes(self.remote_bytes, "remote_bytes"))
+        if self.remote_ttl_s is not None:
+            object.__setattr__(self, "remote_ttl_s", parse_float(self.remote_ttl_s, "remote_ttl_s", above=0.001))
+        object.__setattr__(self, "remote_timeout_s", parse_float(self.remote_timeout_s, "remote_timeout_s", above=0))
+        if self.remote_write not in REMOTE_WRITE:
+            raise ConfigError(f"remote_write: expected one of {list(REMOTE_WRITE)}, got {self.remote_write!r}")
+        object.__setattr__(self, "remote_read_only", parse_bool(self.remote_read_only, "remote_read_only"))
+        if self.remote_url is None:
+            unset = {"remote_ttl_s": None, "remote_write": "through", "remote_read_only": False}
+            for name, value in unset.items():
+                if getattr(self, name) != value:
+                    raise ConfigError(f"{name}: only used by the remote tier; set remote_url or leave it unset")
 
     def _check_elastic(self) -> None:
         object.__setattr__(self, "device_elastic", parse_bool(self.device_elastic, "device_elastic"))

@@ -18,7 +18,7 @@ import torch
 from .errors import CapacityError
 from .index import ABSENT, PENDING, Block, Index
 from .stats import StoreCounters
-from .tiers.base import Tier
+from .tiers.base import Tier, TierRead
 
 if TYPE_CHECKING:
     from .layout import KVLayout
@@ -62,6 +62,10 @@ class Placement:
         self.names = [t.name for t in self.tiers]
         # Where hits are promoted: the first tier with slots (no device tier behind an engine).
         self.top = next((t for t, tier in enumerate(self.tiers) if tier.num_slots > 0), 0)
+        # Where each tier's victims go: the next tier that takes writes; None: they are deleted.
+        self.demotes_to = [next((u for u in range(t + 1, len(self.tiers)) if self.tiers[u].takes_writes), None)
+                           for t in range(len(self.tiers))]
+        self.through = [t for t, tier in enumerate(self.tiers) if tier.write_through and tier.takes_writes]
 
     # -- placing new blocks --------------------------------------------------------
 
@@ -83,6 +87,8 @@ class Placement:
                     for t in range(len(self.tiers)):
                         if remaining == 0:
                             break
+                        if not self.tiers[t].takes_writes:
+                            continue
                         slots = self.reserve(t, remaining, drop_stuck)
                         reserved.append((t, slots))
                         remaining -= len(slots)
@@ -130,11 +136,46 @@ class Placement:
                     if b.slots[t] != ABSENT:
                         self.tiers[t].free([self.index.clear_slot(b, t)])
             raise
+        self.write_through(added)
+        return added
+
+    def write_through(self, blocks: list[Block]) -> None:
+        """Copy new blocks into each write-through tier as they are stored, so that its other readers see them at once."""
+        for t in self.through:
+            todo = [b for b in blocks if b.slots[t] == ABSENT]
+            slots = self.reserve(t, len(todo)) if todo else []
+            todo = todo[: len(slots)]
+            for src, picks in group_by(range(len(todo)), [b.fastest for b in todo]).items():
+                group, dst = [todo[i] for i in picks], [slots[i] for i in picks]
+                self.copy(src, [b.slots[src] for b in group], t, dst, group)
+                for b, slot in zip(group, dst):
+                    self.index.set_slot(b, t, slot)
+
+    def adopt(self, t: int, parent: Block | None, chain: list[tuple[bytes, bytes]], checksums: list[int]) -> list[Block]:
+        """Index the blocks `chain` ((key, ident) each) that the shared tier `t` holds below `parent`.
+
+        They get slots of `t` (as many as it can give: the rest stay unknown) and the checksums its
+        probe read, against which their bytes are verified when they are read.
+        """
+        if parent is not None:
+            self.index.acquire([parent])  # making room must not forget the block they hang from
+        try:
+            slots = self.reserve(t, len(checksums))
+        finally:
+            if parent is not None:
+                self.index.release([parent])
+        tick = self.index.tick()
+        added: list[Block] = []
+        for (key, ident), slot, checksum in zip(chain, slots, checksums):
+            parent = self.index.add(key, ident, parent, t, slot, tick)
+            parent.checksum = checksum
+            added.append(parent)
+        self.tiers[t].adopt(slots, added)
         return added
 
     def movable_slots(self) -> int:
         """Slots over all tiers that are not held by leased blocks: the most a put can ever take."""
-        return sum(t.num_slots for t in self.tiers) - self.index.leased_copies
+        return sum(t.num_slots for t in self.tiers if t.takes_writes) - self.index.leased_copies
 
     def capacity_message(self, need: int, room: int) -> str:
         sizes = ", ".join(f"{t.name} {t.num_slots}" for t in self.tiers)
@@ -157,7 +198,7 @@ class Placement:
         """
         index, tier = self.index, self.tiers[t]
         slots = tier.allocate(n)
-        last = t == len(self.tiers) - 1
+        down = self.demotes_to[t]
         moving: list[tuple[Block, int]] = []
         while len(slots) + len(moving) < n:
             victim = index.pop_victim(t)
@@ -165,30 +206,30 @@ class Placement:
                 break
             self.counters.tiers[tier.name].evictions += 1
             below = any(s >= 0 for s in victim.slots[t + 1 :])
-            if last or below:
+            if down is None or below:
                 slots.append(index.clear_slot(victim, t))
-                self.counters.dropped += int(last)
+                self.counters.dropped += int(not below)
             else:
-                index.set_slot(victim, t + 1, PENDING)  # so its parent sees it stay resident
+                index.set_slot(victim, down, PENDING)  # so its parent sees it stay resident
                 moving.append((victim, index.clear_slot(victim, t)))
         if drop_stuck and len(slots) + len(moving) < n:
             self.drop_cold_branches(t, n - len(moving), slots)
-        if not moving:
+        if down is None or not moving:
             return slots
-        dst = self.reserve(t + 1, len(moving))
+        dst = self.reserve(down, len(moving))
         if dst:
             src = [old for _, old in moving[: len(dst)]]
-            self.copy(t, src, t + 1, dst, [victim for victim, _ in moving[: len(dst)]])
+            self.copy(t, src, down, dst, [victim for victim, _ in moving[: len(dst)]])
             for (victim, old), new in zip(moving, dst):
-                index.set_slot(victim, t + 1, new)
+                index.set_slot(victim, down, new)
                 slots.append(old)
         for victim, old in moving[len(dst) :]:
             if victim.has_resident_children() or not drop_stuck:
                 index.set_slot(victim, t, old)
-                index.clear_slot(victim, t + 1)
+                index.clear_slot(victim, down)
                 self.counters.tiers[tier.name].evictions -= 1
             else:
-                index.clear_slot(victim, t + 1)
+                index.clear_slot(victim, down)
                 slots.append(old)
                 self.counters.dropped += 1
         return slots
@@ -247,21 +288,27 @@ class Placement:
         self.tiers[t].write(slots, rows, blocks)
         self.counters.moved_bytes(source, self.names[t], rows.numel())
 
-    def verify(self, t: int, blocks: list[Block], rows: torch.Tensor | None = None) -> list[int]:
+    def verify(self, t: int, blocks: list[Block], rows: torch.Tensor | None = None, unreadable: Sequence[int] = ()) -> list[int]:
         """Positions of `blocks` whose bytes in tier `t` (or in `rows` read from it) fail their checksum.
 
         Without `rows`, the tier hashes its slots where they lie when it can: no copy just to check them.
+        Positions the read reported `unreadable` fail whatever their rows hold.
         """
         tier = self.tiers[t]
-        if not tier.verify_reads or not blocks:
+        if not blocks or not (tier.verify_reads or unreadable):
             return []
-        if rows is not None and rows.device.type == "cpu":
-            from .integrity import checksum_rows
+        lost = set(unreadable)
+        if tier.verify_reads:
+            if rows is not None and rows.device.type == "cpu":
+                from .integrity import checksum_rows
 
-            sums = checksum_rows(rows)
+                sums = checksum_rows(rows)
+            else:
+                sums = tier.checksums([b.slots[t] for b in blocks])
+            bad = [i for i, (b, s) in enumerate(zip(blocks, sums))
+                   if i in lost or (b.checksum is not None and b.checksum != s)]
         else:
-            sums = tier.checksums([b.slots[t] for b in blocks])
-        bad = [i for i, (b, s) in enumerate(zip(blocks, sums)) if b.checksum is not None and b.checksum != s]
+            bad = sorted(lost)
         self.counters.tiers[tier.name].corrupt += len(bad)
         return bad
 
@@ -284,8 +331,9 @@ class Placement:
             direct = src.hashes_in_place
             # Memory to memory: checksums over the source slots in place, then one slot-to-slot
             # copy (a DMA on a GPU). From disk the bytes come through rows that are hashed once.
-            rows = None if direct else src.read([b.slots[src_tier] for b in group])
-            bad = self.verify(src_tier, group, rows)
+            read = None if direct else src.read_some([b.slots[src_tier] for b in group])
+            rows = None if read is None else read.rows
+            bad = self.verify(src_tier, group, rows, () if read is None else read.unreadable)
             if bad:
                 bad_set = set(bad)
                 self.tiers[top].free([slots[i] for i in bad])
@@ -302,13 +350,15 @@ class Placement:
             if src.verify_reads:
                 verified.checked.update(id(b) for b in group)
 
-    def _check_group(self, t: int, group: list[Block], rows: torch.Tensor | None, verified: Verified) -> bool:
-        """Verify the blocks of `group` (read from tier `t`, as `rows` if given) not yet verified by this call."""
-        unchecked = [i for i, b in enumerate(group) if id(b) not in verified.checked]
+    def _check_group(self, t: int, group: list[Block], read: TierRead | None, verified: Verified) -> bool:
+        """Verify the blocks of `group` (read from tier `t`, as `read` if given) not yet verified by this call."""
+        lost = set(read.unreadable) if read is not None else set()
+        unchecked = [i for i, b in enumerate(group) if id(b) not in verified.checked or i in lost]
         if not unchecked:
             return True
+        rows = None if read is None else read.rows
         part = None if rows is None else rows if len(unchecked) == len(group) else rows[unchecked]
-        bad = self.verify(t, [group[i] for i in unchecked], part)
+        bad = self.verify(t, [group[i] for i in unchecked], part, [j for j, i in enumerate(unchecked) if i in lost])
         verified.corrupt += [(group[unchecked[i]], t) for i in bad]
         return not bad
 
@@ -318,9 +368,9 @@ class Placement:
         out: torch.Tensor | None = None
         for t, picks in groups.items():
             group = [blocks[i] for i in picks]
-            part = self.tiers[t].read([b.slots[t] for b in group])
-            self._check_group(t, group, part, verified)
-            part = part.to(device)
+            read = self.tiers[t].read_some([b.slots[t] for b in group])
+            self._check_group(t, group, read, verified)
+            part = read.rows.to(device)
             self.counters.moved_bytes(self.names[t], "get", part.numel())
             if len(groups) == 1:
                 out = part
@@ -342,9 +392,10 @@ class Placement:
             group = [blocks[i] for i in picks]
             tier = self.tiers[t]
             slots = [b.slots[t] for b in group]
-            rows = tier.read(slots) if tier.verify_reads and not tier.hashes_in_place else None
-            if self._check_group(t, group, rows, verified):
-                tier.load_into_engine(slots, engine, engine_slots[torch.as_tensor(picks)], layout, rows)
+            read = tier.read_some(slots) if tier.verify_reads and not tier.hashes_in_place else None
+            if self._check_group(t, group, read, verified):
+                tier.load_into_engine(slots, engine, engine_slots[torch.as_tensor(picks)], layout,
+                                      None if read is None else read.rows)
                 self.counters.moved_bytes(tier.name, "engine", len(group) * layout.block_bytes)
 
     def flush_into(self, d: int) -> None:
@@ -361,7 +412,7 @@ class Placement:
                 depth[id(c)] = base + 1 + i
             return depth[id(chain[0])] if chain else base
 
-        todo = [b for b in self.index.blocks.values() if b.slots[d] == ABSENT]
+        todo = [b for b in self.index.blocks.values() if b.slots[d] == ABSENT and b.fastest < d]
         todo.sort(key=depth_of)
         todo = todo[: self.tiers[d].free_slots]
         for src, picks in group_by(range(len(todo)), [b.fastest for b in todo]).items():

@@ -57,6 +57,7 @@ class BlockStore:
         self.chain = KeyChain(namespace, layout)
         self.tiers: list[Tier] = build_tiers(TierSpec(config, layout, namespace))
         self._persistent = [t for t, tier in enumerate(self.tiers) if tier.persistent]
+        self._shared = [t for t, tier in enumerate(self.tiers) if tier.shared]
         self.index = Index(len(self.tiers), journaled=self._persistent)
         self._lock = threading.RLock()
         self._leases = LeaseBook(self.index, self._lock, layout.block_tokens)
@@ -145,11 +146,12 @@ class BlockStore:
     # -- blocks --------------------------------------------------------------------
 
     def match(self, tokens: Tokens, tenant: str | None = None) -> int:
-        """How many leading tokens are covered by stored blocks, in any tier. Changes nothing."""
+        """How many leading tokens are covered by stored blocks, in any tier (shared ones asked too). Changes nothing."""
         chunks = self.chain.chunks(tokens)
         seed = self.chain.seed(tenant)
         with self._locked():
-            return len(self.index.lookup(seed, chunks)) * self.layout.block_tokens
+            found = self.index.lookup(seed, chunks)
+            return (len(found) + self._continue_in_shared(seed, chunks, found, adopt=False)) * self.layout.block_tokens
 
     def put(self, tokens: Tokens, kv: torch.Tensor, tenant: str | None = None, first_block: int = 0) -> int:
         """Store every full block of `tokens`; `kv` is `[num_full_blocks - first_block, *layout.block_shape]`.
@@ -226,6 +228,7 @@ class BlockStore:
                 self.index.release(existing)
             return len(chain)
 
+    @_timed("get")
     def get(self, tokens: Tokens, device: torch.device | str | None = None, tenant: str | None = None,
             first_block: int = 0) -> torch.Tensor:
         """Blocks `first_block..` of the longest stored prefix, bit-exact, as `[n, *layout.block_shape]` on `device`.
@@ -300,8 +303,33 @@ class BlockStore:
                     self.placement.discard_copy(block, t)
             return None
 
+    def _continue_in_shared(self, seed: bytes, chunks: list[bytes], found: list[Block], adopt: bool) -> int:
+        """Where the index stops short on a chain, continue it in the shared tiers; returns the blocks they hold past `found`.
+
+        Other stores write those tiers, so the index cannot know what is there: the chain is asked
+        of each shared tier in one batched probe. With `adopt` the blocks found join the index
+        (and `found`) with slots of that tier, to be read, verified and promoted like any other.
+        """
+        if not self._shared or len(found) == len(chunks):
+            return 0
+        chain = []
+        for key, ident in iter_chain(found[-1].key if found else seed, chunks[len(found):]):
+            if key in self.index.blocks:  # that key names other tokens here (a collision): the chain ends
+                break
+            chain.append((key, ident))
+        for t in self._shared:
+            sums = self.tiers[t].probe([key for key, _ in chain], [ident for _, ident in chain]) if chain else []
+            if sums:
+                if not adopt:
+                    return len(sums)
+                added = self.placement.adopt(t, found[-1] if found else None, chain[: len(sums)], sums)
+                found.extend(added)
+                return len(added)
+        return 0
+
     # -- leases ------------------------------------------------------------------
 
+    @_timed("lease")
     def lease(self, tokens: Tokens, owner: str | None = None, tenant: str | None = None) -> Lease:
         """Pin the stored prefix of `tokens` until the lease is released.
 

@@ -69,7 +69,16 @@ def disk_tier(spec: TierSpec) -> Tier | None:
     return DiskTier(spec.config, spec.layout, spec.namespace)
 
 
-TIER_FACTORIES: list[Callable[[TierSpec], Tier | None]] = [device_tier, host_tier, disk_tier]
+def remote_tier(spec: TierSpec) -> Tier | None:
+    """A Redis Cluster (or plain Redis) that a fleet of stores shares, below the disk, when `remote_url` is set."""
+    if spec.config.remote_url is None:
+        return None
+    from .remote import RemoteTier
+
+    return RemoteTier(spec.config, spec.layout, spec.namespace)
+
+
+TIER_FACTORIES: list[Callable[[TierSpec], Tier | None]] = [device_tier, host_tier, disk_tier, remote_tier]
 
 
 def build_tiers(spec: TierSpec) -> list[Tier]:

@@ -16,6 +16,17 @@ asking which class a tier is:
   asks it to `recover` at open and to `commit` after every operation.
 - `agent`: a tier that must act on the store's behalf between operations (the elastic tier
   giving memory back to a shared GPU budget) returns an agent that the store calls.
+- `shared`: the tier holds blocks that other stores wrote (a remote tier shared by a fleet), which
+  this store's index cannot know of. Where the index stops short on a chain, the store asks the
+  tier how far the chain goes there (`probe`, one batched round trip) and indexes what it found
+  with slots of that tier (`adopt`).
+- `read_some`: a read that may fail for some rows without failing the rest (a value that a shared
+  tier lost, or that someone else overwrote): the store treats those rows as blocks that failed
+  verification, never serves them, and reads on with a shorter prefix.
+- `takes_writes`: the store may place, demote and write blocks here (a read-only shared tier
+  says no: the tier above it then deletes its victims, as a last tier does).
+- `write_through`: every new block is copied here as soon as it is stored, whatever tier it went
+  to (so other stores sharing the tier see it at once), not only when it is demoted.
 """
 
 from __future__ import annotations
@@ -45,6 +56,14 @@ class Recovery:
 
     blocks: int = 0
     dropped: int = 0  # entries that could not be trusted: orphans, bad slots, duplicates
+
+
+@dataclass(frozen=True)
+class TierRead:
+    """Rows read from a tier, and the positions among them that could not be read (their rows are junk)."""
+
+    rows: torch.Tensor
+    unreadable: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,9 @@ class Tier(ABC):
     verify_reads = True
     hashes_in_place = False  # `checksums` hashes the slots where they lie (memory), not rows read out
     persistent = False
+    shared = False  # holds blocks other stores wrote: asked (`probe`) where the index stops short
+    takes_writes = True  # the store may place, demote and write blocks here
+    write_through = False  # every new block is copied here as it is stored, not only when demoted
     section: str | None = None  # the key under which `stats()` shows `describe()`, if any
 
     def __init__(self, name: str, num_slots: int, slot_bytes: int) -> None:
@@ -139,6 +161,10 @@ class Tier(ABC):
     def write(self, slots: Sequence[int], rows: torch.Tensor, blocks: Sequence[Block]) -> None:
         """Store the payloads `rows` (`[len(slots), slot_bytes]` uint8, any device) of `blocks` in `slots`."""
 
+    def read_some(self, slots: Sequence[int]) -> TierRead:
+        """`read`, except that a tier whose rows can fail one by one reports those instead of raising."""
+        return TierRead(self.read(slots))
+
     def checksums(self, slots: Sequence[int]) -> list[int]:
         """The checksum of each slot's bytes as they are now; tiers that can hash in place override."""
         rows = self.read(slots)
@@ -166,6 +192,18 @@ class Tier(ABC):
         from ..ops.transfer import scatter_engine_blocks
 
         scatter_engine_blocks(engine, engine_slots, self.read(slots) if rows is None else rows, layout)
+
+    # -- shared tiers --------------------------------------------------------------
+
+    def probe(self, keys: Sequence[bytes], idents: Sequence[bytes]) -> list[int]:
+        """The checksums of the leading blocks of a chain (`keys` with their `idents`) that this tier
+        holds though the index does not know them, in chain order: as many as it holds. Shared tiers
+        only; a fault is a shorter answer, never an error."""
+        return []
+
+    def adopt(self, slots: Sequence[int], blocks: Sequence[Block]) -> None:
+        """Blocks that `probe` found are now indexed with `slots` of this tier: remember which is where."""
+        raise TierKVError(f"{self.name} tier: only a shared tier adopts blocks it did not write")
 
     # -- lifecycle -----------------------------------------------------------------
 
