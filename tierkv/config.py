@@ -186,6 +186,28 @@ def _read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def _close_field(name: str, known: set[str]) -> str | None:
+    """The field a `TIERKV_` variable name most likely misspells, if any is close."""
+    import difflib
+
+    field = name[len(ENV_PREFIX):].lower()
+    close = difflib.get_close_matches(field, sorted(known), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _ignored_text(name: str) -> str:
+    return f"environment variable {name} is not a tierkv setting (no config field of that name); ignored"
+
+
+def _unknown_env(name: str, known: set[str]) -> None:
+    """A typo of a field is an error that names the field; another program's variable only a warning."""
+    close = _close_field(name, known)
+    if close is not None:
+        raise ConfigError(f"environment variable {name} names no config field; did you mean "
+                          f"{ENV_PREFIX}{close.upper()} ({close})?")
+    logging.getLogger("tierkv.config").warning("%s", _ignored_text(name))
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Capacities and placement of a `BlockStore`.
@@ -205,6 +227,8 @@ class StoreConfig:
     disk_io: "auto" (kvikio where it can work, else posix), "posix" or "kvikio".
     writeback_bytes: bound of the queue of blocks on their way to disk; demotions to disk
         wait for the disk only when it is full.
+    metrics_port: serve this store's Prometheus metrics over HTTP at /metrics on this TCP port
+        (0: a free port, see `BlockStore.metrics_url`); None: no exporter. See docs/metrics.md.
     device_elastic: back the device tier with virtual memory whose pages are mapped as blocks
         arrive and unmapped when empty (CUDA VMM; an mmap range on CPU); device_bytes is then
         its maximum. See docs/elastic.md.
@@ -239,6 +263,7 @@ class StoreConfig:
     io_threads: int = 4
     disk_io: str = "auto"
     writeback_bytes: int = 256 << 20
+    metrics_port: int | None = None
     device_elastic: bool = False
     device_min_bytes: int = 0
     device_page_bytes: int | None = None
@@ -269,6 +294,8 @@ class StoreConfig:
         object.__setattr__(self, "verify_reads", parse_bool(self.verify_reads, "verify_reads"))
         object.__setattr__(self, "io_threads", parse_int(self.io_threads, "io_threads", minimum=1, maximum=256))
         object.__setattr__(self, "writeback_bytes", parse_bytes(self.writeback_bytes, "writeback_bytes"))
+        if self.metrics_port is not None:
+            object.__setattr__(self, "metrics_port", parse_int(self.metrics_port, "metrics_port", minimum=0, maximum=65535))
         if self.disk_io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"disk_io: expected 'auto', 'posix' or 'kvikio', got {self.disk_io!r}")
         self._check_elastic()
@@ -334,8 +361,10 @@ class StoreConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None) -> StoreConfig:
         """`base`, overridden by the file `TIERKV_CONFIG` names (if set), overridden by `TIERKV_<FIELD>` variables.
 
-        A `TIERKV_<FIELD>` value of "", "none" or "auto" means unset (None). Unknown `TIERKV_`
-        names are errors. `TIERKV_LOG_LEVEL`, when set, sets the "tierkv" logger's level
+        A `TIERKV_<FIELD>` value of "", "none" or "auto" means unset (None). A `TIERKV_` name
+        that is no field but close to one (a typo: TIERKV_HOST_BYTE) is an error suggesting the
+        field; any other (a deployment's own TIERKV_ variable) is logged as a warning and ignored
+        (`ignored_env`). `TIERKV_LOG_LEVEL`, when set, sets the "tierkv" logger's level
         (`apply_log_level`). `environ` defaults to `os.environ`.
         """
         env = os.environ if environ is None else environ
@@ -360,7 +389,8 @@ class StoreConfig:
                 continue
             field = name[len(ENV_PREFIX):].lower()
             if field not in known:
-                raise ConfigError(f"environment variable {name} names no config field; known: {sorted(known)}")
+                _unknown_env(name, known)
+                continue
             data[field] = None if value.lower() in ("", "none", "auto") else value
             from_file.discard(field)
         try:
@@ -369,6 +399,15 @@ class StoreConfig:
             if str(e).partition(":")[0] in from_file:  # say where a bad value came from
                 raise ConfigError(f"{e} (in config file {path}, named by {CONFIG_ENV})") from None
             raise
+
+    @classmethod
+    def ignored_env(cls, environ: Mapping[str, str] | None = None) -> list[str]:
+        """What `from_env` says of the `TIERKV_` variables it ignores (names far from every field)."""
+        env = os.environ if environ is None else environ
+        known = {f.name for f in fields(cls)}
+        return [_ignored_text(name) for name in sorted(env) if name.startswith(ENV_PREFIX)
+                and name not in _PROGRAM_ENV and name[len(ENV_PREFIX):].lower() not in known
+                and _close_field(name, known) is None]
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

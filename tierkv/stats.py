@@ -1,4 +1,4 @@
-"""Counters the store keeps, and their two renderings: a dict and Prometheus text."""
+"""Counters the store keeps, and their renderings: a dict here, Prometheus families in `metrics.py`."""
 
 from __future__ import annotations
 
@@ -78,30 +78,7 @@ def store_stats(tiers: Sequence[Tier], index: Index, counters: StoreCounters, bl
 
 
 def to_prometheus(stats: dict[str, Any], prefix: str = "tierkv") -> str:
-    """Prometheus text exposition of `BlockStore.stats()`."""
-    lines: list[str] = []
+    """Prometheus text exposition of `BlockStore.stats()`, rendered by prometheus_client (`tierkv.metrics`)."""
+    from .metrics import render, store_families
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {prefix}_{name} {help_text}")
-        lines.append(f"# TYPE {prefix}_{name} {kind}")
-        lines.extend(f"{prefix}_{name}{labels} {value}" for labels, value in samples)
-
-    tiers = stats["tiers"]
-    per_tier = [
-        ("capacity_bytes", "gauge", "Bytes the tier can hold."),
-        ("used_bytes", "gauge", "Bytes the tier holds now."),
-        ("hits", "counter", "Blocks served from the tier."),
-        ("misses", "counter", "Blocks looked up in the tier and not found there."),
-        ("evictions", "counter", "Blocks that left the tier under pressure."),
-        ("corrupt", "counter", "Block reads that failed checksum verification (never served)."),
-        ("bytes_in", "counter", "Bytes written into the tier."),
-        ("bytes_out", "counter", "Bytes read out of the tier to another tier or a caller."),
-    ]
-    for key, kind, help_text in per_tier:
-        name = key if kind == "gauge" else f"{key}_total"
-        metric(name, kind, help_text, [(f'{{tier="{t}"}}', v[key]) for t, v in tiers.items()])
-    metric("moved_bytes_total", "counter", "Bytes moved, by direction.",
-           [(f'{{direction="{d}"}}', v) for d, v in stats["bytes_moved"].items()])
-    metric("blocks", "gauge", "Distinct blocks stored in any tier.", [("", stats["blocks"])])
-    metric("dropped_blocks_total", "counter", "Blocks deleted from the last tier.", [("", stats["dropped"])])
-    return "\n".join(lines) + "\n"
+    return render(store_families(stats, prefix=prefix))

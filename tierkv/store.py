@@ -7,10 +7,12 @@ tiers themselves (`tiers/`). It never asks what kind a tier is: tiers say what t
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 
@@ -20,14 +22,36 @@ from .index import Block, Index
 from .keys import KeyChain, Tokens, as_token_array, block_chunks, iter_chain
 from .layout import KVLayout
 from .leases import Lease, LeaseBook
+from .metrics import Exporter, OperationLatency, render, store_families
 from .namespace import Namespace
 from .ops.engine_layout import EngineKV, chunk_slots
 from .placement import Placement, Verified, Writer
-from .stats import StoreCounters, store_stats, to_prometheus
+from .stats import StoreCounters, store_stats
 from .tiers import StoreAccess, Tier, TierAgent, TierSpec, build_tiers
 from .tiers.base import Recovery
 
 _MAX_READ_ATTEMPTS = 4  # a read retries after dropping corrupt copies; each retry sees fewer
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _timed(op: str) -> Callable[[Callable[Concatenate[BlockStore, _P], _R]], Callable[Concatenate[BlockStore, _P], _R]]:
+    """Observe the latency of a public operation into the store's histograms (`metrics.OperationLatency`)."""
+
+    def wrap(method: Callable[Concatenate[BlockStore, _P], _R]) -> Callable[Concatenate[BlockStore, _P], _R]:
+        @functools.wraps(method)
+        def timed(self: BlockStore, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            start = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._latency.observe(op, time.perf_counter() - start)
+
+        return timed
+
+    return wrap
 
 
 def _check_first_block(first_block: int, n: int) -> None:
@@ -62,6 +86,8 @@ class BlockStore:
         self._lock = threading.RLock()
         self._leases = LeaseBook(self.index, self._lock, layout.block_tokens)
         self._counters = StoreCounters.for_tiers([t.name for t in self.tiers])
+        self._latency = OperationLatency()
+        self._exporter: Exporter | None = None
         self.placement = Placement(self.tiers, self.index, self._counters)
         self._closed = False
         try:
@@ -74,6 +100,8 @@ class BlockStore:
                 agent = tier.agent(StoreAccess(self.placement, self._lock, self._locked, t, lambda: self._closed))
                 if agent is not None:
                     self._agents[t] = agent
+            if config.metrics_port is not None:
+                self._exporter = Exporter(self.metric_families, namespace.model, config.metrics_port)
         except BaseException:
             self._close_tiers()
             raise
@@ -93,6 +121,8 @@ class BlockStore:
                 self._commit()
             finally:
                 self._closed = True
+                if self._exporter is not None:
+                    self._exporter.close()
                 for agent in self._agents.values():
                     agent.close()
                 self._close_tiers()
@@ -145,6 +175,7 @@ class BlockStore:
 
     # -- blocks --------------------------------------------------------------------
 
+    @_timed("match")
     def match(self, tokens: Tokens, tenant: str | None = None) -> int:
         """How many leading tokens are covered by stored blocks, in any tier (shared ones asked too). Changes nothing."""
         chunks = self.chain.chunks(tokens)
@@ -153,6 +184,7 @@ class BlockStore:
             found = self.index.lookup(seed, chunks)
             return (len(found) + self._continue_in_shared(seed, chunks, found, adopt=False)) * self.layout.block_tokens
 
+    @_timed("put")
     def put(self, tokens: Tokens, kv: torch.Tensor, tenant: str | None = None, first_block: int = 0) -> int:
         """Store every full block of `tokens`; `kv` is `[num_full_blocks - first_block, *layout.block_shape]`.
 
@@ -181,6 +213,7 @@ class BlockStore:
 
         return self._store_chain(block_chunks(arr, bt), tenant, first_block, write)
 
+    @_timed("save_from")
     def save_from(self, engine: EngineKV, block_table: Sequence[int] | torch.Tensor, tokens: Tokens,
                   first_block: int = 0, tenant: str | None = None) -> int:
         """Store the full blocks of `tokens` whose KV sits in the engine's pages; returns blocks newly stored.
@@ -249,6 +282,7 @@ class BlockStore:
             return torch.empty((0, *self.layout.block_shape), dtype=self.layout.dtype, device=out_device)
         return rows.view(self.layout.dtype).reshape(rows.shape[0], *self.layout.block_shape)
 
+    @_timed("load_into")
     def load_into(self, engine: EngineKV, block_table: Sequence[int] | torch.Tensor, tokens: Tokens,
                   first_block: int = 0, tenant: str | None = None) -> int:
         """Copy the stored prefix of `tokens` into the engine's pages; returns where the loaded run ends, in blocks.
@@ -420,6 +454,15 @@ class BlockStore:
             return store_stats(self.tiers, self.index, self._counters, self.layout.block_bytes,
                                self._leases.owners, sections)
 
+    def metric_families(self, labels: dict[str, str] | None = None) -> list[Any]:
+        """`stats()` and the operation latency histograms as prometheus_client metric families."""
+        return store_families(self.stats(), self._latency, labels)
+
     def prometheus(self) -> str:
-        """`stats()` in Prometheus text format, for a /metrics endpoint."""
-        return to_prometheus(self.stats())
+        """`stats()` and latency histograms in Prometheus text format (by prometheus_client), for a /metrics endpoint."""
+        return render(self.metric_families())
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where this store's exporter serves /metrics (`StoreConfig.metrics_port`), or None."""
+        return None if self._exporter is None else self._exporter.url

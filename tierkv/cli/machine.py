@@ -9,6 +9,7 @@ it is a costly step that `info` has no business taking.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import platform
 from dataclasses import asdict, dataclass
@@ -52,9 +53,11 @@ class MachineInfo:
     kvikio: Probe
     config: dict[str, Any] | None
     config_error: str | None
+    config_warnings: list[str]  # TIERKV_ variables that name no field and are ignored
     device_tier: str  # where a `BlockStore` made from this config would keep its device tier
     disk_io: str  # which file I/O a disk tier would use here, and why
     transfer_paths: dict[str, Any]  # copy path per operation, direction and block size
+    no_gpu: str | None = None  # why no GPU is listed, in plain words; None when there are GPUs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,9 +81,30 @@ def detect_gpus() -> list[GPU]:
     return found
 
 
+NO_DRIVER = "no CUDA driver: none is installed, as on a machine without an NVIDIA GPU"
+
+
 def probe_cuda_driver() -> Probe:
-    """Initialise the CUDA driver API through cuda-python and read its version."""
-    return Probe(*_cuda.probe())
+    """Initialise the CUDA driver API through cuda-python and read its version.
+
+    Where the driver library cannot even be loaded (every CPU-only machine), say so plainly
+    rather than pass on the loader's message about system search paths.
+    """
+    available, detail = _cuda.probe()
+    if not available and detail.startswith("no CUDA driver: ") and "cuInit failed with" not in detail:
+        return Probe(False, NO_DRIVER)
+    return Probe(available, detail)
+
+
+def no_gpu_reason(driver: Probe, build: str) -> str | None:
+    """Why torch lists no GPU, in the words a user needs; None when it lists some."""
+    if torch.cuda.is_available():
+        return None
+    if not driver.available:
+        return "none: no GPU on this machine (CPU only; the device tier uses CPU memory)"
+    if build == "CPU":
+        return "none visible to torch: this torch is a CPU build; install a CUDA build to use the GPU"
+    return "none visible to torch (check CUDA_VISIBLE_DEVICES)"
 
 
 def probe_pinned_memory() -> Probe:
@@ -124,10 +148,26 @@ _COMPAT_MODES = {
 
 def config_in_effect(environ: dict[str, str] | None = None) -> tuple[dict[str, Any] | None, str | None]:
     """`StoreConfig.from_env()` as a dict, or the error that stops it, never an exception."""
+    logger = logging.getLogger("tierkv.config")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # ignored variables are listed by `collect`, not logged
     try:
         return StoreConfig.from_env(environ).to_dict(), None
     except ConfigError as e:
         return None, str(e)
+    finally:
+        logger.setLevel(level)
+
+
+def _quiet_transfer_paths() -> dict[str, Any]:
+    """`transfer_paths()` without the notice that CUDA is missing: the report says so itself."""
+    logger = logging.getLogger("tierkv")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return transfer_paths()
+    finally:
+        logger.setLevel(level)
 
 
 def collect(environ: dict[str, str] | None = None) -> MachineInfo:
@@ -136,21 +176,24 @@ def collect(environ: dict[str, str] | None = None) -> MachineInfo:
     device = "unknown (config error)"
     if config is not None:
         device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu (no CUDA device)")
+    build = torch_build()
     return MachineInfo(
         python=platform.python_version(),
         platform=f"{platform.system()} {platform.machine()}",
         cpu_count=os.cpu_count() or 0,
         torch_version=torch.__version__,
-        torch_build=torch_build(),
+        torch_build=build,
         gpus=detect_gpus(),
         cuda_driver=driver,
         pinned_memory=probe_pinned_memory(),
         kvikio=probe_kvikio(driver),
         config=config,
         config_error=error,
+        config_warnings=StoreConfig.ignored_env(environ),
         device_tier=device,
         disk_io=disk_io_in_effect(config),
-        transfer_paths=transfer_paths(),
+        transfer_paths=_quiet_transfer_paths(),
+        no_gpu=no_gpu_reason(driver, build),
     )
 
 
