@@ -79,35 +79,38 @@ def check_index_invariants(store: BlockStore) -> None:
     - no slot of a tier is held twice, none is both held and free, and held + free == num_slots;
     - leases are never negative, and `leased_copies` (the capacity `put` may not count on)
       equals the number of slots held by leased blocks.
+
+    Reads the index and the tiers without the store's lock: call it when no other thread acts on
+    the store (worker threads joined; an elastic store's budget watcher acts only on a pending
+    shrink request, see `settled` in test_elastic_store.py).
     """
-    with store._lock:
-        index = store.index
-        blocks = list(index.blocks.values())
-        num_tiers = len(store.tiers)
-        recount = {id(b): [0] * num_tiers for b in blocks}
-        for b in blocks:
-            assert index.blocks[b.key] is b
-            assert b.fastest != ABSENT, "an indexed block is resident nowhere"
-            assert all(s >= 0 or s == ABSENT for s in b.slots), f"slot left pending: {b.slots}"
-            assert b.leases >= 0
-            if b.parent is not None:
-                assert index.blocks.get(b.parent.key) is b.parent, "a block's parent left the index"
-                assert b.parent.fastest != ABSENT, "a resident block's parent is resident nowhere"
-                assert b.ident[:16] == b.parent.key, "ident does not start with the parent key"
-                recount[id(b.parent)][b.fastest] += 1
-        for b in blocks:
-            assert b.child_fast == recount[id(b)], f"child_fast {b.child_fast} != recount {recount[id(b)]}"
-        leased = sum(1 for b in blocks if b.leases for s in b.slots if s != ABSENT)
-        assert index.leased_copies == leased, f"leased_copies {index.leased_copies} != recount {leased}"
-        for t, tier in enumerate(store.tiers):
-            held = [b.slots[t] for b in blocks if b.slots[t] != ABSENT]
-            assert index.resident_count(t) == len(held), f"{tier.name}: resident_count disagrees with slots"
-            assert len(set(held)) == len(held), f"{tier.name}: a slot is held by two blocks"
-            free = set(tier._free)
-            assert len(free) == tier.free_slots, f"{tier.name}: a slot is on the free list twice"
-            assert not free & set(held), f"{tier.name}: a held slot is also free"
-            assert len(held) + tier.free_slots == tier.num_slots, f"{tier.name}: slots leaked"
-            assert all(0 <= s < tier.num_slots for s in held)
+    index = store.index
+    blocks = list(index.blocks.values())
+    num_tiers = len(store.tiers)
+    recount = {id(b): [0] * num_tiers for b in blocks}
+    for b in blocks:
+        assert index.blocks[b.key] is b
+        assert b.fastest != ABSENT, "an indexed block is resident nowhere"
+        assert all(s >= 0 or s == ABSENT for s in b.slots), f"slot left pending: {b.slots}"
+        assert b.leases >= 0
+        if b.parent is not None:
+            assert index.blocks.get(b.parent.key) is b.parent, "a block's parent left the index"
+            assert b.parent.fastest != ABSENT, "a resident block's parent is resident nowhere"
+            assert b.ident[:16] == b.parent.key, "ident does not start with the parent key"
+            recount[id(b.parent)][b.fastest] += 1
+    for b in blocks:
+        assert b.child_fast == recount[id(b)], f"child_fast {b.child_fast} != recount {recount[id(b)]}"
+    leased = sum(1 for b in blocks if b.leases for s in b.slots if s != ABSENT)
+    assert index.leased_copies == leased, f"leased_copies {index.leased_copies} != recount {leased}"
+    for t, tier in enumerate(store.tiers):
+        held = [b.slots[t] for b in blocks if b.slots[t] != ABSENT]
+        assert index.resident_count(t) == len(held), f"{tier.name}: resident_count disagrees with slots"
+        assert len(set(held)) == len(held), f"{tier.name}: a slot is held by two blocks"
+        free = set(tier._free)
+        assert len(free) == tier.free_slots, f"{tier.name}: a slot is on the free list twice"
+        assert not free & set(held), f"{tier.name}: a held slot is also free"
+        assert len(held) + tier.free_slots == tier.num_slots, f"{tier.name}: slots leaked"
+        assert all(0 <= s < tier.num_slots for s in held)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import torch
 
 from conftest import check_index_invariants, kv_for, prompt, same_bits, tiny_layout
 from tierkv import BlockStore, KVLayout, LayoutMismatchError, Namespace, StoreConfig, TierKVError
-from tierkv.tiers.disk.manifest import _RECORD
+from tierkv.tiers.disk.manifest import Record
 
 # Prompts sharing prefixes: 8 families of 3 branches, 12 blocks each.
 FAMILY = [prompt(f * 10_000, 6) + list(range(f * 10_000 + 500 + b * 100, f * 10_000 + 524 + b * 100))
@@ -114,9 +114,9 @@ def test_sigkill_mid_write_never_serves_a_torn_block(tmp_path: Path, durability:
 
 
 def _slot_offset(store: BlockStore, tokens: list[int], block: int) -> tuple[Path, int]:
-    disk = store.tiers[2]
-    b = store.index.lookup(store._seed(None), store._chunks(tokens))[block]
-    f, slot = divmod(b.slots[2], disk.slots_per_file)
+    disk = store.tiers[store.tier_names.index("disk")]
+    key = store.keys(tokens)[block]
+    f, slot = divmod(store.locate([key])[key]["disk"], disk.slots_per_file)
     return disk.directory / f"data{f:03d}.bin", slot * disk.stride
 
 
@@ -146,7 +146,7 @@ def test_truncated_data_file_serves_no_wrong_byte(tmp_path: Path) -> None:
     with open_store(tmp_path) as store:
         for tokens in FAMILY[:6]:
             store.put(tokens, kv_for(store.layout, tokens))
-        data = store.tiers[2].directory / "data000.bin"
+        data = store.tiers[store.tier_names.index("disk")].directory / "data000.bin"
     os.truncate(data, 10 * 4096 + 100)  # mid-slot: slots 10.. are gone, slot 10 torn
     with open_store(tmp_path) as store:
         served = assert_serves_only_truth(store, FAMILY[:6])
@@ -159,13 +159,12 @@ def test_manifest_checksum_that_lies_is_caught(tmp_path: Path) -> None:
     tokens = FAMILY[1]
     with open_store(tmp_path) as store:
         store.put(tokens, kv_for(store.layout, tokens))
-        key = store.index.lookup(store._seed(None), store._chunks(tokens))[2].key
+        key = store.keys(tokens)[2]
     env = lmdb.open(str(tmp_path / "manifest"), subdir=True, max_dbs=2)
     db = env.open_db(b"blocks")
     with env.begin(write=True, db=db) as txn:
-        value = bytearray(txn.get(key))
-        value[8] ^= 1  # the checksum field follows the slot
-        txn.put(key, bytes(value))
+        record = Record.unpack(key, txn.get(key))
+        txn.put(key, record._replace(checksum=record.checksum ^ 1).pack())
     env.close()
     with open_store(tmp_path) as store:
         got = store.get(tokens)
@@ -179,15 +178,14 @@ def test_orphan_and_out_of_range_records_are_dropped_at_open(tmp_path: Path) -> 
     with open_store(tmp_path) as store:
         store.put(tokens, kv_for(store.layout, tokens))
         store.put(other, kv_for(store.layout, other))
-        parent_key = store.index.lookup(store._seed(None), store._chunks(tokens))[3].key
-        far_key = store.index.lookup(store._seed(None), store._chunks(other))[11].key
+        parent_key = store.keys(tokens)[3]
+        far_key = store.keys(other)[11]
     env = lmdb.open(str(tmp_path / "manifest"), subdir=True, max_dbs=2)
     db = env.open_db(b"blocks")
     with env.begin(write=True, db=db) as txn:
         txn.delete(parent_key)  # blocks 4..11 become orphans
-        value = bytearray(txn.get(far_key))
-        _RECORD.pack_into(value, 0, 10**9, *_RECORD.unpack_from(value)[1:])
-        txn.put(far_key, bytes(value))
+        record = Record.unpack(far_key, txn.get(far_key))
+        txn.put(far_key, record._replace(slot=10**9).pack())
     env.close()
     with open_store(tmp_path) as store:
         assert store.match(tokens) == 12

@@ -23,8 +23,22 @@ def rows(n: int, slot_bytes: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, slot_bytes), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
+def slot_pages(t: ElasticTier, slot: int) -> range:
+    """The pages slot `slot` touches: it holds bytes `[slot * slot_bytes, (slot + 1) * slot_bytes)` of the range."""
+    return range(slot * t.slot_bytes // t.page_bytes, ((slot + 1) * t.slot_bytes - 1) // t.page_bytes + 1)
+
+
 def pages_of(t: ElasticTier, slots: list[int]) -> set[int]:
-    return {p for s in slots for p in t._pages_of(s)}
+    return {p for s in slots for p in slot_pages(t, s)}
+
+
+def page_use(t: ElasticTier, allocated: list[int]) -> np.ndarray:
+    """Allocated slots touching each page, recounted from the slots the test allocated."""
+    use = np.zeros(t.backend.num_pages, dtype=np.int64)
+    for s in allocated:
+        for p in slot_pages(t, s):
+            use[p] += 1
+    return use
 
 
 # -- HostPages --------------------------------------------------------------------------------
@@ -102,10 +116,10 @@ def test_slots_spanning_pages_map_both_and_round_trip() -> None:
     t = tier(20, sb)
     slots = t.allocate(20)
     assert slots == list(range(20))
-    straddling = [s for s in slots if len(t._pages_of(s)) == 2]
+    straddling = [s for s in slots if len(slot_pages(t, s)) == 2]
     assert straddling, "the geometry should make some slots span two pages"
     data = rows(20, sb, 1)
-    t.write(slots, data)
+    t.write(slots, data, [])
     assert torch.equal(t.read(slots), data)
     assert torch.equal(t.read(straddling[::-1]), data[straddling[::-1]])
     assert t.mapped_bytes == t.backend.num_pages * PAGE
@@ -122,7 +136,7 @@ def test_pages_are_mapped_on_first_use_and_unmapped_when_empty() -> None:
     assert sorted(b) == [1, 2, 3] and t.mapped_bytes == PAGE
     c = t.allocate(1)
     assert c == [4] and t.mapped_bytes == 2 * PAGE
-    t.write(c, rows(1, sb, 2))
+    t.write(c, rows(1, sb, 2), [])
     t.free(a + b)
     assert t.mapped_bytes == PAGE and t.backend.mapped.tolist()[:2] == [False, True]
     assert t.backend.resident_bytes() == mmap.PAGESIZE  # slot 4's bytes on page 1 only
@@ -148,7 +162,7 @@ def test_slot_larger_than_a_page_maps_all_its_pages() -> None:
     s = t.allocate(1)
     assert s == [0] and t.mapped_bytes == 3 * PAGE
     data = rows(1, sb, 3)
-    t.write(s, data)
+    t.write(s, data, [])
     assert torch.equal(t.read(s), data)
     s2 = t.allocate(1)  # shares page 2 with slot 0
     assert s2 == [1] and t.mapped_bytes == 5 * PAGE
@@ -164,9 +178,9 @@ def test_access_to_unallocated_slots_and_double_free_are_refused() -> None:
     with pytest.raises(TierKVError, match="not allocated"):
         t.read([5])  # would fault: page 1 is not mapped
     with pytest.raises(TierKVError, match="not allocated"):
-        t.write([1], rows(1, sb, 0))  # mapped page, but not allocated
+        t.write([1], rows(1, sb, 0), [])  # mapped page, but not allocated
     with pytest.raises(ValueError, match="uint8 rows of shape"):
-        t.write(s, rows(2, sb, 0))
+        t.write(s, rows(2, sb, 0), [])
     t.free(s)
     with pytest.raises(TierKVError, match="not allocated"):
         t.free(s)
@@ -205,9 +219,9 @@ def test_plan_shrink_skips_pages_with_pinned_blocks_and_counts_straddling_slots(
     chosen = [slots[i] for i in picks]
     assert 0 not in chosen
     # Moving the chosen blocks really empties at least one page.
-    remaining = t._page_use.copy()
+    remaining = page_use(t, slots)
     for s in chosen:
-        for p in t._pages_of(s):
+        for p in slot_pages(t, s):
             remaining[p] -= 1
     assert (remaining[t.backend.mapped] == 0).sum() >= 1
     everything = t.plan_shrink(slots, list(range(20)), pinned, 100 * PAGE)
@@ -226,9 +240,9 @@ def test_plan_shrink_keeps_at_least_keep_bytes_mapped() -> None:
     everything = t.plan_shrink(slots, cold_first, [False] * 6, 5 * PAGE)
     assert sorted(everything) == list(range(6))
     kept = t.plan_shrink(slots, cold_first, [False] * 6, 5 * PAGE, keep_bytes=2 * PAGE)
-    remaining = t._page_use.copy()
+    remaining = page_use(t, slots)
     for i in kept:
-        for p in t._pages_of(slots[i]):
+        for p in slot_pages(t, slots[i]):
             remaining[p] -= 1
     assert (remaining > 0).sum() >= 2 and kept  # moved what it could without going below
     assert t.plan_shrink(slots, cold_first, [False] * 6, PAGE, keep_bytes=5 * PAGE) == []
@@ -247,7 +261,7 @@ def test_plan_shrink_ignores_pages_holding_slots_it_was_not_told_about() -> None
 
 def test_tier_close_releases_the_range_and_collection_does_too() -> None:
     t = tier(8, PAGE // 4)
-    t.write(t.allocate(8), rows(8, PAGE // 4, 0))
+    t.write(t.allocate(8), rows(8, PAGE // 4, 0), [])
     backend = t.backend
     assert backend.resident_bytes() == 2 * PAGE
     del t  # never closed: the finalizer gives the memory back

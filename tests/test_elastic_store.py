@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from conftest import ask, check_index_invariants, kv_for, prompt, same_bits, spa
 
 from tierkv import BlockStore, ConfigError, KVLayout, Namespace, StoreConfig, TierKVError  # noqa: E402
 from tierkv.tiers.elastic import budget as budget_mod  # noqa: E402
-from tierkv.tiers.elastic.budget import budget_path, read_budget  # noqa: E402
+from tierkv.tiers.elastic.budget import BudgetMember, budget_path, read_budget  # noqa: E402
 from tierkv.cli import main  # noqa: E402
 from tierkv.tiers.elastic import ElasticTier  # noqa: E402
 
@@ -59,23 +60,51 @@ def assert_all_served(s: BlockStore, prompts: list[list[int]]) -> None:
         assert same_bits(s.get(p), kv_for(LAYOUT, p)), "a stored prefix came back different or shorter"
 
 
-def mapped(s: BlockStore) -> int:
+def elastic_tier(s: BlockStore) -> ElasticTier:
     tier = s.tiers[0]
     assert isinstance(tier, ElasticTier)
-    return tier.mapped_bytes
+    return tier
+
+
+def mapped(s: BlockStore) -> int:
+    return elastic_tier(s).mapped_bytes
+
+
+def budget_of(s: BlockStore) -> BudgetMember:
+    budget = elastic_tier(s).budget
+    assert budget is not None, "the store has no GPU budget"
+    return budget
+
+
+CLOSED: weakref.WeakSet[BlockStore] = weakref.WeakSet()  # stores closed through `close`: no longer audited
+
+
+def close(s: BlockStore) -> None:
+    s.close()
+    CLOSED.add(s)
+
+
+def settled(stores: list[BlockStore], timeout: float = 10.0) -> None:
+    """Wait until no open store has a shrink request pending: only then may its budget watcher be
+    moving its blocks, so after this the books and the index can be read without its lock."""
+    deadline = time.monotonic() + timeout
+    while any(s not in CLOSED and budget_of(s).pending_target() is not None for s in stores):
+        assert time.monotonic() < deadline, "a shrink request stayed pending"
+        time.sleep(0.005)
 
 
 def check_budget(name: str, stores: list[BlockStore]) -> None:
     """The budget's books match the pages really mapped, and never exceed the total."""
+    settled(stores)
     snap = read_budget(name)
     assert snap.held_bytes <= snap.total_bytes
     held = {m.row: m.held_bytes for m in snap.members}
     for s in stores:
-        if not s._closed:
-            assert held[s._budget.row] == mapped(s)
+        if s not in CLOSED:
+            assert held[budget_of(s).row] == mapped(s)
             assert mapped(s) <= s.tiers[0].max_bytes
             check_index_invariants(s)
-    assert sum(mapped(s) for s in stores if not s._closed) <= snap.total_bytes
+    assert sum(mapped(s) for s in stores if s not in CLOSED) <= snap.total_bytes
 
 
 # -- one store, no shared budget -------------------------------------------------------------
@@ -220,8 +249,8 @@ def test_budget_moves_to_the_store_that_needs_it_by_demotion(name: str) -> None:
         assert_all_served(b, pb)
         check_budget(name, [a, b])
     finally:
-        a.close()
-        b.close()
+        close(a)
+        close(b)
     assert not budget_path(name).exists()
 
 
@@ -307,7 +336,7 @@ def test_top_refreshes_until_interrupted_and_refuses_bad_intervals(name: str, ca
             proc.kill()
         assert proc.returncode == 0, err  # Ctrl-C ends it quietly
     assert main(["top", "--interval", "0"]) == 2
-    assert "expected a number of seconds > 0" in capsys.readouterr().err
+    assert "--interval: expected a number > 0, got '0'" in capsys.readouterr().err
 
 
 # -- random interleavings --------------------------------------------------------------------
@@ -350,18 +379,19 @@ def test_random_interleavings_keep_the_budget_and_the_blocks(ops: list[tuple[str
                 for lease in leases[i]:
                     lease.release()
                 leases[i] = []
-                s.close()
+                close(s)
                 stores[i] = store(name, f"m{i}", max_blocks=48, host_blocks=60, min_bytes=mins[i], total=6 * PAGE)
                 stored[i] = set()
+            for j, other in enumerate(stores):  # before check_budget, which waits for requests to settle
+                target = budget_of(other).pending_target()
+                assert target is None or target >= mins[j]
             check_budget(name, stores)
             for j, other in enumerate(stores):
-                target = other._budget.pending_target()
-                assert target is None or target >= mins[j]
                 if j != i:  # others' requests never push a store below its minimum
                     assert mapped(other) >= min(before[j], mins[j])
     finally:
         for s in stores:
-            s.close()
+            close(s)
     assert not budget_path(name).exists()
 
 

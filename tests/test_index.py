@@ -115,12 +115,13 @@ def test_release_more_than_acquired_is_an_error() -> None:
         index.release([b])
 
 
-def test_requeue_gives_a_popped_victim_its_place_back() -> None:
+def test_a_popped_victim_that_stays_gets_its_place_back() -> None:
+    """A victim that could not move out stays (the store sets its slot back): it is a candidate again."""
     index = Index(2)
     add(index, 1, None, DEVICE, 0)
     victim = index.pop_victim(DEVICE)
     assert victim is not None and index.pop_victim(DEVICE) is None
-    index.requeue(victim, DEVICE)
+    index.set_slot(victim, DEVICE, victim.slots[DEVICE])
     assert index.pop_victim(DEVICE) is victim
 
 
@@ -190,5 +191,8 @@ def test_heap_has_one_entry_per_block_despite_repeated_pushes() -> None:
     b = index.blocks[key(1)]
     for _ in range(100):
         index.touch([b])
-        index.requeue(b, DEVICE)  # already queued: must not add a second entry
+        index.acquire([b])
+        index.release([b])  # pushes on release: already queued, so no second entry
+        index.set_slot(b, DEVICE, 0)  # pushes on a slot change: likewise
     assert len(index._heaps[DEVICE]) == 1
+    assert index.pop_victim(DEVICE) is b and index.pop_victim(DEVICE) is None

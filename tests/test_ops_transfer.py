@@ -128,17 +128,17 @@ def test_memory_tier_copy_to_and_read_write() -> None:
     a = MemoryTier("device", 6, 16, torch.device("cpu"))
     b = MemoryTier("host", 5, 16, torch.device("cpu"))
     rows = torch.randint(0, 256, (3, 16), dtype=torch.uint8)
-    a.write([4, 1, 2], rows)
+    a.write([4, 1, 2], rows, [])  # raw bytes: no index entries to stamp
     assert torch.equal(a.read([4, 1, 2]), rows)
-    a.copy_to([2, 4], b, [0, 3])
+    assert a.copy_to([2, 4], b, [0, 3], []) is True  # pool to pool: a direct copy
     assert torch.equal(b.read([0, 3]), rows[[2, 0]])
     with pytest.raises(ValueError, match="2 source slots for 1 destinations"):
-        a.copy_to([2, 4], b, [0])
+        a.copy_to([2, 4], b, [0], [])
     c = MemoryTier("other", 2, 8, torch.device("cpu"))
     with pytest.raises(ValueError, match="slot sizes differ"):
-        a.copy_to([0], c, [0])
+        a.copy_to([0], c, [0], [])
     with pytest.raises(ValueError, match="write needs uint8 rows"):
-        a.write([0], rows[:2])
+        a.write([0], rows[:2], [])
 
 
 def test_dma_runs_merge_rows_that_advance_together() -> None:

@@ -23,7 +23,7 @@ def store(layout: KVLayout):
 
 def assert_unchanged(store: BlockStore, before: dict) -> None:
     assert store.stats() == before
-    assert len(store.index) == 2
+    assert len(store.residency()) == 2
     held = prompt(0, 2)
     assert same_bits(store.get(held), kv_for(store.layout, held))
     check_index_invariants(store)
@@ -120,4 +120,4 @@ def test_namespace_layout_mismatch_between_stores_never_shares(namespace) -> Non
     with make_store(2, 2, a_layout, namespace) as a, make_store(2, 2, b_layout, Namespace(model="tiny-test")) as b:
         a.put(tokens, kv_for(a_layout, tokens))
         b.put(tokens, kv_for(b_layout, tokens))
-        assert not set(a.index.blocks) & set(b.index.blocks)
+        assert not set(a.residency()) & set(b.residency())

@@ -48,7 +48,7 @@ class StoreMachine(RuleBasedStateMachine):
     def _leased_slots_with(self, tokens: list[int], tenant: str) -> int:
         """Slots the store may not free for a put of `tokens`: leased blocks and the put's own prefix."""
         store = self.store
-        keep = {id(b) for b in store.index.lookup(store._seed(tenant), store._chunks(tokens))}
+        keep = {id(b) for b in store.index.lookup(store.chain.seed(tenant), store.chain.chunks(tokens))}
         return sum(
             sum(1 for s in b.slots if s >= 0)
             for b in store.index.blocks.values()
@@ -62,7 +62,7 @@ class StoreMachine(RuleBasedStateMachine):
         stored_before = store.match(tokens, tenant=tenant) // BLOCK_TOKENS
         need = n - stored_before
         room = sum(t.num_slots for t in store.tiers) - self._leased_slots_with(tokens, tenant)
-        keys_before = set(store.index.blocks)
+        keys_before = set(store.residency())
         stats_before = store.stats()
         try:
             new = store.put(tokens, kv, tenant=tenant)
@@ -71,7 +71,7 @@ class StoreMachine(RuleBasedStateMachine):
             stats_after = store.stats()
             assert stats_after.pop("puts") == stats_before.pop("puts") + 1
             assert stats_after == stats_before, "a refused put changed the store"
-            assert set(store.index.blocks) == keys_before
+            assert set(store.residency()) == keys_before
             return
         assert need <= room, f"put of {need} blocks accepted with room for only {room}"
         assert new == need

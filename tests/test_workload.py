@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tierkv import BlockStore, CapacityError, KVLayout, Namespace, StoreConfig
-from tierkv.keys import chain_keys
 from tierkv.cli.workload import (
     SYNTHETIC_LAYOUT,
     SYNTHETIC_NAMESPACE,
@@ -102,8 +101,7 @@ def test_shared_system_prompt_blocks_are_found_in_a_store() -> None:
     """The sharing is real at the block level: one user's prompt makes another's prefix a hit."""
     first = {r.user: r for r in SMALL.requests() if r.turn == 0}
     with store_for(SMALL, 64, 64) as store:
-        seed = SYNTHETIC_NAMESPACE.digest(SYNTHETIC_LAYOUT)
-        store.put(first[0].tokens, synthetic_kv(chain_keys(seed, first[0].tokens, 16), SYNTHETIC_LAYOUT))
+        store.put(first[0].tokens, synthetic_kv(store.keys(first[0].tokens), SYNTHETIC_LAYOUT))
         assert store.match(first[2].tokens) == SMALL.system_tokens  # same system prompt, other user
         assert store.match(first[1].tokens) == 0  # other system prompt
 

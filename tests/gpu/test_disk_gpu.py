@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tierkv import BlockStore, KVLayout, Namespace, StoreConfig
-from tierkv.tiers.disk import DiskTier, kvikio_status
+from tierkv.tiers.disk import DiskTier, kvikio_status, slot_stride
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,14 +16,22 @@ pytestmark = [
 ]
 
 
+def layout_of(block_bytes: int) -> KVLayout:
+    """A layout whose blocks are exactly `block_bytes` (a multiple of 4): one token, one head, K and V in fp16."""
+    return KVLayout(num_layers=1, kv_factor=2, num_kv_heads=1, head_dim=block_bytes // 4, dtype=torch.float16, block_tokens=1)
+
+
 @pytest.mark.parametrize("block_bytes", [4096, 65536, 5000])
 def test_kvikio_host_and_device_round_trip(tmp_path: Path, block_bytes: int) -> None:
-    tier = DiskTier(tmp_path, 64, block_bytes, io="kvikio")
+    layout = layout_of(block_bytes)
+    config = StoreConfig(disk_path=str(tmp_path), disk_bytes=64 * slot_stride(block_bytes), disk_io="kvikio")
+    tier = DiskTier(config, layout, Namespace(model="gpu-disk-tier"))
     try:
         assert "kvikio" in tier.io_path
+        assert (tier.num_slots, tier.slot_bytes) == (64, block_bytes)
         slots = [5, 6, 7, 40, 2, 63]
         host_rows = torch.randint(0, 256, (len(slots), block_bytes), dtype=torch.uint8)
-        tier.write(slots, host_rows)
+        tier.write_now(slots, host_rows)
         tier.sync()
         assert torch.equal(tier.read(slots), host_rows)
         dev_rows = torch.randint(0, 256, (len(slots), block_bytes), dtype=torch.uint8, device="cuda")

@@ -146,15 +146,15 @@ def test_memory_tiers_move_blocks_and_cpu_reads_wait_for_the_copy() -> None:
     host = MemoryTier("host", 64, width, torch.device("cpu"), pin=True)
     rows = rand_rows(40, width)
     slots = torch.randperm(64)[:40].tolist()
-    dev.write(slots, rows)
+    dev.write(slots, rows, [])  # raw bytes: no index entries to stamp
     host_slots = torch.randperm(64)[:40].tolist()
-    dev.copy_to(slots, host, host_slots)
+    assert dev.copy_to(slots, host, host_slots, [])
     assert torch.equal(host.read(host_slots), rows.cpu())  # read right away: must wait for the DMA
     back = torch.randperm(64)[:40].tolist()
     dev.storage.fill_(POISON)
-    host.copy_to(host_slots, dev, back)
+    assert host.copy_to(host_slots, dev, back, [])
     assert torch.equal(dev.read(back), rows)
-    host.write(host_slots[:3], rows[:3].flip(0))  # device rows into host slots
+    host.write(host_slots[:3], rows[:3].flip(0), [])  # device rows into host slots
     assert torch.equal(host.read(host_slots[:3]), rows[:3].flip(0).cpu())
 
 
