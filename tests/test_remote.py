@@ -8,11 +8,13 @@ test_remote_security.py, two processes in test_remote_nodes.py.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import BLOCK_TOKENS, kv_for, prompt, same_bits
+from conftest import BLOCK_TOKENS, ask, kv_for, prompt, same_bits, spawn
 from remote_fixtures import LAYOUT, published, remote, remote_store, start_cluster, unique_model
 from tierkv import BlockStore, Namespace, StoreConfig, TierKVError
 from tierkv.tiers.remote.local_cluster import LocalCluster
@@ -116,6 +118,46 @@ def test_plain_redis_server_is_chosen_from_the_url() -> None:
             published(a)
             assert same_bits(b.get(tokens), kv_for(LAYOUT, tokens))
             assert b.stats()["remote"]["mode"] == "single"
+
+
+NODE = Path(__file__).with_name("_remote_node.py")
+
+
+def test_two_node_processes_share_prefixes_bit_exact_and_a_cold_restart_hits(cluster: LocalCluster) -> None:
+    """Node A and node B are two processes on one cluster: B hits what A put, bit for bit, and so does
+    B started again with nothing; another tenant never does (another namespace: see the tests above)."""
+    spec = {"remote_url": cluster.url(nodes=3), "model": unique_model(), "host_blocks": 16}
+    procs = []
+
+    def node(**changes: object):
+        proc = spawn(NODE, json.dumps({**spec, **changes}), stdin=True)
+        procs.append(proc)
+        return proc
+
+    def call(proc, **cmd: object) -> dict:
+        return ask(proc, json.dumps(cmd))
+
+    try:
+        a, b = node(), node()
+        assert call(a, op="put", first=0, blocks=40) == {"added": 40}
+        assert call(a, op="put", first=500, blocks=10, tenant="tenant-1") == {"added": 10}
+        call(a, op="publish")
+        assert call(b, op="get", first=0, blocks=40) == {"blocks": 40, "exact": True}
+        assert call(b, op="get", first=500, blocks=10) == {"blocks": 0, "exact": True}
+        assert call(b, op="get", first=500, blocks=10, tenant="tenant-1") == {"blocks": 10, "exact": True}
+        assert call(b, op="stats")["tiers"]["remote"]["hits"] == 50
+        call(b, op="quit")
+        b_again = node()  # restarted cold: nothing local, everything from the cluster
+        assert call(b_again, op="get", first=0, blocks=40) == {"blocks": 40, "exact": True}
+        for proc in (a, b_again):
+            call(proc, op="quit")
+        for proc in procs:
+            assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 # -- write modes -------------------------------------------------------------------------------------
@@ -267,10 +309,10 @@ def test_maxmemory_evicting_our_keys_gives_shorter_hits_and_noeviction_skips_wri
             published(a)
             assert a.stats()["remote"]["lost_writes_total"] == {}, "with allkeys-lru every SET succeeds"
         with remote_store(cluster, model, host_blocks=0) as b:
-            found = [b.get(c).shape[0] for c in chains]
-            assert sum(found) < 8 * 50, "the cluster evicted some of our keys"
-            for chain, n in zip(chains, found):
-                assert same_bits(b.get(chain), kv_for(LAYOUT, chain)[:n])
+            got = [b.get(c) for c in chains]
+            assert sum(g.shape[0] for g in got) < 8 * 50, "the cluster evicted some of our keys"
+            for chain, g in zip(chains, got):
+                assert same_bits(g, kv_for(LAYOUT, chain)[: g.shape[0]]), "what is served is bit-exact"
         cluster.config_set("maxmemory-policy", "noeviction")
         with remote_store(cluster, model) as c:
             put(c, 900_000, 200)
@@ -292,3 +334,21 @@ def test_config_from_the_environment_builds_a_remote_store(cluster: LocalCluster
     config = StoreConfig.from_env(base={"device_bytes": 0, "host_bytes": 8 * BB, "device": "cpu"})
     with BlockStore(LAYOUT, Namespace(model=unique_model()), config) as store:
         assert store.tier_names == ("device", "host", "remote")
+
+
+def test_remote_traffic_and_faults_are_prometheus_metrics(cluster: LocalCluster) -> None:
+    from test_stats import parse_exposition
+
+    model = unique_model()
+    with remote_store(cluster, model) as a, remote_store(cluster, model, host_blocks=0) as b:
+        tokens = put(a, 0, 10)
+        published(a)
+        overwrite(cluster, a, tokens, 6, b"not a record")
+        assert b.get(tokens).shape[0] == 6
+        samples = parse_exposition(b.prometheus())
+    assert samples[("tierkv_hits_total", '{tier="remote"}')] == 6
+    assert samples[("tierkv_bytes_out_total", '{tier="remote"}')] == 6 * BB
+    assert samples[("tierkv_remote_reads_blocks_total", "")] == 6
+    assert samples[("tierkv_remote_reads_seconds_total", "")] > 0
+    assert samples[("tierkv_remote_bad_values_total", '{kind="torn"}')] == 1
+    assert ("tierkv_remote_write_queue_bytes", "") in samples

@@ -114,6 +114,7 @@ def store_families(stats: dict[str, Any], latency: OperationLatency | None = Non
         family = _family(kind, f"{prefix}_{name}", doc, names)
         family.add_metric(values, value)
         out.append(family)
+    out.extend(section_families(stats, const, prefix))
     if latency is not None:
         hist = HistogramMetricFamily(f"{prefix}_operation_duration_seconds",
                                      "Latency of store operations (put, get, match, lease, save_from, load_into).",
@@ -122,6 +123,37 @@ def store_families(stats: dict[str, Any], latency: OperationLatency | None = Non
         for op, (cumulative, total) in latency.snapshot().items():
             hist.add_metric([*values, op], list(zip(bounds, cumulative)), total)
         out.append(hist)
+    return out
+
+
+# Keys of `stats()` that are the store's own; every other key whose value is a dict is a tier's section.
+_STORE_KEYS = frozenset({"tiers", "blocks", "block_bytes", "bytes_moved", "dropped", "puts", "gets", "leased_owners"})
+
+
+def section_families(stats: dict[str, Any], const: dict[str, str] | None = None, prefix: str = "tierkv") -> list[Metric]:
+    """The numbers of the tiers' own sections of `stats()` (the disk directory, the remote tier's
+    traffic and faults, ...) as `tierkv_<section>_<key>`: a key ending in `_total` is a counter,
+    any other a gauge; a dict of numbers is one family with a `kind` label. Text is left out."""
+    const = const or {}
+    names, values = list(const), list(const.values())
+    out: list[Metric] = []
+    for section, body in stats.items():
+        if section in _STORE_KEYS or not isinstance(body, dict):
+            continue
+        for key, value in body.items():
+            kind = "counter" if key.endswith("_total") else "gauge"
+            name = f"{prefix}_{section}_{key.removesuffix('_total')}"
+            doc = f"stats()['{section}']['{key}']"
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                family = _family(kind, name, doc, names)
+                family.add_metric(values, value)
+                out.append(family)
+            elif isinstance(value, dict) and value and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+                family = _family(kind, name, doc, [*names, "kind"])
+                for label, v in value.items():
+                    family.add_metric([*values, str(label)], v)
+                out.append(family)
     return out
 
 

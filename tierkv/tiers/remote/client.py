@@ -11,9 +11,9 @@ keys, and every command gets its reply or a `Fault` that names what went wrong. 
 out of `execute`.
 
 Each node has a circuit breaker: a dead node is left alone for a while and its keys are instant
-misses. A connection error, or a MOVED/ASK/TRYAGAIN/CLUSTERDOWN reply, marks the slot map stale;
-it is reloaded (at most every `REFRESH_S`) before the next batch, which is how a failover or a
-resharding is picked up. Connecting is lazy and retried the same way, so a store opens even while
+misses. A connection error, a key refused by an open breaker, or a MOVED/ASK/TRYAGAIN/CLUSTERDOWN
+reply marks the slot map stale; it is reloaded (at most every `REFRESH_S`, backing off while that
+fails) before the next batch, which is how a failover or a resharding is picked up within a second. Connecting is lazy and retried the same way, so a store opens even while
 its cluster is down.
 
 redis-py is needed only with a remote tier (`pip install 'tierkv[remote]'`) and imported here only.
@@ -37,6 +37,7 @@ from .faults import FaultLog
 from .wire import Connection, ErrorReply, Request, WireError, tls_context
 
 REFRESH_S = 0.5  # the slot map is reloaded at most this often after a fault that may mean it moved
+MAX_REFRESH_S = 30.0  # ... and, while reloading fails, ever less often, down to this
 _IDLE_PER_NODE = 4
 # Error replies that mean the key's slot is served elsewhere now, or not at all for a moment.
 _MOVING = {"MOVED": "moved", "ASK": "ask", "TRYAGAIN": "try_again", "CLUSTERDOWN": "cluster_down"}
@@ -110,6 +111,7 @@ class RemoteClient:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._stale = False
         self._refreshed = 0.0
+        self._refresh_backoff = REFRESH_S
         self.mode = "unknown"  # "cluster" or "single" once connected
 
     # -- connections -------------------------------------------------------------------
@@ -215,8 +217,11 @@ class RemoteClient:
             self._stale, self._refreshed = False, time.monotonic()
             try:
                 self._cluster.nodes_manager.initialize()
-            except Exception as e:  # the cluster may be half down: keep the old map, try again later
+                self._refresh_backoff = REFRESH_S
+            except Exception as e:  # the cluster may be half down: keep the old map, try again later, less often
                 self._stale = True
+                self._refreshed += self._refresh_backoff
+                self._refresh_backoff = min(2 * self._refresh_backoff, MAX_REFRESH_S)
                 fault = self._fault(e)
                 self.faults.note(f"refresh_{fault.kind}", fault.detail)
 
@@ -278,6 +283,7 @@ class RemoteClient:
             if not breaker.allow():
                 for i in positions:
                     results[i] = Fault("node_down", name)
+                self._stale = True  # its replica may have taken over: the next batch reloads the slot map
                 continue
             conn = None
             try:

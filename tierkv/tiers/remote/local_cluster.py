@@ -289,7 +289,7 @@ class LocalCluster:
         if self.maxmemory is not None:
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", self.maxmemory_policy]
         for name, password, rules in self.acl_users:
-            args += ["--user", f"{name} on >{password} {rules}"]
+            args += ["--user", name, "on", f">{password}", *rules.split()]
         return args
 
     def _launch(self, node: Node) -> None:
