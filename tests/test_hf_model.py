@@ -90,13 +90,14 @@ def _refused(build: object) -> str:
     return str(info.value)
 
 
-def test_sliding_window_layers_are_refused() -> None:
-    message = _refused(lambda: transformers.MistralForCausalLM(
-        transformers.MistralConfig(num_key_value_heads=2, sliding_window=32, **_COMMON)))
-    assert "MistralForCausalLM" in message and "sliding-window" in message and "sliding_window=32" in message
-    message = _refused(lambda: transformers.Gemma2ForCausalLM(
-        transformers.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=32, **_COMMON)))
-    assert "layer 0 uses sliding-window attention" in message
+def test_sliding_window_layers_are_described_not_refused() -> None:
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(num_key_value_heads=2, sliding_window=32, **_COMMON))
+    assert describe_model(mistral.eval()).layer_windows == (32, 32)
+    gemma2 = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=32,
+                                                                      **_COMMON))
+    kv = describe_model(gemma2.eval())
+    assert kv.layer_windows == (32, None) and kv.sliding and kv.window(1) is None
+    assert describe_model(llama()).layer_windows == (None, None)
 
 
 def test_state_space_layers_are_refused() -> None:

@@ -8,20 +8,27 @@
 `TierKV.generate` is a thin wrapper over `model.generate`: it builds a `TierKVCache` (a
 `DynamicCache` pre-filled from the store), passes it as `past_key_values`, and can store the
 generated tokens' blocks afterwards. Use `TierKV.cache` to drive `model.generate` yourself.
+
+`TierKV` hooks the model's forward (`CacheWatch`), so a model that drops or ignores the cache
+it was given never returns output computed without the prefix it reports as reused:
+`TierKV.generate` recomputes the whole prompt (with a `RuntimeWarning` and
+`GenerateResult.recomputed` saying why); a `TierKVCache` from `TierKV.cache` handed to
+`model.generate` or `model(...)` raises `PrefixNotUsedError` instead.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
-from tierkv import BlockStore, StoreConfig
+from tierkv import BlockStore, StoreConfig, TierKVError
 
-from .cache import TierKVCache, left_padded_rows
+from .cache import CacheWatch, PrefixNotUsedError, TierKVCache, left_padded_rows
 from .model import (
     ModelKV,
     UnsupportedModelError,
@@ -34,6 +41,7 @@ from .model import (
 __all__ = [
     "GenerateResult",
     "ModelKV",
+    "PrefixNotUsedError",
     "TierKV",
     "TierKVCache",
     "UnsupportedModelError",
@@ -45,13 +53,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GenerateResult:
-    """What `generate` returned, and what reuse did, one list entry per prompt row."""
+    """What `generate` returned, and what reuse did, one list entry per prompt row.
+
+    `recomputed` is empty, or why the stored prefix could not be used and the whole prompt was
+    computed instead (then `reused_tokens` are all 0).
+    """
 
     sequences: torch.Tensor
     prompt_tokens: list[int]
     reused_tokens: list[int]
     computed_tokens: list[int]
     stored_blocks: int
+    recomputed: str = ""
 
 
 class TierKV:
@@ -77,8 +90,10 @@ class TierKV:
         self.layout = self.model_kv.layout(block_tokens)
         self.namespace = model_namespace(model, name=name, weights_fingerprint=weights_fingerprint, adapter=adapter)
         self.store = BlockStore(self.layout, self.namespace, config)
+        self.watch = CacheWatch(model)
 
     def close(self) -> None:
+        self.watch.remove()
         self.store.close()
 
     def __enter__(self) -> TierKV:
@@ -94,9 +109,20 @@ class TierKV:
         *,
         tenant: str | None = None,
         save_prompt: bool = True,
+        load: bool = True,
+        record_reply: bool = True,
     ) -> TierKVCache:
-        """A cache holding the stored prefix of each prompt row, for `model.generate(past_key_values=...)`."""
-        return TierKVCache(self.store, self.model_kv, input_ids, attention_mask, tenant=tenant, save_prompt=save_prompt)
+        """A cache holding the stored prefix of each prompt row, for `model.generate(past_key_values=...)`.
+
+        The model's forward checks that it is used (`PrefixNotUsedError` otherwise); see `TierKVCache`
+        for `save_prompt`, `load` and `record_reply`.
+        """
+        cache = TierKVCache(
+            self.store, self.model_kv, input_ids, attention_mask,
+            tenant=tenant, save_prompt=save_prompt, load=load, record_reply=record_reply,
+        )
+        cache._watch = self.watch
+        return cache
 
     def generate(
         self,
@@ -117,20 +143,27 @@ class TierKV:
         config = copy.deepcopy(generation_config if generation_config is not None else self.model.generation_config)
         if max_new_tokens is not None:
             config.max_new_tokens = max_new_tokens
+        if generation_config is None or config.use_cache is None:
+            # Explicit: a model whose default is use_cache=False (MPT) would otherwise lend generate that
+            # default, which then feeds the whole sequence at every step on top of the filled cache.
+            config.use_cache = True
         _check_generation_config(config)
         if attention_mask is None:
             # Explicit, so generate does not guess padding from pad_token_id behind the cache's back.
             left_padded_rows(input_ids, None)
             attention_mask = torch.ones_like(input_ids)
-        cache = self.cache(input_ids, attention_mask, tenant=tenant)
-        # PreTrainedModel lacks GenerationMixin in transformers 5 (the causal-LM classes add it)
-        sequences = self.model.generate(  # type: ignore[operator]
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            generation_config=config,
-            streamer=streamer,
-        )
+        cache = self.cache(input_ids, attention_mask, tenant=tenant, record_reply=store_generated)
+        recomputed = ""
+        try:
+            sequences = self._generate(input_ids, attention_mask, cache, config, streamer)
+        except PrefixNotUsedError as e:
+            if e.cache is not cache:
+                raise
+            # Raised by the forward hook before anything was computed: nothing was produced or stored.
+            recomputed = str(e)
+            warnings.warn(f"tierkv recomputed the whole prompt: {e}", RuntimeWarning, stacklevel=2)
+            cache = self.cache(input_ids, attention_mask, tenant=tenant, load=False, record_reply=store_generated)
+            sequences = self._generate(input_ids, attention_mask, cache, config, _AfterPrompt(streamer) if streamer else None)
         if store_generated:
             cache.save_sequences(sequences)
         return GenerateResult(
@@ -139,7 +172,53 @@ class TierKV:
             reused_tokens=cache.reused_tokens,
             computed_tokens=cache.computed_tokens,
             stored_blocks=cache.stored_blocks,
+            recomputed=recomputed,
         )
+
+    def _generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: TierKVCache,
+        config: GenerationConfig,
+        streamer: BaseStreamer | None,
+    ) -> torch.Tensor:
+        cache.arm()
+        try:
+            # PreTrainedModel lacks GenerationMixin in transformers 5 (the causal-LM classes add it)
+            sequences = self.model.generate(  # type: ignore[operator]
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                generation_config=config,
+                streamer=streamer,
+            )
+        finally:
+            self.watch.armed.discard(cache)
+        if cache.loaded and not cache.prefilled:
+            # The hooks make this unreachable unless the model was called some other way (compiled, ...).
+            raise TierKVError(
+                f"{type(self.model).__name__}.generate returned without writing the prompt into the TierKVCache "
+                f"holding {cache.reused_tokens} stored tokens per row: its output was computed without that prefix"
+            )
+        return sequences
+
+
+class _AfterPrompt(BaseStreamer):
+    """A streamer that skips the prompt: it was already put once, by the attempt that could not use the prefix."""
+
+    def __init__(self, inner: BaseStreamer) -> None:
+        self.inner = inner
+        self.prompt_skipped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_skipped:
+            self.prompt_skipped = True
+            return
+        self.inner.put(value)
+
+    def end(self) -> None:
+        self.inner.end()
 
 
 def _check_generation_config(config: GenerationConfig) -> None:

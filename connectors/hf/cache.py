@@ -10,28 +10,35 @@ columns and `hit_i` stored tokens, so every column before `min_i(pad_i + hit_i)`
 stored KV for every row; that is the cache length, and each row loads only its part of it
 (padding columns hold zeros, which the attention mask hides). The forward pass then computes
 `max_i(len_i - hit_i)` columns, the least any rectangular batch can.
+
+Sliding-window and chunked-attention layers are rebuilt as transformers builds them: a
+`DynamicSlidingWindowLayer` holding the last `W - 1` columns before the cache length, its
+`cumulative_length` the cache length, so the cache is the one plain `generate` would hold after
+computing the prefix itself. Their new KV is recorded as it is computed (the layer itself drops
+what falls out of the window), so it can be stored.
+
+Whether the model really used the loaded prefix is checked, not assumed: a model may drop the
+cache it was given (Phi-3 / PhiMoE's `prepare_inputs_for_generation` does for LongRoPE prompts
+past `original_max_position_embeddings`). `TierKV` hooks the model's forward: a forward that
+runs without an armed cache, or gets one and does not fill it, raises `PrefixNotUsedError`
+before any token is produced; `TierKV.generate` then recomputes the whole prompt.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from tierkv import BlockStore, CapacityError, LayoutMismatchError, TierKVError
 
 from .blocks import copy_blocks_to_tokens, tokens_to_blocks
 from .model import ModelKV
-
-
-def _filled_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one layer of a `TierKVCache` after prefill: a `DynamicCache` made without a
-    config has plain `DynamicLayer`s, and prefill has run through every one of them."""
-    assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
-    return layer.keys, layer.values
 
 
 def left_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[int, np.ndarray]]:
@@ -63,6 +70,87 @@ def left_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return [(pad, ids[i, pad:].numpy()) for i, pad in enumerate(pads)]
 
 
+def key_tenant(store: BlockStore, tenant: str | None, regime: str) -> str | None:
+    """The tenant a cache's blocks are keyed under: the caller's, salted with the KV regime when there is one."""
+    if tenant is not None and (not isinstance(tenant, str) or "\0" in tenant):
+        raise ValueError(f"tenant must be a string without NUL characters, got {tenant!r}")
+    if not regime:
+        return tenant
+    return f"{store.namespace.tenant if tenant is None else tenant}\0kv-regime:{regime}"
+
+
+class PrefixNotUsedError(TierKVError):
+    """The model ran without the `TierKVCache` it was given, or did not write into it: the stored prefix was not used.
+
+    Raised from the model's forward hook before that forward computes anything, so no token was
+    produced from a prompt computed without its prefix. `cache` is the cache that was passed by.
+    """
+
+    def __init__(self, message: str, cache: TierKVCache) -> None:
+        super().__init__(message)
+        self.cache = cache
+
+
+class CacheWatch:
+    """Forward hooks that check a model really uses the `TierKVCache`s handed to it (installed by `TierKV`).
+
+    A cache is *armed* when `generate` takes it (or `TierKV.generate` arms it): the next forward
+    of the model must receive it. Any forward that receives a cache holding a loaded prefix must
+    leave it filled with the prompt. Either failure raises `PrefixNotUsedError`.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.armed: weakref.WeakSet[TierKVCache] = weakref.WeakSet()
+        self._model_name = type(model).__name__
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.armed.clear()
+
+    def _before(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        given = kwargs.get("past_key_values")
+        missed = [cache for cache in self.armed if cache is not given]
+        self.armed.clear()
+        if missed:
+            cache = missed[0]
+            cache.bypassed = True
+            prepare = getattr(type(module), "prepare_inputs_for_generation", None)
+            caller = getattr(prepare, "__qualname__", "prepare_inputs_for_generation")
+            raise PrefixNotUsedError(
+                f"{self._model_name} was called with past_key_values={type(given).__name__} instead of the TierKVCache "
+                f"holding {cache.reused_tokens} stored tokens per row that generate was given ({caller} did not pass "
+                "it on: Phi-3 / PhiMoE drop the cache when a LongRoPE prompt is longer than "
+                "original_max_position_embeddings and the cache is not). Nothing was computed; TierKV.generate "
+                "recomputes the whole prompt in this case",
+                cache,
+            )
+        if isinstance(given, TierKVCache) and kwargs.get("use_cache") is False:
+            given.bypassed = True
+            raise PrefixNotUsedError(
+                f"{self._model_name} was called with a TierKVCache and use_cache=False (the model's default "
+                "generation config may say so): generate then feeds the whole sequence again at every step on top "
+                "of the cache. Pass use_cache=True",
+                given,
+            )
+
+    def _after(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        given = kwargs.get("past_key_values")
+        if isinstance(given, TierKVCache) and given.loaded and not given.prefilled:
+            given.bypassed = True
+            raise PrefixNotUsedError(
+                f"{self._model_name}'s forward got a TierKVCache holding {given.reused_tokens} stored tokens per row "
+                "but did not write the prompt's KV into it, so it did not attend to the stored prefix: "
+                "its output is discarded",
+                given,
+            )
+
+
 class TierKVCache(DynamicCache):
     """A `DynamicCache` pre-filled from a `BlockStore` with the longest stored prefix of each prompt.
 
@@ -70,7 +158,8 @@ class TierKVCache(DynamicCache):
     same `input_ids` and `attention_mask` it was built from; a first forward pass that does not
     complete exactly that prompt raises `TierKVError`. When that pass has run through the last
     layer, the cache stores the prompts' new full blocks (unless `save_prompt=False`);
-    `save_sequences` stores the generated tokens' blocks too.
+    `save_sequences` stores the generated tokens' blocks too. `load=False` looks nothing up (the
+    whole prompt is computed) but still stores.
 
     At least the last prompt token is always computed, so there are logits to sample from. One
     cache serves one `generate` call: beam search and `num_return_sequences > 1` reshape the
@@ -78,9 +167,15 @@ class TierKVCache(DynamicCache):
     `position_ids` from the attention mask as `generate` does, or the KV stored is that of
     shifted positions.
 
+    Sliding-window layers keep only their window; the KV this cache's forwards compute for them
+    is recorded besides, so that it can be stored. `record_reply=False` stops recording after the
+    prompt (for long replies that will not be stored: `save_sequences` then refuses).
+
     Attributes, one entry per row: `prompt_tokens` (without padding), `hit_tokens` (stored
     prefix found), `reused_tokens` (tokens whose KV came from the store), `computed_tokens`
     (prompt tokens the model computes). `stored_blocks` counts blocks this cache newly stored.
+    `prefilled` says the first forward pass wrote the prompt into the cache, that is, the loaded
+    prefix was used; `kv_regime` is the model's KV regime for these prompts (`ModelKV.kv_regime`).
     """
 
     def __init__(
@@ -92,6 +187,8 @@ class TierKVCache(DynamicCache):
         *,
         tenant: str | None = None,
         save_prompt: bool = True,
+        load: bool = True,
+        record_reply: bool = True,
     ) -> None:
         expected = model_kv.layout(store.layout.block_tokens)
         if store.layout != expected:
@@ -101,25 +198,43 @@ class TierKVCache(DynamicCache):
         rows = left_padded_rows(input_ids, attention_mask)
         bt = store.layout.block_tokens
         home = model_kv.layer_devices[0]
-        found = [store.get(tokens, device=home, tenant=tenant) for _, tokens in rows]
-        hits = [blocks.shape[0] * bt for blocks in found]
+        self.kv_regime = model_kv.kv_regime(max(len(tokens) for _, tokens in rows))
+        self._key_tenant = key_tenant(store, tenant, self.kv_regime)
+        found = [store.get(tokens, device=home, tenant=self._key_tenant) if load else None for _, tokens in rows]
+        hits = [0 if blocks is None else blocks.shape[0] * bt for blocks in found]
         # Columns before `start` are padding or stored KV in every row; the last token is always computed.
         start = min(pad + min(hit, len(tokens) - 1) for (pad, tokens), hit in zip(rows, hits))
         reused = [max(0, start - pad) for pad, _ in rows]
-        if start > 0:
-            layout = store.layout
-            shape = (layout.num_layers, 2, len(rows), layout.num_kv_heads, start, layout.head_dim)
-            kv = torch.empty(shape, dtype=layout.dtype, device=home)
-            for i, ((pad, _), blocks, n) in enumerate(zip(rows, found, reused)):
-                kv[:, :, i, :, : min(pad, start)].zero_()  # padding: hidden by the mask, but never garbage
-                if n:
-                    copy_blocks_to_tokens(blocks, kv[:, :, i, :, pad:start])
-            data = [(kv[layer, 0].to(dev), kv[layer, 1].to(dev)) for layer, dev in enumerate(model_kv.layer_devices)]
-            super().__init__(ddp_cache_data=data)
-        else:
+        windows = [model_kv.window(layer) for layer in range(model_kv.num_layers)]
+        if start == 0 and not model_kv.sliding:
+            # As empty as a fresh DynamicCache: layers appear at the first update (an empty cache is falsy, as
+            # plain generate's is before its first forward pass).
             super().__init__()
+        else:
+            layers = [DynamicLayer() if w is None else DynamicSlidingWindowLayer(sliding_window=w) for w in windows]
+            if start > 0:
+                layout = store.layout
+                shape = (layout.num_layers, 2, len(rows), layout.num_kv_heads, start, layout.head_dim)
+                kv = torch.empty(shape, dtype=layout.dtype, device=home)
+                for i, ((pad, _), blocks, n) in enumerate(zip(rows, found, reused)):
+                    kv[:, :, i, :, : min(pad, start)].zero_()  # padding: hidden by the mask, but never garbage
+                    if n and blocks is not None:
+                        copy_blocks_to_tokens(blocks, kv[:, :, i, :, pad:start])
+                for index, (layer, window, dev) in enumerate(zip(layers, windows, model_kv.layer_devices)):
+                    keys, values = kv[index, 0], kv[index, 1]
+                    if window is not None:
+                        # What DynamicSlidingWindowLayer.update keeps of `start` tokens: the last window - 1.
+                        keep = max(window - 1, 0)
+                        keys, values = keys[..., start - min(keep, start) :, :], values[..., start - min(keep, start) :, :]
+                    keys, values = keys.to(dev), values.to(dev)
+                    layer.lazy_initialization(keys, values)
+                    layer.keys, layer.values = keys, values
+                    if isinstance(layer, DynamicSlidingWindowLayer):
+                        layer.cumulative_length = start
+            Cache.__init__(self, layers=list(layers))
         self.store = store
         self.tenant = tenant
+        self.model_kv = model_kv
         self._rows = rows
         self._batch = len(rows)
         self._prompt_columns = input_ids.shape[1]
@@ -127,12 +242,42 @@ class TierKVCache(DynamicCache):
         self._last_layer = store.layout.num_layers - 1
         self._start = start
         self._save_prompt = save_prompt
-        self._prefilled = False
+        self._record_reply = record_reply
+        self._windows = windows
+        # Per sliding layer: the K and V computed by this cache's forwards, columns `start:` of the cache.
+        self._computed: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
+            i: ([], []) for i, w in enumerate(windows) if w is not None
+        }
+        self._watch: CacheWatch | None = None
+        self._user_defined = False
+        self.prefilled = False
+        self.bypassed = False
         self.prompt_tokens = [len(tokens) for _, tokens in rows]
         self.hit_tokens = hits
         self.reused_tokens = reused
         self.computed_tokens = [len(tokens) - n for (_, tokens), n in zip(rows, reused)]
         self.stored_blocks = 0
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the cache holds stored KV (the model must attend to it)."""
+        return self._start > 0
+
+    @property
+    def _is_user_defined(self) -> bool:
+        return self._user_defined
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        # `generate` marks a cache passed by the caller: from here on its next forward must receive it.
+        self._user_defined = value
+        if value:
+            self.arm()
+
+    def arm(self) -> None:
+        """Expect the model's next forward pass to receive this cache (no-op unless built by `TierKV` and loaded)."""
+        if self._watch is not None and self.loaded and not self.prefilled:
+            self._watch.armed.add(self)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
@@ -143,7 +288,7 @@ class TierKVCache(DynamicCache):
                 f"this TierKVCache was built for {self._batch} prompt row(s) but the model ran {key_states.shape[0]}; "
                 "beam search and num_return_sequences > 1 are not supported with prefix reuse"
             )
-        if not self._prefilled and layer_idx == 0 and self._start + key_states.shape[-2] != self._prompt_columns:
+        if not self.prefilled and layer_idx == 0 and self._start + key_states.shape[-2] != self._prompt_columns:
             # The loaded KV belongs to the prompt the cache was built for; any other prompt would
             # attend to it, and its KV would be stored under that prompt's keys.
             raise TierKVError(
@@ -151,18 +296,25 @@ class TierKVCache(DynamicCache):
                 f"TierKVCache was built for a prompt of {self._prompt_columns}: pass the input_ids and attention_mask "
                 "it was built from, and compute the rest of the prompt in one forward pass (no chunked prefill)"
             )
+        record = self._computed.get(layer_idx)
+        if record is not None and (not self.prefilled or self._record_reply):
+            record[0].append(key_states.detach())
+            record[1].append(value_states.detach())
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if not self._prefilled and layer_idx == self._last_layer:
-            self._prefilled = True
+        if not self.prefilled and layer_idx == self._last_layer:
+            self.prefilled = True
             if self._save_prompt:
                 self._store([tokens for _, tokens in self._rows])
+            if not self._record_reply:
+                self._computed = {i: ([], []) for i in self._computed}
         return keys, values
 
     def save_sequences(self, sequences: torch.Tensor) -> int:
         """Store the full blocks of prompt + generated tokens whose KV this cache holds; returns new blocks.
 
-        `sequences` is what `generate` returned for this cache's prompts. The last generated token
-        has no KV yet (it was never fed back), so it is not stored.
+        `sequences` is what `generate` returned for these prompts. The last generated token has
+        no KV yet (it was never fed back), so it is not stored. Under LongRoPE's short regime only
+        tokens before the switch point are stored: a pass past it rotates with the long factors.
         """
         if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.shape[0] != self._batch:
             raise ValueError(f"sequences must be a [{self._batch}, tokens] tensor returned by generate for these prompts")
@@ -170,25 +322,46 @@ class TierKVCache(DynamicCache):
         if seqs.shape[1] < self._prompt_columns or not torch.equal(seqs[:, : self._prompt_columns], self._prompt_ids):
             raise ValueError("sequences do not start with the prompts this cache was built for")
         columns = min(seqs.shape[1], self.get_seq_length())
+        switch = self.model_kv.longrope_switch
+        if switch is not None and not self.kv_regime:
+            # A decode step at column c runs positions up to c - min(pad): past the switch it is the long regime.
+            columns = min(columns, min(pad for pad, _ in self._rows) + switch)
+        if columns > self._prompt_columns and self._computed and not self._record_reply:
+            raise ValueError(
+                "this cache was built with record_reply=False: its sliding-window layers kept no KV of the reply to store"
+            )
         before = self.stored_blocks
         self._store([seqs[i, pad:columns].numpy() for i, (pad, _) in enumerate(self._rows)])
         return self.stored_blocks - before
 
+    def _layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The K and V this cache holds for one layer, and the cache column their first token sits at."""
+        record = self._computed.get(layer_idx)
+        if record is None:
+            layer = self.layers[layer_idx]
+            # Built from DynamicLayers (or lazily by DynamicCache), and prefill has run through every one.
+            assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+            return layer.keys, layer.values, 0
+        keys, values = record
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), self._start
+
     def _store(self, row_tokens: list[np.ndarray]) -> None:
         """Put the full blocks of each row's `row_tokens`, whose KV sits at columns `pad:` of the cache."""
         bt = self.store.layout.block_tokens
+        per_layer: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None
         for i, ((pad, _), tokens, hit) in enumerate(zip(self._rows, row_tokens, self.hit_tokens)):
             full = len(tokens) // bt * bt
             if full <= hit:  # every full block was found stored when the cache was built
                 continue
+            if per_layer is None:
+                per_layer = [self._layer_kv(layer) for layer in range(len(self.layers))]
             first = hit // bt  # blocks that were loaded from the store: only the rest is converted
-            start = pad + first * bt
-            layer_kv = [_filled_kv(layer) for layer in self.layers]
-            keys = [k[i, :, start : pad + full].detach() for k, _ in layer_kv]
-            values = [v[i, :, start : pad + full].detach() for _, v in layer_kv]
+            start, end = pad + first * bt, pad + full
+            keys = [k[i, :, start - at : end - at].detach() for k, _, at in per_layer]
+            values = [v[i, :, start - at : end - at].detach() for _, v, at in per_layer]
             home = keys[0].device
             blocks = tokens_to_blocks([k.to(home) for k in keys], [v.to(home) for v in values], bt)
             try:
-                self.stored_blocks += self.store.put(tokens[:full], blocks, tenant=self.tenant, first_block=first)
+                self.stored_blocks += self.store.put(tokens[:full], blocks, tenant=self._key_tenant, first_block=first)
             except CapacityError as e:
                 warnings.warn(f"tierkv stored no KV for row {i}: {e}", RuntimeWarning, stacklevel=3)

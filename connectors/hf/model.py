@@ -2,12 +2,16 @@
 
 Three questions, answered once per model:
 
-- Is the model's cache plain per-layer K/V, one row per token, that a stored prefix can rebuild?
-  Sliding-window layers keep only the last window, linear-attention/Mamba layers keep a state
-  that is not per token, KV-sharing layers keep nothing, MLA keeps keys and values of different
-  shapes, and multimodal/encoder-decoder models have KV that does not follow from the token ids
-  alone. All of these are refused with `UnsupportedModelError` naming the reason: a refusal is
-  recoverable, wrong KV served as a hit is not.
+- Is the model's cache per-layer K/V, one row per token, that a stored prefix can rebuild, and
+  is that K/V a function of the token and its position only? Full-attention layers keep every
+  token; sliding-window and chunked-attention layers keep the last window, which a stored prefix
+  rebuilds from the KV of the tokens just before its end. Linear-attention/Mamba layers keep a
+  state that is not per token, KV-sharing layers keep nothing, MLA keeps keys and values of
+  different shapes, dynamic-NTK RoPE makes a token's K depend on the length of the pass that
+  computed it, and multimodal/encoder-decoder models have KV that does not follow from the token
+  ids alone. All of these are refused with `UnsupportedModelError` naming the reason: a refusal
+  is recoverable, wrong KV served as a hit is not. LongRoPE's two regimes (short factors up to
+  `original_max_position_embeddings`, long factors past it) are kept apart by `ModelKV.kv_regime`.
 - What shape is the KV? Read from a one-token probe forward rather than from config fields,
   because every architecture names heads and head sizes differently; the probe is right by
   construction.
@@ -17,13 +21,17 @@ Three questions, answered once per model:
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xxhash
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from tierkv import KVLayout, Namespace, TierKVError
 
@@ -42,13 +50,39 @@ class UnsupportedModelError(TierKVError, ValueError):
 
 @dataclass(frozen=True)
 class ModelKV:
-    """The K/V one decoder layer keeps per token, as the model really produces it."""
+    """The K/V one decoder layer keeps per token, as the model really produces it.
+
+    `layer_windows[i]` is None for a layer that attends to every earlier token, and `W` for a
+    sliding-window or chunked-attention layer, whose transformers cache keeps the last `W - 1`
+    tokens (`DynamicSlidingWindowLayer`). `longrope_switch` is LongRoPE's
+    `original_max_position_embeddings`: a forward pass reaching past it rotates every token with
+    the long factors, so KV computed in such a pass is another regime (`kv_regime`).
+    """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
     layer_devices: tuple[torch.device, ...]
+    layer_windows: tuple[int | None, ...] = ()
+    longrope_switch: int | None = None
+
+    def window(self, layer: int) -> int | None:
+        """The window of layer `layer` (None: full attention)."""
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    @property
+    def sliding(self) -> bool:
+        return any(w is not None for w in self.layer_windows)
+
+    def kv_regime(self, longest: int) -> str:
+        """Which KV a forward pass over sequences of at most `longest` tokens computes: "" or "longrope-long".
+
+        KV of one regime never serves the other: blocks are keyed apart (a salt of the key chain).
+        """
+        if self.longrope_switch is not None and longest > self.longrope_switch:
+            return "longrope-long"
+        return ""
 
     def layout(self, block_tokens: int) -> KVLayout:
         return KVLayout(
@@ -61,51 +95,214 @@ class ModelKV:
         )
 
 
-def _refuse(model: PreTrainedModel, reason: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"tierkv cannot reuse the KV cache of {type(model).__name__}: {reason}")
+def _refuse(model: PreTrainedModel | type, reason: str) -> UnsupportedModelError:
+    name = model.__name__ if isinstance(model, type) else type(model).__name__
+    return UnsupportedModelError(f"tierkv cannot reuse the KV cache of {name}: {reason}")
 
 
 _LAYER_REASONS = {
-    "DynamicSlidingWindowLayer": "uses sliding-window attention; its cache keeps only the last window of tokens, "
-    "so the KV of a whole prefix is never available to store",
     "LinearAttentionLayer": "is a linear-attention / state-space (Mamba-style) layer whose cache is a running state, "
     "not per-token K/V",
+    "LinearAttentionAndFullAttentionLayer": "keeps a recurrent (linear-attention / state-space) state besides K/V; "
+    "that state is not per token",
+    "LinearAttentionAndSlidingWindowAttentionLayer": "keeps a recurrent (linear-attention / state-space) state "
+    "besides K/V; that state is not per token",
     "DummyLayer": "shares another layer's KV and keeps no cache of its own",
     "DynamicIndexedLayer": "keeps an indexer key cache besides K/V",
 }
 
+# Forward arguments and sub-config names that carry another modality: a key made of token ids
+# cannot tell two images apart. Other sub-configs (`attn_config` / `ffn_config` of MPT and DBRX,
+# `text_config`) are parts of the text model itself, not inputs.
+_MEDIA = re.compile(r"pixel|image|video|audio|vision|visual|speech|input_features|waveform", re.IGNORECASE)
+_ENCODER = re.compile(r"encoder", re.IGNORECASE)
 
-def _check_cache_structure(model: PreTrainedModel) -> None:
-    config = model.config
+
+def _rope_parameter_sets(config: Any) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """`(layer type or None, rope parameters)` of a text config, flat or per layer type."""
+    for attr in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, attr, None)
+        if not isinstance(params, dict) or not params:
+            continue
+        if all(isinstance(v, dict) for v in params.values()):
+            yield from ((str(k), v) for k, v in params.items())
+        else:
+            yield None, params
+
+
+def _check_rope(model: PreTrainedModel | type, config: Any) -> int | None:
+    """Refuse RoPE whose K depends on more than the token and its position; return LongRoPE's switch point."""
+    switch: int | None = None
+    for layer_type, params in _rope_parameter_sets(config):
+        rope_type = str(params.get("rope_type", params.get("type", "default")))
+        where = f" ({layer_type} layers)" if layer_type else ""
+        if "dynamic" in rope_type:
+            limit = getattr(config, "max_position_embeddings", None)
+            raise _refuse(
+                model,
+                f"it uses dynamic-NTK RoPE (rope_type={rope_type!r}{where}): once a forward pass is longer than "
+                f"max_position_embeddings={limit}, the rotary base is recomputed from that pass's length (and kept for "
+                "later passes), so the K of a token depends on the length of the sequence it was computed in, "
+                "not only on the token and its position; a stored prefix would not be the KV plain generate computes",
+            )
+        if rope_type == "longrope":
+            point = params.get("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
+            if not isinstance(point, int) or point <= 0:
+                raise _refuse(model, f"it uses LongRoPE{where} without original_max_position_embeddings, its switch point")
+            switch = point if switch is None else min(switch, point)
+    return switch
+
+
+def check_config(model_class: type[PreTrainedModel], config: Any) -> tuple[tuple[int | None, ...], int | None]:
+    """What can be refused from the class and config alone, before any weight exists.
+
+    Returns each layer's window (None: full attention) and LongRoPE's switch point (or None);
+    raises `UnsupportedModelError` for an encoder-decoder or multimodal config, a model whose
+    generate keeps a cache class of its own, RoPE that depends on the sequence length, and cache
+    layers that are not per-token K/V.
+    """
     if getattr(config, "is_encoder_decoder", False):
         raise _refuse(
-            model, "it is an encoder-decoder model; its decoder KV depends on the encoder input, not only on the prompt tokens"
+            model_class,
+            "it is an encoder-decoder model; its decoder KV depends on the encoder input, not only on the prompt tokens",
         )
-    media = sorted(k for k in getattr(type(config), "sub_configs", {}) if k != "text_config")
-    if media:
+    sub_configs = getattr(type(config), "sub_configs", {})
+    media_configs = sorted(k for k in sub_configs if k != "text_config" and _MEDIA.search(k))
+    try:
+        arguments = set(inspect.signature(model_class.forward).parameters)
+    except (TypeError, ValueError, AttributeError):
+        arguments = set()
+    media_inputs = sorted(a for a in arguments if _MEDIA.search(a))
+    if media_configs or media_inputs:
+        parts = [f"sub-configs {media_configs}"] if media_configs else []
+        parts += [f"forward inputs {media_inputs}"] if media_inputs else []
+        raise _refuse(model_class, _multimodal(", ".join(parts)))
+    encoders = sorted(k for k in sub_configs if _ENCODER.search(k))
+    if encoders:
         raise _refuse(
-            model,
-            f"it is a multimodal model (sub-configs {media}); the KV of media placeholder tokens depends on the media, "
-            "which a key made of token ids cannot tell apart",
+            model_class, f"it conditions on an encoder (sub-configs {encoders}); its KV depends on the encoder's output"
         )
-    layers = DynamicCache(config=config).layers
-    for i, layer in enumerate(layers):
-        if type(layer) is not DynamicLayer:
-            kind = type(layer).__name__
-            detail = _LAYER_REASONS.get(kind, f"has a {kind} cache, not a plain per-layer K/V cache")
-            window = getattr(layer, "sliding_window", None)
-            suffix = f" (sliding_window={window})" if window is not None else ""
-            raise _refuse(model, f"layer {i} {detail}{suffix}")
+    generate = getattr(model_class, "generate", None)
+    if generate is not None and generate is not GenerationMixin.generate:
+        raise _refuse(
+            model_class,
+            f"its generate is its own ({generate.__qualname__}), not transformers' GenerationMixin.generate that "
+            "continues a TierKVCache; it rewrites the prompt or the cache on the way",
+        )
+    if "shared_kv_states" in arguments:
+        raise _refuse(
+            model_class,
+            "it keeps no KV cache of its own: its forward attends to another model's KV (shared_kv_states), "
+            "as a drafter for speculative decoding does",
+        )
+    supports_dynamic = getattr(model_class, "_supports_default_dynamic_cache", None)
+    if callable(supports_dynamic) and not supports_dynamic():
+        raise _refuse(
+            model_class,
+            "its generate keeps a cache of its own class instead of a DynamicCache "
+            "(a recurrent or memory state, not per-token K/V)",
+        )
+    text_config = config.get_text_config(decoder=True)
+    switch = _check_rope(model_class, text_config)
+    windows: list[int | None] = []
+    for i, layer in enumerate(DynamicCache(config=text_config).layers):
+        kind = type(layer)
+        if kind is DynamicLayer:
+            windows.append(None)
+        elif isinstance(layer, DynamicSlidingWindowLayer) and kind is DynamicSlidingWindowLayer:
+            windows.append(int(layer.sliding_window))
+        else:
+            name = kind.__name__
+            detail = _LAYER_REASONS.get(name, f"has a {name} cache, not a plain per-layer K/V cache")
+            raise _refuse(model_class, f"layer {i} {detail}")
+    return tuple(windows), switch
+
+
+def _multimodal(found: str) -> str:
+    return (
+        f"it is a multimodal model ({found}); the KV of media placeholder tokens depends on the media, "
+        "which a key made of token ids cannot tell apart"
+    )
+
+
+def _check_cache_structure(model: PreTrainedModel) -> tuple[tuple[int | None, ...], int | None]:
+    """`check_config` for the model's class and config."""
+    return check_config(type(model), model.config)
+
+
+# The continuation probe: `_PROBE[1]` tokens in one forward pass, and the first `_PROBE[0]` of them
+# followed by the rest as a continuation of their cache, must give the same KV and logits.
+_PROBE = (5, 9)
+
+
+def _forward(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, columns: int) -> torch.Tensor:
+    mask = torch.ones((ids.shape[0], columns), dtype=torch.long, device=ids.device)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    return out.logits.float()
+
+
+def _kv(cache: DynamicCache) -> list[torch.Tensor]:
+    return [
+        torch.cat([layer.keys, layer.values], dim=-1).float()
+        for layer in cache.layers
+        if isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+    ]
+
+
+def _check_continuation(model: PreTrainedModel) -> None:
+    """Refuse a model that cannot continue a stored prefix exactly, found by running it.
+
+    A prefix of the probe is computed alone, then the rest as a continuation of its cache,
+    which is what reuse does; the KV and logits must agree with one pass over all of it, to
+    rounding. This catches attention that is not causal (a token's KV depends on the tokens
+    after it: BERT-style models without `is_decoder`), forwards that cannot take several new
+    tokens on top of a cache, and anything else that makes a continued cache differ, whatever
+    the architecture calls it.
+    """
+    vocab = int(getattr(model.config.get_text_config(decoder=True), "vocab_size", 0) or 0)
+    short_n, long_n = _PROBE
+    ids = ((torch.arange(long_n, device=model.device) * 7) % max(vocab - 3, 1) + min(3, max(vocab - 1, 0))).unsqueeze(0)
+    whole = DynamicCache()
+    whole_logits = _forward(model, ids, whole, long_n)
+    prefix = DynamicCache()
+    _forward(model, ids[:, :short_n], prefix, short_n)
+    precise = next(model.parameters()).dtype in (torch.float32, torch.float64)
+    tolerance = 1e-3 if precise else 3e-2
+
+    def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape != b.shape or (a - b).abs().max().item() > tolerance * max(a.abs().max().item(), 1e-6)
+
+    for i, (alone, appended) in enumerate(zip(_kv(prefix), _kv(whole))):
+        if differs(alone, appended[:, :, :short_n]):
+            raise _refuse(
+                model,
+                f"its attention is not causal: the KV of layer {i} for the first {short_n} tokens changes when "
+                f"{long_n - short_n} tokens are appended, so a token's KV depends on the tokens after it and a "
+                "stored prefix is not what a longer prompt computes (for BERT-style models: is_decoder=True)",
+            )
+    try:
+        continued_logits = _forward(model, ids[:, short_n:], prefix, long_n)
+    except Exception as e:
+        raise _refuse(
+            model, f"its forward cannot continue a cache with {long_n - short_n} new tokens ({type(e).__name__}: {e})"
+        ) from e
+    for i, (continued, appended) in enumerate(zip(_kv(prefix), _kv(whole))):
+        if differs(continued, appended):
+            raise _refuse(model, f"continuing its cache gives other KV (layer {i}) than one forward pass over the same tokens")
+    if differs(continued_logits[:, -1], whole_logits[:, -1]):
+        raise _refuse(model, "continuing its cache gives other logits than one forward pass over the same tokens")
 
 
 def describe_model(model: PreTrainedModel) -> ModelKV:
     """The model's per-layer K/V, or `UnsupportedModelError` saying why it cannot be reused.
 
-    Runs one forward pass of a single token (under `no_grad`) to read the real shapes.
+    Runs one forward pass of a single token (under `no_grad`) to read the real shapes, and three
+    short ones to check that a stored prefix continues exactly (`_check_continuation`).
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    _check_cache_structure(model)
+    windows, switch = _check_cache_structure(model)
     probe = DynamicCache()
     token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
     with torch.no_grad():
@@ -135,7 +332,10 @@ def describe_model(model: PreTrainedModel) -> ModelKV:
             model, f"its layers keep K/V of different (heads, head_dim) {sorted(shapes)} or dtypes {sorted(map(str, dtypes))}"
         )
     ((heads, head_dim),) = shapes
-    return ModelKV(len(probe.layers), int(heads), int(head_dim), dtypes.pop(), tuple(devices))
+    if windows and len(windows) != len(probe.layers):
+        raise _refuse(model, f"its config describes {len(windows)} cache layers but its forward pass wrote {len(probe.layers)}")
+    _check_continuation(model)
+    return ModelKV(len(probe.layers), int(heads), int(head_dim), dtypes.pop(), tuple(devices), windows, switch)
 
 
 def fingerprint_weights(model: PreTrainedModel) -> str:
