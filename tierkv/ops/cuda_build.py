@@ -28,7 +28,7 @@ from . import cuda_driver as _cuda
 log = logging.getLogger("tierkv.ops")
 
 try:  # `tierkv._csrc` when installed; the source tree's csrc/ maps to it (see pyproject)
-    from tierkv import _csrc as _csrc_pkg  # type: ignore[attr-defined]  # exists only once installed
+    import tierkv._csrc as _csrc_pkg  # type: ignore[import-not-found]  # exists only once installed
 
     CSRC_DIR = Path(_csrc_pkg.__file__).parent
 except ImportError:  # running from a source checkout without an editable install
