@@ -13,8 +13,8 @@ out of `execute`.
 Each node has a circuit breaker: a dead node is left alone for a while and its keys are instant
 misses. A connection error, a key refused by an open breaker, or a MOVED/ASK/TRYAGAIN/CLUSTERDOWN
 reply marks the slot map stale; it is reloaded (at most every `REFRESH_S`, backing off while that
-fails) before the next batch, which is how a failover or a resharding is picked up within a second. Connecting is lazy and retried the same way, so a store opens even while
-its cluster is down.
+fails) before the next batch, which is how a failover or a resharding is picked up within a second.
+Connecting is lazy and retried the same way, so a store opens even while its cluster is down.
 
 redis-py is needed only with a remote tier (`pip install 'tierkv[remote]'`) and imported here only.
 """
