@@ -20,3 +20,13 @@ class LayoutMismatchError(TierKVError, ValueError):
 
 class ConfigError(TierKVError, ValueError):
     """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+class StorageError(TierKVError):
+    """A file system or device under a tier failed: it is full, it returned an I/O error, or a file is damaged.
+
+    The message names the path and what to do. The store itself never lets one escape a
+    `put` or `get`: a failed read drops the copy, a failed write drops the block, a failed
+    manifest commit stays pending and is retried; it is raised where nothing else can be done
+    (a data file that cannot be created at open).
+    """

@@ -399,25 +399,51 @@ class Placement:
                 self.counters.moved_bytes(tier.name, "engine", len(group) * layout.block_bytes)
 
     def flush_into(self, d: int) -> None:
-        """Copy blocks with no copy in tier `d` into its free slots, parents first (a clean close)."""
-        depth: dict[int, int] = {}
+        """Before a clean close: leave tier `d` holding the most recently used blocks it can, parents first.
 
-        def depth_of(b: Block | None) -> int:
+        What lives only in faster tiers is about to be lost, so `d` should keep the hottest set of
+        blocks it can hold, not the old blocks it happens to hold plus what fits in its free slots
+        (a full disk tier would then drop every block of the last requests). A block's heat is the
+        latest use in its subtree (each descendant needs it); taken by heat, parents first on a
+        tie, the first `num_slots` blocks are closed under parents. Blocks of `d` outside that set
+        leave it (children first, with their faster copies: the store is closing); the rest are
+        copied in.
+        """
+        tier = self.tiers[d]
+        tier.flush(self.index, d)  # queued writes done: the slots freed below are free at once
+        candidates = [b for b in self.index.blocks.values() if b.slots[d] >= 0 or (b.slots[d] == ABSENT and b.fastest < d)]
+        depth: dict[int, int] = {}
+        for b in candidates:
             chain = []
-            while b is not None and id(b) not in depth:
-                chain.append(b)
-                b = b.parent
-            base = depth[id(b)] if b is not None else -1
+            cur: Block | None = b
+            while cur is not None and id(cur) not in depth:
+                chain.append(cur)
+                cur = cur.parent
+            base = depth[id(cur)] if cur is not None else -1
             for i, c in enumerate(reversed(chain)):
                 depth[id(c)] = base + 1 + i
-            return depth[id(chain[0])] if chain else base
-
-        todo = [b for b in self.index.blocks.values() if b.slots[d] == ABSENT and b.fastest < d]
-        todo.sort(key=depth_of)
-        todo = todo[: self.tiers[d].free_slots]
+        heat = {id(b): b.last_use for b in candidates}
+        for b in sorted(candidates, key=lambda b: -depth[id(b)]):  # children first: heat flows up
+            if b.parent is not None and id(b.parent) in heat:
+                heat[id(b.parent)] = max(heat[id(b.parent)], heat[id(b)])
+        order = sorted(candidates, key=lambda b: (-heat[id(b)], depth[id(b)]))
+        keep, leaving = order[: tier.num_slots], order[tier.num_slots :]
+        for b in sorted(leaving, key=lambda b: -depth[id(b)]):
+            below = any(s >= 0 for s in b.slots[d + 1 :])
+            if not below and b.has_resident_children():
+                continue  # a child lives only below d (no store built from TIER_FACTORIES has one)
+            if b.slots[d] >= 0:
+                self.counters.tiers[tier.name].evictions += 1
+                self.counters.dropped += int(not below)
+            for u in range(d + 1):
+                if b.slots[u] >= 0:
+                    self.tiers[u].free([self.index.clear_slot(b, u)])
+        todo = [b for b in keep if b.slots[d] == ABSENT]
+        todo = todo[: tier.free_slots]
         for src, picks in group_by(range(len(todo)), [b.fastest for b in todo]).items():
             blocks = [todo[i] for i in picks]
-            slots = self.tiers[d].allocate(len(blocks))
+            slots = tier.allocate(len(blocks))
+            blocks = blocks[: len(slots)]
             self.copy(src, [b.slots[src] for b in blocks], d, slots, blocks)
             for b, slot in zip(blocks, slots):
                 self.index.set_slot(b, d, slot)

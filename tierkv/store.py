@@ -8,6 +8,7 @@ tiers themselves (`tiers/`). It never asks what kind a tier is: tiers say what t
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -84,6 +85,7 @@ class BlockStore:
         self._shared = [t for t, tier in enumerate(self.tiers) if tier.shared]
         self.index = Index(len(self.tiers), journaled=self._persistent)
         self._lock = threading.RLock()
+        self._pid = os.getpid()  # a forked child gets a copy whose locks and threads did not survive the fork
         self._leases = LeaseBook(self.index, self._lock, layout.block_tokens)
         self._counters = StoreCounters.for_tiers([t.name for t in self.tiers])
         self._latency = OperationLatency()
@@ -109,7 +111,13 @@ class BlockStore:
     # -- lifecycle -----------------------------------------------------------------
 
     def close(self) -> None:
-        """Release memory; with a persistent tier, first write down what lives only above it."""
+        """Release memory; with a persistent tier, first write down what lives only above it.
+
+        In a process forked from the one that opened the store, nothing is done: the files and
+        memory are the parent's, and the parent closes them.
+        """
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._closed:
                 return
@@ -146,6 +154,7 @@ class BlockStore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """Hold the store lock for one public operation; tiers' agents act around it, changes commit after it."""
+        self._check_process()
         with self._lock:
             if self._closed:
                 raise TierKVError("this BlockStore is closed; open a new one")
@@ -157,6 +166,16 @@ class BlockStore:
                 self._commit()
                 for agent in self._agents.values():
                     agent.after_operation()
+
+    def _check_process(self) -> None:
+        """Refuse a forked child (multiprocessing's default start method on Linux): the store's lock may
+        have been held by a thread that does not exist there, and its tiers write the parent's files."""
+        if os.getpid() != self._pid:
+            raise TierKVError(
+                f"this BlockStore was opened by process {self._pid}; this is process {os.getpid()}, a forked child, "
+                "where the store's locks and threads did not survive the fork and its files are the parent's. "
+                "Open a BlockStore of its own in the child (another disk_path, or the same one once the parent closed it)"
+            )
 
     def _commit(self) -> None:
         for t in self._persistent:
@@ -389,6 +408,7 @@ class BlockStore:
 
     def residency(self, keys: Iterable[bytes] | None = None) -> dict[bytes, str | None]:
         """The fastest tier holding each key (None: not stored); without `keys`, every stored block."""
+        self._check_process()
         with self._lock:
             names, blocks = self.tier_names, self.index.blocks
             if keys is None:
@@ -404,6 +424,7 @@ class BlockStore:
 
         For tools and tests that look at the bytes where they lie (a scrub, a corruption test).
         """
+        self._check_process()
         with self._lock:
             out: dict[bytes, dict[str, int]] = {}
             for key in keys:
@@ -417,6 +438,7 @@ class BlockStore:
         The first call returns every stored block and starts the change journal; an engine that
         mirrors the store in another process (vLLM's scheduler) sends these as its updates.
         """
+        self._check_process()
         with self._lock:
             changed = self.index.changes
             if changed is None:
@@ -445,6 +467,7 @@ class BlockStore:
 
         Tiers with more to say (elastic pages, the disk directory) add a section of their own.
         """
+        self._check_process()
         with self._lock:
             sections = {}
             for t, tier in enumerate(self.tiers):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ...errors import TierKVError
+from . import faults
 
 ALIGN = 4096
 
@@ -134,26 +135,29 @@ class PosixFiles:
         self.name = "posix O_DIRECT" if self.direct else "posix buffered"
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tierkv-disk")
 
-    @staticmethod
-    def _pread(fd: int, view: memoryview, offset: int) -> None:
-        got = os.preadv(fd, [view], offset)
+    def _pread(self, f: int, view: memoryview, offset: int) -> None:
+        faults.check("read", f, offset, len(view))
+        got = os.preadv(self.fds[f], [view], offset)
         if got != len(view):
-            raise TierKVError(f"disk tier: short read ({got} of {len(view)} bytes) at offset {offset}")
+            raise OSError(errno.EIO, f"short read ({got} of {len(view)} bytes) at offset {offset} of data file {f}")
 
-    @staticmethod
-    def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+    def _pwrite(self, f: int, view: memoryview, offset: int) -> None:
+        faults.check("write", f, offset, len(view))
         done = 0
         while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+            done += os.pwrite(self.fds[f], view[done:], offset + done)
 
     def run(self, write: bool, reqs: list[IORequest], buf: np.ndarray) -> None:
+        """Every request of one batch, in parallel; the first OSError is raised once all have ended."""
         fn = self._pwrite if write else self._pread
         view = buf.data  # the array's own memoryview (numpy types __buffer__ only for Python >= 3.12)
-        futures = [self._pool.submit(fn, self.fds[f], view[b : b + n], off) for f, off, b, n in reqs]
-        for fut in futures:
-            fut.result()
+        futures = [self._pool.submit(fn, f, view[b : b + n], off) for f, off, b, n in reqs]
+        errors = [e for e in (fut.exception() for fut in futures) if e is not None]
+        if errors:
+            raise errors[0]
 
     def sync(self, f: int) -> None:
+        faults.check("sync", f, 0, 0)
         os.fdatasync(self.fds[f])
 
     def close(self) -> None:

@@ -1,20 +1,28 @@
 """Which manifest records a warm start can trust, and the directory a disk tier lives in.
 
-Recovery is a pure function of the records: a record is kept only if its slot is in range and
-not taken by another, and its parent chain reaches a root through kept records. Anything else
-(an orphan, a slot out of range after `disk_bytes` shrank, a duplicate, a loop) cannot be
-served and is dropped, counted.
+Recovery is a pure function of the records: a record is kept only if it is the block it claims
+to be (its key is the hash of its ident, and the ident is a parent key and one block of tokens),
+its slot is in range and not taken by another, and its parent chain reaches a root through kept
+records. Anything else (a damaged or altered record, an orphan, a slot out of range after
+`disk_bytes` shrank, a duplicate, a loop) cannot be served and is dropped, counted by reason.
+A record whose ident was altered would otherwise sit in the index unreachable forever: a
+lookup computes keys from tokens, and no tokens hash to its key.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from ...errors import TierKVError
-from .manifest import Record
+from .manifest import KEY_BYTES, Record
+
+_hash = xxhash.xxh3_128_digest
 
 
 def prepare_directory(path: str) -> Path:
@@ -36,18 +44,35 @@ def prepare_directory(path: str) -> Path:
 
 @dataclass(frozen=True)
 class Trusted:
-    """The outcome of recovery: records to rebuild the index from (parents first), and keys to delete."""
+    """The outcome of recovery: records to rebuild the index from (parents first), keys to delete, and why."""
 
     records: list[Record]
     dropped: list[bytes]
+    reasons: Counter[str] = field(default_factory=Counter)  # reason -> records dropped for it
 
 
-def trusted_records(records: Mapping[bytes, Record], num_slots: int) -> Trusted:
-    """Sort the manifest's records into those a restart serves (parents before children) and the rest."""
+def trusted_records(records: Mapping[bytes, Record], num_slots: int, ident_bytes: int | None = None) -> Trusted:
+    """Sort the manifest's records into those a restart serves (parents before children) and the rest.
+
+    `ident_bytes` is the size of a block's ident (the parent key and one block of token ids);
+    None skips that check.
+    """
     accepted: dict[bytes, bool] = {}  # key -> kept (True) or dropped (False)
     used: set[int] = set()
     order: list[Record] = []
     dropped: list[bytes] = []
+    reasons: Counter[str] = Counter()
+    for key, rec in records.items():
+        size = len(rec.ident)
+        if size < KEY_BYTES or (ident_bytes is not None and size != ident_bytes):
+            why = "ident of the wrong size"
+        elif _hash(rec.ident) != key:
+            why = "key is not the hash of its ident"
+        else:
+            continue
+        accepted[key] = False
+        dropped.append(key)
+        reasons[why] += 1
     for key in records:
         # Walk up to a settled ancestor (or a root), then settle the chain top-down.
         chain: list[Record] = []
@@ -64,12 +89,18 @@ def trusted_records(records: Mapping[bytes, Record], num_slots: int) -> Trusted:
             cur = record.parent_key
         else:
             ok = cur is None or accepted[cur]
+        why = "no trusted parent"  # a missing or dropped parent, or a loop
         for record in reversed(chain):
-            ok = ok and 0 <= record.slot < num_slots and record.slot not in used
+            if ok and not 0 <= record.slot < num_slots:
+                ok, why = False, "slot beyond the data files"
+            elif ok and record.slot in used:
+                ok, why = False, "slot claimed twice"
             accepted[record.key] = ok
             if ok:
                 used.add(record.slot)
                 order.append(record)
             else:
                 dropped.append(record.key)
-    return Trusted(order, dropped)
+                reasons[why] += 1
+                why = "no trusted parent"
+    return Trusted(order, dropped, reasons)

@@ -8,23 +8,39 @@ matches, which every read detects and drops. Writes go to a bounded write-behind
 `durability="every"` each block is written, synced and recorded before the next.
 
 The tier owns everything of one open store directory: the data files (`files.py`), the LMDB
-manifest and the writer lock (`manifest.py`), and recovery at open (`recovery.py`).
+manifest and the writer lock (`manifest.py`), the check of the manifest before it is opened
+(`vetting.py`), recovery at open (`recovery.py`), and its agent (`committer.py`), which commits
+finished write-backs without waiting for the next call.
+
+Faults never leave the tier as exceptions of a `put` or `get` (see docs/reliability.md): a row
+that cannot be read is reported unreadable (the store drops that copy and serves the prefix
+before it), a write that fails loses that block's disk copy (dropped at the next commit), and a
+manifest commit that fails (a full file system) keeps its changes and retries them after every
+operation. Each is counted in `stats()["disk"]` and logged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ...errors import TierKVError
+from ...errors import ConfigError, StorageError, TierKVError
 from ...integrity import checksum_rows
-from ..base import Recovery, Tier, need_checksums, stamp_checksums
+from ..base import Recovery, StoreAccess, Tier, TierAgent, TierRead, need_checksums, stamp_checksums
+from .committer import Committer
 from .files import BufferPool, IORequest, KvikioFiles, PosixFiles, aligned_empty, kvikio_status, open_data_file, slot_stride
-from .manifest import DirectoryLock, Manifest, Record
+from .manifest import KEY_BYTES, DirectoryLock, Manifest, Record, identity_record, refuse_other
 from .recovery import prepare_directory, trusted_records
+from .vetting import Vetting, mark_clean, vet
 from .writeback import WriteQueue
 
 if TYPE_CHECKING:
@@ -33,6 +49,9 @@ if TYPE_CHECKING:
     from ...layout import KVLayout
     from ...namespace import Namespace
 
+log = logging.getLogger("tierkv.disk")
+
+_WARN_EVERY_S = 60.0  # a fault that repeats is logged as a warning once a minute, counted always
 MAX_REQUEST = 2 << 20  # split long runs so that every I/O thread gets a share of a batch
 _FILE_BYTES = 16 << 30
 
@@ -42,6 +61,31 @@ __all__ = ["DiskTier", "kvikio_status", "open_data_file", "slot_stride"]
 def _record(block: Block, slot: int) -> Record:
     assert block.checksum is not None, "a block reached disk without a checksum"
     return Record(block.key, slot, block.checksum, block.last_use, block.parent is None, block.ident)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_disk_room(directory: Path, disk_bytes: int, file_bytes: int, num_files: int) -> None:
+    """Refuse a `disk_bytes` the file system cannot hold, before anything is built for it.
+
+    The data files already there count as room (they are reused); the rest must be free now.
+    Checked first because a tier's free list has one entry per slot: a size far beyond the disk
+    would exhaust memory before the preallocation could fail with a clear error.
+    """
+    have = 0
+    for i in range(num_files):
+        with contextlib.suppress(OSError):
+            have += (directory / f"data{i:03d}.bin").stat().st_blocks * 512
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return
+    room = st.f_bavail * st.f_frsize + have
+    if disk_bytes > room:
+        raise ConfigError(f"disk_bytes: {_gib(disk_bytes)} is more than the file system at {directory} can hold "
+                          f"({_gib(room)} free, counting the data files already there); lower disk_bytes or free space")
 
 
 class DiskTier(Tier):
@@ -58,26 +102,47 @@ class DiskTier(Tier):
         assert config.disk_path is not None
         directory = prepare_directory(config.disk_path)
         block_bytes = layout.block_bytes
-        super().__init__("disk", config.disk_bytes // slot_stride(block_bytes), block_bytes)
+        stride = slot_stride(block_bytes)
+        num_slots = config.disk_bytes // stride
+        spf = max(1, file_bytes // stride)
+        check_disk_room(directory, num_slots * stride, file_bytes, -(-num_slots // spf))
+        super().__init__("disk", num_slots, block_bytes)
         self.directory = directory
         self.durability = config.durability
-        self.stride = slot_stride(block_bytes)
-        self.slots_per_file = max(1, file_bytes // self.stride)
+        self.stride = stride
+        self.slots_per_file = spf
+        self.ident_bytes = KEY_BYTES + 4 * layout.block_tokens
         self.recovery = Recovery()
+        self.dropped_by_reason: Counter[str] = Counter()
+        self.vetting = Vetting(directory, "new")
         self._recovered_tick = 0
         self._in_flight: dict[int, tuple[int, Block]] = {}  # slot -> (write generation, block)
+        self._lost: dict[int, Block] = {}  # slot -> block whose write failed, dropped at the next commit
         self._dirty_files: set[int] = set()
         self._buffers = BufferPool()
+        self._pid = os.getpid()
+        self._unrecorded: list[bytes] = []  # deletions decided at open that a failed commit left for later
+        self.faults: Counter[str] = Counter()  # read_errors, write_errors (fsyncs included), commit_failures
+        self._last_fault = ""
+        self._warned: dict[str, float] = {}  # fault kind -> when it was last logged as a warning
         self._lock = DirectoryLock(directory)
+        identity = {
+            "layout": layout.to_dict(),
+            "namespace": {k: v for k, v in namespace.to_dict().items() if k != "tenant"},
+            "block_bytes": block_bytes,
+        }
         try:
+            self.vetting = vet(directory)
+            if self.vetting.identity is not None:  # refused before the rebuild replaces anything
+                refuse_other(self.vetting.identity, identity_record(identity))
+            if self.vetting.how in ("rebuilt", "damaged"):
+                self.vetting.commit()
             self.manifest = Manifest(directory, durable=config.durability != "none")
-            self.manifest.check_identity({
-                "layout": layout.to_dict(),
-                "namespace": {k: v for k, v in namespace.to_dict().items() if k != "tenant"},
-                "block_bytes": block_bytes,
-            })
+            self.manifest.check_identity(identity)
+            self.vetting.commit()  # the clean mark goes: from here on this writer changes the file
             self._files = self._open_files(config.disk_io, config.io_threads)
         except BaseException:
+            self.vetting.abandon()
             if hasattr(self, "manifest"):
                 self.manifest.close()
             self._lock.release()
@@ -106,6 +171,29 @@ class DiskTier(Tier):
     def io_path(self) -> str:
         return self._files.name
 
+    def agent(self, store: StoreAccess) -> TierAgent | None:
+        """The committer: finished write-backs reach the manifest without waiting for the next call."""
+        return Committer(self.queue, store)
+
+    def _forked(self) -> bool:
+        """True in a child forked after this tier was opened: it must not touch the parent's files."""
+        return os.getpid() != self._pid
+
+    def _refuse_forked(self) -> None:
+        if self._forked():
+            raise TierKVError(f"disk tier {self.directory}: opened by process {self._pid}; a forked child "
+                              f"(pid {os.getpid()}) must open a BlockStore of its own")
+
+    def _fault(self, kind: str, n: int, message: str) -> None:
+        """Count and log a fault the tier absorbed: a warning per kind at most once a minute, the rest at debug level."""
+        self.faults[kind] += n
+        self._last_fault = message
+        now = time.monotonic()
+        loud = now - self._warned.get(kind, -_WARN_EVERY_S) >= _WARN_EVERY_S
+        if loud:
+            self._warned[kind] = now
+        log.log(logging.WARNING if loud else logging.DEBUG, "%s", message)
+
     # -- slots -----------------------------------------------------------------------
 
     def allocate(self, n: int) -> list[int]:
@@ -118,23 +206,53 @@ class DiskTier(Tier):
     # -- recovery and commits ----------------------------------------------------------
 
     def recover(self, index: Index, position: int) -> Recovery:
-        """Rebuild the index entries of every trustworthy manifest record, parents first."""
-        trusted = trusted_records(self.manifest.load(), self.num_slots)
+        """Rebuild the index entries of every trustworthy manifest record, parents first.
+
+        Records that cannot be trusted are deleted from the manifest and counted by reason
+        (`stats()["disk"]["recovery_dropped_by_reason"]`), with the entries a damaged manifest lost.
+        """
+        loaded = self.manifest.load()
+        trusted = trusted_records(loaded.records, self.num_slots, self.ident_bytes)
         self._recovered_tick = max((r.last_use for r in trusted.records), default=0)
         index.restore(position, trusted.records)
         used = {r.slot for r in trusted.records}
         self._free = [s for s in self._free if s not in used]
-        self.manifest.commit([], trusted.dropped)
-        self.recovery = Recovery(blocks=len(trusted.records), dropped=len(trusted.dropped))
+        reasons = Counter(trusted.reasons)
+        if loaded.malformed:
+            reasons["malformed record"] += len(loaded.malformed)
+        if self.vetting.lost:
+            reasons["lost with a damaged manifest"] += self.vetting.lost
+        self.dropped_by_reason = reasons
+        self._unrecorded = trusted.dropped + loaded.malformed
+        self._commit_unrecorded()
+        dropped = sum(reasons.values())
+        if dropped:
+            log.warning("disk tier %s: %d manifest entries could not be trusted and were dropped (%s)", self.directory,
+                        dropped, ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
+        self.recovery = Recovery(blocks=len(trusted.records), dropped=dropped)
         return self.recovery
+
+    def _commit_unrecorded(self) -> None:
+        if not self._unrecorded:
+            return
+        try:
+            self.manifest.commit([], self._unrecorded)
+            self._unrecorded = []
+        except StorageError as e:
+            self._fault("commit_failures", 1, str(e))
 
     def commit(self, index: Index, position: int) -> list[Block]:
         """Record in the manifest what reached disk since the last commit, and what left it.
 
         Entries of blocks still in the write-back queue wait until their write completes, so
-        the manifest never names bytes that are not on disk. Returns blocks whose write-back
-        failed: the store drops those disk copies.
+        the manifest never names bytes that are not on disk. Returns blocks whose write failed:
+        the store drops those disk copies. When the manifest cannot be written (a full file
+        system), the journal is kept as it is and committed again after the next operation:
+        nothing recorded later is lost, only later.
         """
+        if self._forked():
+            return []
+        self._free.extend(self.queue.take_released())  # quarantined slots whose late write is over
         completed, failed = self.queue.take_results()
         journal = index.journal(position)
         for slot, gen in completed:
@@ -149,27 +267,44 @@ class DiskTier(Tier):
                 del self._in_flight[slot]
                 if entry[1].slots[position] == slot:
                     lost.append(entry[1])
+        if failed:
+            self._fault("write_errors", len(failed), f"disk tier {self.directory}: {len(failed)} block writes failed "
+                        f"({failed[0][2]}); those blocks are dropped from the disk tier")
+        for slot, block in self._lost.items():
+            if block.slots[position] == slot:
+                lost.append(block)
+        self._lost.clear()
+        lost_ids = {id(b) for b in lost}
+        self._commit_unrecorded()
         if not journal:
             return lost
         puts: list[Record] = []
         deletes: list[bytes] = []
         for key, b in journal.items():
             slot = b.slots[position]
-            if slot >= 0 and index.blocks.get(key) is b:
+            if slot >= 0 and index.blocks.get(key) is b and id(b) not in lost_ids:
                 if slot in self._in_flight:
                     continue  # committed when its write completes
                 puts.append(_record(b, slot))
             else:
                 deletes.append(key)
+        try:
+            if self.durability != "none":
+                self.sync()
+            self.manifest.commit(puts, deletes)
+        except (OSError, StorageError) as e:
+            message = (f"disk tier {self.directory}: fsync of the data files failed ({e.strerror})" if isinstance(e, OSError)
+                       else str(e))
+            self._fault("commit_failures", 1, f"{message}; {len(journal)} manifest changes wait for the next commit")
+            return lost
         journal.clear()
-        if self.durability != "none":
-            self.sync()
-        self.manifest.commit(puts, deletes)
         return lost
 
     def flush(self, index: Index, position: int) -> None:
         """Before a clean close: finish queued writes, and journal the last use of every disk block
         touched since open, so that the next commit records it and a restart evicts in our order."""
+        if self._forked():
+            return
         self.queue.drain()
         since = self._recovered_tick
         index.journal(position).update(
@@ -182,6 +317,14 @@ class DiskTier(Tier):
             "durability": self.durability,
             "recovered_blocks": self.recovery.blocks,
             "recovery_dropped": self.recovery.dropped,
+            "recovery_dropped_by_reason": dict(self.dropped_by_reason),
+            "manifest_at_open": self.vetting.how,
+            "manifest_salvaged": self.vetting.entries if self.vetting.how == "damaged" else 0,
+            "read_errors": self.faults["read_errors"],
+            "write_errors": self.faults["write_errors"],
+            "commit_failures": self.faults["commit_failures"],
+            "pending_writes": len(self._in_flight),
+            "last_fault": self._last_fault,
         }
 
     # -- I/O -----------------------------------------------------------------------
@@ -205,34 +348,89 @@ class DiskTier(Tier):
         return reqs
 
     def read(self, slots: Sequence[int]) -> torch.Tensor:
-        """Rows of the slots; those still in the write-behind queue come from the queue."""
+        """Rows of the slots; those still in the write-behind queue come from the queue.
+
+        A slot that cannot be read raises StorageError; the store reads through `read_some`,
+        which reports such slots instead.
+        """
+        read = self.read_some(slots)
+        if read.unreadable:
+            raise StorageError(f"disk tier {self.directory}: slots {[slots[i] for i in read.unreadable]} "
+                               f"cannot be read ({self._last_fault})")
+        return read.rows
+
+    def read_some(self, slots: Sequence[int]) -> TierRead:
+        """Rows of the slots, and the positions that could not be read (an I/O error): their rows are zeros.
+
+        A failed batch is retried one slot at a time, so one bad extent costs only the blocks on it.
+        """
+        self._refuse_forked()
         buf = aligned_empty(len(slots) * self.stride)
         queued = self.queue.lookup(slots)
-        on_disk = [s for i, s in enumerate(slots) if i not in queued]
-        if on_disk:
+        positions = [i for i in range(len(slots)) if i not in queued]
+        unreadable: list[int] = []
+        if positions:
+            on_disk = [slots[i] for i in positions]
             rows_on_disk = buf if not queued else aligned_empty(len(on_disk) * self.stride)
-            self._files.run(False, self._requests(on_disk), rows_on_disk)
+            bad = self._read_rows(on_disk, rows_on_disk)
             if queued:
                 view = buf.reshape(len(slots), self.stride)
-                positions = [i for i in range(len(slots)) if i not in queued]
                 view[positions] = rows_on_disk.reshape(len(on_disk), self.stride)
+            unreadable = [positions[j] for j in bad]
         for i, row in queued.items():
             buf[i * self.stride : (i + 1) * self.stride] = row
         rows = torch.from_numpy(buf).view(len(slots), self.stride)
-        return rows if self.stride == self.slot_bytes else rows[:, : self.slot_bytes].contiguous()
+        rows = rows if self.stride == self.slot_bytes else rows[:, : self.slot_bytes].contiguous()
+        return TierRead(rows, tuple(unreadable))
+
+    def _read_rows(self, slots: list[int], buf: np.ndarray) -> list[int]:
+        """Read `slots` into `buf` (stride apart); the positions that failed, their rows zeroed."""
+        try:
+            self._files.run(False, self._requests(slots), buf)
+            return []
+        except (OSError, TierKVError):
+            pass
+        bad = []
+        stride = self.stride
+        for i, slot in enumerate(slots):
+            row = buf[i * stride : (i + 1) * stride]
+            try:
+                self._files.run(False, self._requests([slot]), row)
+            except (OSError, TierKVError) as e:
+                row[:] = 0
+                bad.append(i)
+                why = e.strerror if isinstance(e, OSError) else str(e)
+                self._fault("read_errors", 1, f"disk tier {self.directory}: slot {slot} cannot be read ({why}); "
+                            "its block is dropped and recomputed when next needed")
+        return bad
 
     def write(self, slots: Sequence[int], rows: torch.Tensor, blocks: Sequence[Block]) -> None:
-        """Store blocks per the durability setting; their manifest entries follow once the bytes are down."""
+        """Store blocks per the durability setting; their manifest entries follow once the bytes are down.
+
+        Never raises for the device: a block whose write (or fsync) fails is lost to this tier and
+        dropped at the next commit; the caller's other tiers are untouched.
+        """
         if not len(slots):
             return
+        self._refuse_forked()
         rows = rows.to("cpu")
         if need_checksums(blocks):
             stamp_checksums(blocks, checksum_rows(rows))
         if self.durability == "every":
             for i, (slot, block) in enumerate(zip(slots, blocks)):
-                self.write_now([slot], rows[i : i + 1])
-                self.sync()
-                self.manifest.commit([_record(block, slot)], [])
+                try:
+                    self.write_now([slot], rows[i : i + 1])
+                    self.sync()
+                except (OSError, TierKVError) as e:
+                    why = e.strerror if isinstance(e, OSError) else str(e)
+                    self._fault("write_errors", 1, f"disk tier {self.directory}: writing slot {slot} failed ({why}); "
+                                "its block is dropped from the disk tier")
+                    self._lost[slot] = block
+                    continue
+                try:
+                    self.manifest.commit([_record(block, slot)], [])
+                except StorageError as e:  # the store's commit after this operation records it again
+                    self._fault("commit_failures", 1, str(e))
             return
         for slot, gen, block in zip(slots, self.write_behind(slots, rows), blocks):
             self._in_flight[slot] = (gen, block)
@@ -316,10 +514,19 @@ class DiskTier(Tier):
         self._dirty_files.clear()
 
     def close(self) -> None:
-        """Finish queued writes, close the files and the manifest, release the directory lock."""
+        """Finish queued writes, close the files and the manifest, mark it cleanly closed, release the lock.
+
+        In a forked child only the child's own descriptors are closed: the files, LMDB and the lock
+        are the parent's.
+        """
+        if self._forked():
+            self._lock.forget()
+            return
         try:
             self.queue.close()
             self._files.close()
             self.manifest.close()
+            if not self.manifest.panicked:
+                mark_clean(self.directory)
         finally:
             self._lock.release()

@@ -95,6 +95,15 @@ class WriteQueue:
             self.completed, self.failed = [], []
             return out
 
+    def wait_results(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for finished (or failed) writes not taken yet; whether there are some.
+
+        What the disk tier's committer waits on, so that it commits as soon as a batch is down.
+        """
+        with self.cond:
+            self.cond.wait_for(lambda: self.completed or self.failed or self._closed, timeout)
+            return bool(self.completed or self.failed)
+
     def take_released(self) -> list[int]:
         """Quarantined slots whose last write finished: free for reuse now."""
         with self.cond:
