@@ -68,7 +68,8 @@ def store(lay: KVLayout, device_bytes: int) -> BlockStore:
 
 
 def prompt(i: int) -> torch.Tensor:
-    return torch.arange(i * 10**6, i * 10**6 + PROMPT)
+    """The `i`-th distinct 2048-token prompt (token ids stay well inside int32)."""
+    return torch.arange(i * PROMPT, (i + 1) * PROMPT) % 2_000_000_000
 
 
 def put_get(lay: KVLayout, device_bytes: int) -> tuple[float, float]:
