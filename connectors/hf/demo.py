@@ -216,6 +216,15 @@ class MistralV3Tokenizer:
         )
 
     def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        # Mistral's v3 format moves a system message into the LAST user turn, which would change the
+        # prefix every turn; so the shared system prompt opens the first user message instead.
+        if messages and messages[0][0] == "system":
+            system, rest = messages[0][1], list(messages[1:])
+            if rest and rest[0][0] == "user":
+                rest[0] = ("user", f"{system}\n\n{rest[0][1]}")
+            else:
+                rest.insert(0, ("user", system))
+            messages = rest
         request = self._request(messages=[self._messages[role](content=text) for role, text in messages])
         return self._tokenizer.encode_chat_completion(request).tokens
 
@@ -250,41 +259,44 @@ class LocalTokenizer:
 
 
 SYSTEM_PROMPT = (
-    "You are the archive assistant of the harbour town of Velmora. Answer questions about the town's "
-    "records briefly, in one or two sentences, using only the notes below."
+    "You are Pip, the helpful assistant of the Velmora public library. House rules for every answer:\n"
+    "1. Answer in one short sentence.\n2. Be friendly and polite.\n3. Use plain words a child can follow.\n"
+    "4. Do not make up facts.\n5. If you do not know, say so.\n6. Never share personal data.\n"
+    "7. Prefer metric units.\n8. Spell out numbers below ten.\n9. Do not use lists unless asked.\n10. Keep a calm tone."
 )
 
-_DOCUMENT_SENTENCES = [
-    "The harbour town of Velmora keeps its records in a lighthouse that no longer guides ships.",
-    "Every spring the archivists climb the spiral stairs to copy the ledgers before the salt eats the ink.",
-    "The ledgers list cargoes of copper, dried figs, indigo cloth and, once, a crated piano bound for the capital.",
-    "A storm in the year of the long winter flooded the lower rooms and washed away three decades of entries.",
-    "Since then the town has kept two copies of everything, one in the lighthouse and one in the granary.",
-    "The granary copy is written in a faster hand, with abbreviations that only two clerks can still read.",
-    "Merchants pay a small fee to consult the ledgers, and the fee funds the lamp oil that is no longer needed.",
-    "Children are told that the lamp is still lit on the night the piano arrived, though nobody remembers why.",
+# Facts about the library that pad the shared system prompt to the length asked for.
+_LIBRARY_NOTES = [
+    "The library opens at nine in the morning and closes at six in the evening, Monday to Saturday.",
+    "Members may borrow up to eight books at a time for three weeks.",
+    "The reading room on the second floor is kept quiet; the children's corner is on the ground floor.",
+    "Late returns cost ten cents a day, and nobody is charged for books returned during a storm.",
+    "The lighthouse archive holds the town's old ledgers and can be visited on Thursdays.",
+    "Printing costs five cents a page; the scanner next to the entrance is free.",
+    "Story time for children is held every Saturday at eleven in the morning.",
+    "Lost library cards are replaced at the front desk for one euro.",
 ]
 
 QUESTIONS = [
-    "Where does Velmora keep its records?",
-    "Why does the town keep two copies of its records?",
-    "Who can still read the granary copy?",
-    "What happened in the year of the long winter?",
-    "What does the consultation fee pay for?",
-    "What cargo did the ledgers list once?",
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What do bees make?",
+    "What colour is the sky on a clear day?",
+    "How many days are there in a week?",
+    "What is the opposite of hot?",
 ]
 
 
 def system_prompt(tokenizer: ChatTokenizer, target_tokens: int) -> str:
-    """The shared system prompt: instructions, then numbered notes until it is about `target_tokens` long."""
+    """The shared system prompt: the assistant's house rules, then library notes until it is about `target_tokens` long."""
     notes: list[str] = []
 
     def text() -> str:
-        return SYSTEM_PROMPT + "\n\nNotes:\n" + "\n".join(notes)
+        return SYSTEM_PROMPT + ("\n\nLibrary notes:\n" + "\n".join(notes) if notes else "")
 
     while len(tokenizer.encode_chat([("system", text())])) < target_tokens:
         i = len(notes)
-        notes.append(f"{i + 1}. {_DOCUMENT_SENTENCES[i % len(_DOCUMENT_SENTENCES)]}")
+        notes.append(f"- {_LIBRARY_NOTES[i % len(_LIBRARY_NOTES)]}")
     return text()
 
 
@@ -341,11 +353,15 @@ def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def converted_gguf(gguf: Path, say: Callable[[str], None] = lambda _: None, cache: Path | None = None) -> Path:
@@ -422,7 +438,8 @@ def load_chat_model(
     # transformers types `to` as `@wraps(nn.Module.to)`, whose _Wrapped signature keeps the unbound `self`
     model = loaded.to(device).eval()  # type: ignore[arg-type]
     name = DEFAULT_MODEL_NAME if options.model_path is None else type(model).__name__
-    about = (f"{name} ({type(model).__name__}, {model.config.num_hidden_layers} layers, {model.dtype}) "
+    dtype = str(model.dtype).removeprefix("torch.")
+    about = (f"{name} ({type(model).__name__}, {model.config.num_hidden_layers} layers, {dtype}) "
              f"from {source}")
     return model, tokenizer, about
 

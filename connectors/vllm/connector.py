@@ -27,6 +27,7 @@ from .config import ConnectorConfig
 from .identity import engine_namespace, weights_fingerprint
 from .layout import AttentionKV, attention_kv, engine_kv
 from .meta import ResidencyReport, TierKVMetadata
+from .metrics import StatsReporter, TierKVPromMetrics, TierKVStats
 from .scheduler import SchedulerSide
 from .worker import WorkerSide, rank_store_config
 
@@ -170,6 +171,26 @@ class TierKVConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
+
+    # -- metrics in vLLM's /metrics (connectors/vllm/metrics.py) --------------------------
+
+    def get_kv_connector_stats(self) -> TierKVStats | None:
+        """This worker's store figures since its last report, at most once a second (None between)."""
+        worker = self._worker
+        if worker is None or worker.store is None:
+            return None
+        reporter = self.__dict__.setdefault("_stats_reporter", StatsReporter(worker.rank))
+        store = worker.store
+        return reporter.report(store.metric_families)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> TierKVStats | None:
+        return TierKVStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> TierKVPromMetrics:
+        return TierKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def tierkv_stats(self) -> dict[str, Any]:
         """This worker's store stats and connector counters (see `worker_stats`)."""

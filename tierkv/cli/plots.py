@@ -22,8 +22,10 @@ def plot_demo(report: dict[str, Any], path: str) -> None:
         med = [t[f"ttft_{key}_s"] * 1e3 for t in turns]
         lo = [m - min(t[f"ttft_{key}_samples_s"]) * 1e3 for m, t in zip(med, turns)]
         hi = [max(t[f"ttft_{key}_samples_s"]) * 1e3 - m for m, t in zip(med, turns)]
-        bars = left.bar([i + offset for i in x], med, width, yerr=[lo, hi], capsize=3, label=label, color=color)
-        left.bar_label(bars, labels=[f"{m:.0f}" for m in med], padding=2, fontsize=8)
+        left.bar([i + offset for i in x], med, width, yerr=[lo, hi], capsize=3, label=label, color=color)
+        for i, m, h in zip(x, med, hi):  # the median's figure above the whisker, not on it
+            left.annotate(f"{m:.0f}", (i + offset, m + h), xytext=(0, 3), textcoords="offset points", ha="center",
+                          fontsize=8)
     for i, t in zip(x, turns):
         left.annotate(f"{t['speedup']:.1f}x", (i, 0), xytext=(0, -28), textcoords="offset points", ha="center",
                       fontsize=9, color="#1f77b4", annotation_clip=False)
