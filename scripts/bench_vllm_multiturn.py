@@ -12,8 +12,9 @@ whenever a connector is configured; without this the comparison is off by ~30% o
 TTFT comes from `RequestOutput.metrics.first_token_latency`. LMCache runs in its multi-process
 mode (an `lmcache server` process plus vLLM's `LMCacheMPConnector`), the only one that works on CPU.
 
-    python scripts/bench_vllm_multiturn.py                       # all four, markdown table
-    python scripts/bench_vllm_multiturn.py --configs prefix,tierkv --users 8
+    python scripts/bench_vllm_multiturn.py                       # all four, markdown table + bench_vllm_multiturn.png
+    python scripts/bench_vllm_multiturn.py --configs prefix,tierkv --users 8 --json out.json
+    python scripts/bench_vllm_multiturn.py --replot out.json --plot out.png   # the picture again, no engine run
 """
 
 from __future__ import annotations
@@ -140,8 +141,7 @@ def table(results: dict[str, dict[str, Any] | str]) -> str:
     rows = ["| configuration | turn 1 TTFT ms (mean) | turn >= 2 TTFT ms (mean) | turn >= 2 TTFT ms (p50) "
             "| turn >= 2 tokens cached | vs LMCache | answers = no cache |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    names = {"none": "no cache", "prefix": "vLLM prefix cache", "tierkv": "vLLM prefix cache + tierkv",
-             "lmcache": "vLLM prefix cache + LMCache (MP)"}
+    names = NAMES
     for config, result in results.items():
         if isinstance(result, str):
             rows.append(f"| {names[config]} | {result} | | | | | |")
@@ -156,6 +156,54 @@ def table(results: dict[str, dict[str, Any] | str]) -> str:
         rows.append(f"| {names[config]} | {statistics.mean(first):.0f} | {statistics.mean(later_ms):.0f} | "
                     f"{statistics.median(later_ms):.0f} | {cached:.0%} | {ratio} | {same} |")
     return "\n".join(rows)
+
+
+NAMES = {"none": "no cache", "prefix": "vLLM prefix cache", "tierkv": "vLLM prefix cache + tierkv",
+         "lmcache": "vLLM prefix cache + LMCache (MP)"}
+COLORS = {"none": "#9e9e9e", "prefix": "#ff7f0e", "tierkv": "#1f77b4", "lmcache": "#2ca02c"}
+
+
+def plot(results: dict[str, dict[str, Any] | str], title: str, path: str) -> None:
+    """Beside the table: TTFT per turn (median over users, quartile band) per configuration, and the
+    share of each turn's prompt served from a cache."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
+    ok = {c: r for c, r in results.items() if isinstance(r, dict)}
+    turns = sorted({r["turn"] for res in ok.values() for r in res["requests"]})
+    width = 0.8 / max(1, len(ok))
+    for k, (config, result) in enumerate(ok.items()):
+        by_turn = [[r["ttft"] * 1e3 for r in result["requests"] if r["turn"] == t] for t in turns]
+        med = [float(np.median(v)) for v in by_turn]
+        lo = [float(np.percentile(v, 25)) for v in by_turn]
+        hi = [float(np.percentile(v, 75)) for v in by_turn]
+        x = [t + 1 for t in turns]
+        left.plot(x, med, marker="o", color=COLORS[config], label=NAMES[config])
+        left.fill_between(x, lo, hi, color=COLORS[config], alpha=0.15)
+        share = [sum(r["cached"] for r in result["requests"] if r["turn"] == t)
+                 / max(1, sum(r["prompt_tokens"] for r in result["requests"] if r["turn"] == t)) for t in turns]
+        right.bar([t + 1 + (k - (len(ok) - 1) / 2) * width for t in turns], share, width, color=COLORS[config],
+                  label=NAMES[config])
+    left.set_xlabel("turn")
+    left.set_ylabel("time to first token (ms)")
+    left.set_xticks([t + 1 for t in turns])
+    left.set_title("TTFT per turn: median over users, 25-75% band", fontsize=10)
+    left.set_ylim(bottom=0)
+    left.legend(frameon=False, fontsize=8)
+    right.set_xlabel("turn")
+    right.set_ylabel("prompt tokens served from a cache")
+    right.set_xticks([t + 1 for t in turns])
+    right.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    right.set_ylim(0, 1.05)
+    right.set_title("Cached share of each turn's prompt", fontsize=10)
+    right.legend(frameon=False, fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -175,6 +223,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lmcache-l1-gb", type=float, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1200, help="seconds per configuration")
+    p.add_argument("--plot", default="bench_vllm_multiturn.png", metavar="FILE.png",
+                   help="write the picture here beside the table (default %(default)s; '' for none)")
+    p.add_argument("--json", metavar="FILE", help="also write the raw results (every request) here")
+    p.add_argument("--replot", metavar="FILE", help="draw --plot from the results a --json run wrote, run nothing")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -185,6 +237,11 @@ def main() -> None:
     if args.child:
         child_args = argparse.Namespace(**json.loads(args.args))
         print(RESULT_PREFIX + json.dumps(child(args.child, child_args)), flush=True)
+        return
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        plot(saved["results"], saved["title"], args.plot)
+        print(table(saved["results"]))
         return
     configs = [c for c in args.configs.split(",") if c]
     unknown = sorted(set(configs) - set(CONFIGS))
@@ -203,10 +260,16 @@ def main() -> None:
             start = time.time()
             results[config] = run_config(config, args, log_dir)
             print(f"{config}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-        print(f"{args.users} users x {args.turns} turns, {args.system_tokens}-token system prompt, "
-              f"{args.user_tokens}-token messages, {args.answer_tokens}-token answers, vLLM capped at "
-              f"{args.gpu_blocks} blocks\n")
+        title = (f"{args.users} users x {args.turns} turns, {args.system_tokens}-token system prompt, "
+                 f"{args.user_tokens}-token messages, {args.answer_tokens}-token answers, vLLM capped at "
+                 f"{args.gpu_blocks} blocks")
+        print(title + "\n")
         print(table(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"title": title, "results": results}))
+        if args.plot:
+            plot(results, title, args.plot)
+            print(f"\npicture: {args.plot}")
 
 
 if __name__ == "__main__":

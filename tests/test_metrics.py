@@ -221,3 +221,17 @@ def test_latency_observation_is_cheap() -> None:
     per_call = (time.perf_counter() - start) / n
     assert per_call < 20e-6, per_call  # about 1 us on the CI machine; generous for a loaded one
     assert latency.snapshot()["get"][0][-1] == n
+
+
+def test_the_grafana_dashboard_asks_only_for_series_the_store_exports() -> None:
+    import json
+    import re
+
+    dashboard = json.loads((Path(__file__).parent.parent / "examples" / "grafana_dashboard.json").read_text())
+    asked = {name for panel in dashboard["panels"] for target in panel["targets"]
+             for name in re.findall(r"\$\{prefix\}(tierkv_\w+)", target["expr"])}
+    with store_with(small()) as store:
+        a = prompt(0, 1)
+        store.put(a, kv_for(store.layout, a))
+        exported = {name for name, _ in samples(store.prometheus())}
+    assert asked and asked <= exported, asked - exported
