@@ -26,6 +26,7 @@ from tierkv import ConfigError, EngineKV, dtype_name
 from .config import ConnectorConfig
 from .identity import engine_namespace, weights_fingerprint
 from .layout import AttentionKV, attention_kv, engine_kv
+from .lookup import SharedLookup
 from .meta import ResidencyReport, TierKVMetadata
 from .metrics import StatsReporter, TierKVPromMetrics, TierKVStats
 from .scheduler import SchedulerSide
@@ -86,7 +87,8 @@ class TierKVConnector(KVConnectorBase_V1):
         self._kv_caches: dict[str, torch.Tensor] | None = None
         if role == KVConnectorRole.SCHEDULER:
             namespaces = [engine_namespace(model.model, fingerprint, r, tp_size) for r in range(tp_size)]
-            self._scheduler = SchedulerSide(layout, namespaces, config.async_disk_loads, config.async_saves)
+            shared = SharedLookup(layout, namespaces, config.store) if config.store.remote_url is not None else None
+            self._scheduler = SchedulerSide(layout, namespaces, config.async_disk_loads, config.async_saves, shared)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -171,6 +173,8 @@ class TierKVConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
+        if self._scheduler is not None:
+            self._scheduler.close()
 
     # -- metrics in vLLM's /metrics (connectors/vllm/metrics.py) --------------------------
 

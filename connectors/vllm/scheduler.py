@@ -13,6 +13,10 @@ A hit counts only blocks every rank holds, never more than the prompt minus its 
 must compute at least one token), and starts where vLLM's own prefix cache ends: tierkv loads
 only what vLLM lacks. A stale mirror (a block evicted after the last report) costs a load error
 and a recompute, never a wrong token: the worker verifies every block it loads.
+
+With a shared tier (a Redis Cluster other engines publish to), a prefix that runs past the mirror
+is asked of that tier in the background (`lookup.py`): the request waits a step (None), then its
+hit may reach further, loaded asynchronously like a disk hit.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from tierkv import KeyChain, KVLayout, Namespace
 
+from .lookup import SharedLookup
 from .meta import LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
 
 # Tiers up to this one are memory: a load from them is quick and synchronous; from any slower tier
@@ -61,7 +66,7 @@ class SchedulerSide:
     """Hit decisions and per-step jobs; one per engine, in the scheduler process."""
 
     def __init__(self, layout: KVLayout, namespaces: list[Namespace], async_disk_loads: bool,
-                 async_saves: bool = True) -> None:
+                 async_saves: bool = True, shared: SharedLookup | None = None) -> None:
         self.layout = layout
         self.block_tokens = layout.block_tokens
         self.namespaces = namespaces
@@ -76,6 +81,7 @@ class SchedulerSide:
         self._sources: dict[str, dict[str, int]] = {}
         self._loads: list[LoadJob] = []
         self._saved: dict[str, int] = {}  # req_id -> tokens covered by save jobs already sent
+        self._shared = shared
 
     # -- mirror --------------------------------------------------------------------
 
@@ -145,6 +151,11 @@ class SchedulerSide:
             if len(names) < len(held):
                 break
             tiers.append(self._slower(names))
+        if self._shared is not None and len(tiers) < limit:
+            shared = self._shared.held(request.request_id, list(request.all_token_ids[: limit * bt]), request_tenant(request))
+            if shared is None:
+                return None, False  # asked in the background: the answer is there in a step or two
+            tiers += [self._shared.tier] * (shared - len(tiers))
         hit = len(tiers)
         if hit <= first:
             self._plans.pop(request.request_id, None)
@@ -157,6 +168,8 @@ class SchedulerSide:
     def after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         """`update_state_after_alloc`: turn the plan vLLM accepted into a load job for the workers."""
         plan = self._plans.pop(request.request_id, None)
+        if self._shared is not None:
+            self._shared.forget(request.request_id)  # asked again if the request comes back (preempted)
         if num_external_tokens == 0 or plan is None:
             return
         end = plan.start + num_external_tokens
@@ -220,4 +233,10 @@ class SchedulerSide:
         had_saves = req_id in self._saved
         for table in (self._requests, self._keys, self._plans, self._sources, self._saved):
             table.pop(req_id, None)
+        if self._shared is not None:
+            self._shared.forget(req_id)
         return self.async_saves and had_saves
+
+    def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()

@@ -23,6 +23,9 @@ from typing import Any, Union
 
 READ_BUFFER = 1 << 20
 _SMALL = 64 << 10  # pieces below this are joined into one send; larger ones go out as they are
+# Bytes read ahead into the buffer per call: enough for many small replies, little of a large value
+# (which is then received straight into its row instead of being copied out of the buffer).
+_READ_AHEAD = 64 << 10
 _CRLF = b"\r\n"
 
 Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007 (a runtime alias: `|` of types needs Python 3.10 only here)
@@ -169,7 +172,7 @@ class Connection:
                 self._buf[:rest] = self._buf[self._start : self._end]
                 self._start, self._end = 0, rest
         try:
-            n = self._sock.recv_into(self._view[self._end :])
+            n = self._sock.recv_into(self._view[self._end : self._end + _READ_AHEAD])
         except TimeoutError:
             raise WireError("timeout", f"reading from {self.address}") from None
         except OSError as e:
