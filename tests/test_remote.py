@@ -206,17 +206,22 @@ def test_read_only_store_consumes_but_never_publishes(cluster: LocalCluster) -> 
             remote(r).write([0], kv_for(LAYOUT, mine)[:1].view(__import__("torch").uint8).reshape(1, -1), [])
 
 
-def test_ttl_expires_blocks(cluster: LocalCluster) -> None:
+def test_ttl_expires_blocks_and_a_read_starts_their_lifetime_again(cluster: LocalCluster) -> None:
     model = unique_model()
-    with remote_store(cluster, model, remote_ttl_s=1.0) as a:
+    with remote_store(cluster, model, remote_ttl_s=1.5) as a:
         tokens = put(a, 0, 3)
+        cold = put(a, 100, 3)
         published(a)
         key = record_key(a.keys(tokens)[0]).decode()
         ttl = int(cluster.cli_cluster("PTTL", key).strip())
-        assert 0 < ttl <= 1000
-        time.sleep(1.2)
+        assert 0 < ttl <= 1500
+        time.sleep(0.9)
+        with remote_store(cluster, model, remote_ttl_s=1.5, host_blocks=0) as reader:
+            assert reader.get(tokens).shape[0] == 3  # read: its lifetime starts again
+        time.sleep(0.9)
         with remote_store(cluster, model) as b:
-            assert b.match(tokens) == 0
+            assert b.match(cold) == 0, "not read for longer than its TTL: expired"
+            assert same_bits(b.get(tokens), kv_for(LAYOUT, tokens)), "read 0.9 s ago: still there"
 
 
 # -- broken values -------------------------------------------------------------------------------------

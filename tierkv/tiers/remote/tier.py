@@ -112,6 +112,9 @@ class RemoteTier(Tier):
         self.ttl_s = config.remote_ttl_s
         self._set_options: tuple[bytes, ...] = () if config.remote_ttl_s is None else (
             b"PX", b"%d" % max(1, round(config.remote_ttl_s * 1000)))
+        # With a TTL, a read starts a block's lifetime again (GETEX), so hot blocks outlive cold ones;
+        # a read-only node (whose ACL may allow reads only) leaves lifetimes to the writers.
+        self._get = (b"GETEX", self._set_options) if self._set_options and not self.read_only else (b"GET", ())
         self.timeout_s = config.remote_timeout_s
         self.faults = FaultLog()
         self.problems: Counter[str] = Counter()  # values read that were not the block asked for, by Problem
@@ -237,7 +240,9 @@ class RemoteTier(Tier):
             part = wanted[lo : lo + per_batch]
             start = time.perf_counter()
             heads = [memoryview(bytearray(head)) for _ in part]
-            requests = [Request((b"GET", record_key(blocks[i].key)), (h, memoryview(rows[i]))) for i, h in zip(part, heads)]
+            command, options = self._get
+            requests = [Request((command, record_key(blocks[i].key), *options), (h, memoryview(rows[i])))
+                        for i, h in zip(part, heads)]
             replies = self.client.execute(requests) if self.client.available \
                 else [Fault("unreachable", self.target.redacted())] * len(part)
             got = 0
