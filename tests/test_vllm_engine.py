@@ -108,7 +108,7 @@ def _corrupt(store_dir: Path, token_ids: list[int]) -> None:
     directory = store_dir / "rank0-of-1"
     manifest = Manifest(directory, durable=False)
     try:
-        records = manifest.load()
+        records = manifest.load().records
     finally:
         manifest.close()
     target = np.asarray(token_ids, dtype="<i4").tobytes()

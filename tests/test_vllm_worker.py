@@ -123,7 +123,7 @@ def _corrupt_block(directory: Path, block_bytes: int, block_tokens_bytes: bytes)
     """Flip one byte in the stored block whose own token ids are `block_tokens_bytes`."""
     manifest = Manifest(directory, durable=False)
     try:
-        records = manifest.load()
+        records = manifest.load().records
     finally:
         manifest.close()
     (slot,) = [r.slot for r in records.values() if r.ident[16:] == block_tokens_bytes]
