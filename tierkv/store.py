@@ -17,6 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 
+from .checks import copyable, engine_memory, memory_device
 from .config import StoreConfig
 from .errors import TierKVError
 from .index import Block, Index
@@ -225,6 +226,7 @@ class BlockStore:
                 + "; pass one block of KV per full block of tokens"
             )
         self.layout.check_blocks(kv, n - first_block)
+        copyable(kv, "kv")  # before placement evicts anything for it
         rows = kv.contiguous().view(torch.uint8).reshape(n - first_block, self.layout.block_bytes)
 
         def write(t: int, slots: list[int], span: slice, blocks: list[Block]) -> None:
@@ -243,6 +245,7 @@ class BlockStore:
         they get (pinned host memory behind an engine's own GPU pages), never through a pageable
         temporary. `first_block` and `CapacityError` behave as in `put`.
         """
+        engine_memory(engine)
         engine.layout.check_store(self.layout)
         chunks = self.chain.chunks(tokens)
         _check_first_block(first_block, len(chunks))
@@ -289,7 +292,7 @@ class BlockStore:
         (their slower copy stays valid). `get(t).shape[0] * block_tokens == match(t)`; with
         `first_block`, the blocks before it are not read (an engine that holds them already).
         """
-        out_device = torch.device(device) if device is not None else self.device
+        out_device = memory_device(device) if device is not None else self.device  # before promotion moves anything
         chunks = self.chain.chunks(tokens)
         _check_first_block(first_block, len(chunks))
 
@@ -313,6 +316,7 @@ class BlockStore:
         is not stored (or failed its checksum), and the engine must compute from there. GPU
         copies are ordered on the engine device's current stream.
         """
+        engine_memory(engine)
         engine.layout.check_store(self.layout)
         chunks = self.chain.chunks(tokens)
         _check_first_block(first_block, len(chunks))

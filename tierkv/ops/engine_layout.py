@@ -325,4 +325,9 @@ def chunk_slots(layout: EngineKVLayout, block_tokens: int, block_table: Sequence
             f"store block {int(pos.max())} ends at token {need}, but the block table covers only "
             f"{table.numel()} engine blocks x {e} tokens = {table.numel() * e}"
         )
-    return table[first // e] * e + first % e
+    blocks = table[first // e]
+    if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= layout.num_blocks):
+        bad = int(blocks.min()) if int(blocks.min()) < 0 else int(blocks.max())
+        raise ValueError(f"block_table names engine block {bad}, but the engine has blocks 0 to {layout.num_blocks - 1}: "
+                         "a wrong table would copy other requests' pages")
+    return blocks * e + first % e

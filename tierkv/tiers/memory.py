@@ -22,6 +22,7 @@ import torch
 from ..integrity import checksum_rows, checksum_slots
 from ..ops.transfer import copy_slots, gather_engine_blocks, scatter_engine_blocks
 from .base import Tier, need_checksums, stamp_checksums
+from .limits import allocate, check_capacity
 
 if TYPE_CHECKING:
     from ..index import Block
@@ -187,9 +188,16 @@ class PoolTier(Tier):
 
 
 class MemoryTier(PoolTier):
-    """A fixed pool: one tensor allocated up front on `device` (pinned host memory where asked)."""
+    """A fixed pool: one tensor allocated up front on `device` (pinned host memory where asked).
+
+    Its size is checked against what the machine can ever give before the free list is built
+    (`limits.py`), and an allocation that fails anyway says which field to lower.
+    """
 
     def __init__(self, name: str, num_slots: int, slot_bytes: int, device: torch.device, pin: bool = False,
                  verify_reads: bool = True) -> None:
+        field = f"{name}_bytes"
+        check_capacity(field, num_slots * slot_bytes, torch.device(device), pinned=pin)
         super().__init__(name, num_slots, slot_bytes, device, pin=pin, verify_reads=verify_reads)
-        self.storage = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, device=self._device, pin_memory=pin)
+        self.storage = allocate(field, num_slots * slot_bytes, lambda: torch.empty(
+            (num_slots, slot_bytes), dtype=torch.uint8, device=self._device, pin_memory=pin))
