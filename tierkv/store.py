@@ -342,6 +342,7 @@ class BlockStore:
             for attempt in range(_MAX_READ_ATTEMPTS):
                 blocks = self.index.lookup(seed, chunks)
                 if attempt == 0:
+                    self._continue_in_shared(seed, chunks, blocks, adopt=True)
                     self.placement.count_lookups(blocks, len(chunks))
                 self.index.touch(blocks)
                 wanted = blocks[first_block:]
