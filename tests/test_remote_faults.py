@@ -107,7 +107,10 @@ def test_failover_to_a_replica_recovers_the_shard_with_its_blocks(replicated: Lo
         with remote_store(cluster, model, url=url, host_blocks=0) as b:
             first = b.get(x).shape[0]
             assert first < 60, "while the master is down its blocks miss"
-            assert until(lambda: b.get(x).shape[0] == 60, timeout=30), "the replica took over with the blocks"
+            ok = until(lambda: b.get(x).shape[0] == 60, timeout=60)
+            live = next(n for n in cluster.nodes if n.alive())
+            assert ok, (f"the replica did not take over with the blocks: {b.stats()['remote']}\n"
+                        f"{cluster.cli(live, 'CLUSTER', 'NODES')}")
             assert same_bits(b.get(x), kv_for(LAYOUT, x))
         attempts: list[int] = []
 

@@ -3,8 +3,8 @@
 redis-py's `RedisCluster` (with hiredis where it installs) knows the cluster: its nodes, which
 master serves which slot, and how to reload that after a failover or a slot migration. The
 bytes themselves go over `wire.py` connections, one pool per node: a batch is grouped by the
-master of each key, every shard's pipeline is written before any reply is read (one round trip
-for a prompt's hundred blocks, not one per shard or per block), and values are received
+master of each key, the shards' pipelines run at once, one thread each (one round trip for a
+prompt's hundred blocks, not one per shard or per block), and values are received
 straight into their rows. redis-py's own cluster pipeline could not do the last part, and it
 raises for the whole batch when one node is down; here a node that is down costs only its own
 keys, and every command gets its reply or a `Fault` that names what went wrong. Nothing raises
@@ -27,6 +27,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from .wire import Connection, ErrorReply, Request, WireError, tls_context
 REFRESH_S = 0.5  # the slot map is reloaded at most this often after a fault that may mean it moved
 MAX_REFRESH_S = 30.0  # ... and, while reloading fails, ever less often, down to this
 _IDLE_PER_NODE = 4
+_SHARD_THREADS = 16  # threads running the shards' pipelines of a batch at once
 # Error replies that mean the key's slot is served elsewhere now, or not at all for a moment.
 _MOVING = {"MOVED": "moved", "ASK": "ask", "TRYAGAIN": "try_again", "CLUSTERDOWN": "cluster_down"}
 _ERRORS = {"OOM": "full", "NOAUTH": "auth", "WRONGPASS": "auth", "NOPERM": "denied", "READONLY": "read_only_replica",
@@ -107,6 +109,7 @@ class RemoteClient:
         self._cluster: Any = None  # redis.cluster.RedisCluster: the slot map, once connected in cluster mode
         self._single: NodePool | None = None  # the one server, once connected to a plain server
         self._pools: dict[str, NodePool] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self._connect_breaker = CircuitBreaker()
         self._breakers: dict[str, CircuitBreaker] = {}
         self._stale = False
@@ -191,6 +194,9 @@ class RemoteClient:
                 with contextlib.suppress(Exception):  # closing sockets of a dead server must not fail a close
                     self._cluster.close()
             self._cluster, self._single, self._pools = None, None, {}
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     @staticmethod
     def _fault(error: BaseException) -> Fault:
@@ -259,7 +265,7 @@ class RemoteClient:
     # -- batches -----------------------------------------------------------------------
 
     def execute(self, requests: Sequence[Request]) -> list[Any]:
-        """Each request's reply, or a `Fault`; one pipeline per node, all written before any is read."""
+        """Each request's reply, or a `Fault`; one pipeline per node, the nodes' pipelines at once."""
         results: list[Any] = [None] * len(requests)
         if not requests:
             return results
@@ -277,25 +283,46 @@ class RemoteClient:
                 continue
             pools[name] = pool
             groups[name].append(i)
-        sent: list[tuple[str, CircuitBreaker, Connection, list[int]]] = []
+        live = []
         for name, positions in groups.items():
             breaker = self._breaker(name)
-            if not breaker.allow():
-                for i in positions:
-                    results[i] = Fault("node_down", name)
-                self._stale = True  # its replica may have taken over: the next batch reloads the slot map
+            if breaker.allow():
+                live.append((name, breaker, pools[name], positions))
                 continue
-            conn = None
-            try:
-                conn = pools[name].get()
-                conn.send([requests[i] for i in positions])
-            except WireError as e:  # the node is down or unreachable: its keys miss, the others go on
-                self._node_failed(name, breaker, conn, positions, results, e)
-                continue
-            sent.append((name, breaker, conn, positions))
-        for name, breaker, conn, positions in sent:
-            self._read_replies(name, breaker, pools[name], conn, positions, requests, results)
+            for i in positions:
+                results[i] = Fault("node_down", name)
+            self._stale = True  # its replica may have taken over: the next batch reloads the slot map
+        def run(node: tuple[str, CircuitBreaker, NodePool, list[int]]) -> None:
+            name, breaker, pool, positions = node
+            self._run_node(name, breaker, pool, positions, requests, results)
+
+        if len(live) == 1:
+            run(live[0])
+        elif live:
+            # One thread per shard: every server sends at once, and each socket is drained while
+            # the others fill (socket I/O releases the GIL); read one after the other, a server
+            # whose replies outgrow its socket buffer waits for the ones before it.
+            list(self._threads().map(run, live))
         return results
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=_SHARD_THREADS, thread_name_prefix="tierkv-remote-io")
+        return self._pool
+
+    def _run_node(self, name: str, breaker: CircuitBreaker, pool: NodePool, positions: list[int],
+                  requests: Sequence[Request], results: list[Any]) -> None:
+        """One node's pipeline: send its requests, read its replies (faults into `results`, never raised)."""
+        conn = None
+        try:
+            conn = pool.get()
+            conn.send([requests[i] for i in positions])
+        except WireError as e:  # the node is down or unreachable: its keys miss, the others go on
+            self._node_failed(name, breaker, conn, positions, results, e)
+            return
+        self._read_replies(name, breaker, pool, conn, positions, requests, results)
 
     def _read_replies(self, name: str, breaker: CircuitBreaker, pool: NodePool, conn: Connection, positions: list[int],
                       requests: Sequence[Request], results: list[Any]) -> None:

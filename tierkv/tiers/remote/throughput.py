@@ -4,7 +4,9 @@ A figure in GB/s says more about the machine than about tierkv; the ratio to wha
 client gets from the same cluster in the same run says how much of it tierkv uses. Both sides
 get one client: tierkv one store (a batch of blocks, one pipeline per shard), redis-benchmark
 `-c 1 -P 16` (sixteen commands in flight) over the same keyspace size. The runs alternate, so a
-machine whose load changes (a shared CI box) shifts both sides alike, and the median is reported.
+machine whose load changes (a shared CI box) shifts both sides alike, and each side's best run
+is reported: interference from other work only ever slows a run down, so the best run is the
+closest to what the code can do, on both sides alike.
 
 - put: `BlockStore.put` into a store whose only tier with room is the remote one, until every
   SET was answered (checksums, headers, staging, the network).
@@ -19,7 +21,6 @@ Used by scripts/bench_remote.py (the table) and asv_bench/benchmarks/bench_remot
 from __future__ import annotations
 
 import re
-import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from .tier import RemoteTier
 
 @dataclass(frozen=True)
 class Throughput:
-    """GB/s (10^9 bytes per second) of one block size, medians over the repeats."""
+    """GB/s (10^9 bytes per second) of one block size, the best of the repeats."""
 
     block_bytes: int
     put: float
@@ -117,8 +118,8 @@ def measure(url: str, host: str, port: int, cluster: bool, block_bytes: int, tot
             runs["redis_get"].append(redis_benchmark(host, port, "get", block_bytes, n, cluster, password))
     finally:
         writer.close()
-    median = {k: statistics.median(v) / 1e9 for k, v in runs.items()}
-    return Throughput(block_bytes, median["put"], median["get"], median["read"], median["redis_set"], median["redis_get"])
+    best = {k: max(v) / 1e9 for k, v in runs.items()}
+    return Throughput(block_bytes, best["put"], best["get"], best["read"], best["redis_set"], best["redis_get"])
 
 
 def _tokens(layout: KVLayout, n: int, run: int) -> torch.Tensor:
