@@ -148,7 +148,10 @@ def test_the_directory_exporter_reads_beside_a_live_writer_without_its_lock(tmp_
     assert writer.stdin is not None and writer.stdout is not None
     try:
         assert writer.stdout.readline() == "stored\n"
-        held = DirectoryCollector(tmp_path).read_directory()
+        collector = DirectoryCollector(tmp_path)
+        deadline = time.monotonic() + 60
+        while (held := collector.read_directory())["blocks"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # demoted blocks reach the manifest once the write-behind thread has written them
         assert held["writer"] == writer.pid and held["model"] == "metrics-test"
         assert 0 < held["blocks"] <= 8
         httpd, port = serve_directory(tmp_path, 0)
