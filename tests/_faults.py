@@ -328,17 +328,23 @@ def run_writer(directory: Path, seed: int, durability: str, *, kill_after: float
         proc.join(timeout)
         recv.close()
     run.exitcode = proc.exitcode
+    if start is None and run.error is None:
+        run.error = f"the writer died before it was ready (exit {proc.exitcode})"
     return run
 
 
-def reopen_and_check(directory: Path, run: WriterRun, seed: int) -> tuple[Verdict, int]:
-    """After a writer died: no wrong byte served, every promised block back bit-exact, the store usable.
+def reopen_and_check(directory: Path, *runs: WriterRun, seed: int) -> tuple[Verdict, int]:
+    """After writers died: no wrong byte served, every promised block back bit-exact, the store usable.
 
-    Returns the verification figures and the promised bytes checked.
+    Each run's promises count only where the blocks before them were promised by the same run:
+    a block that reached disk before its parent is an orphan if that life is killed, and the next
+    open drops it, whatever a later life writes. Returns the verification figures and the promised
+    bytes checked.
     """
     prefixes = key_prefixes()
+    promised = set().union(*(prefix_closed(run.promised, prefixes) for run in runs))
     with open_fault_store(directory) as store:
         verdict = verify_served(store)
-        checked = assert_promised(store, prefix_closed(run.promised, prefixes), prefixes)
+        checked = assert_promised(store, promised, prefixes)
         still_usable(store, seed)
     return verdict, checked

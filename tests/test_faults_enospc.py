@@ -3,8 +3,8 @@
 The tmpfs test mounts one (root only; skipped where mount is refused) and fills it with a ballast
 file while the store runs: the data files are preallocated, so what fails is the manifest, whose
 LMDB file must grow. The RLIMIT_FSIZE test needs no privilege: in a child process no file may be
-written past the manifest's size (EFBIG instead of ENOSPC, the same path through LMDB; data
-writes to slots past that offset fail too, and lose only their blocks). Either way puts and
+written past its second page (EFBIG instead of ENOSPC, the same path through LMDB; data writes to
+slots past that offset fail too, and lose only their blocks). Either way puts and
 gets go on, nothing wrong is served, the manifest changes wait and are recorded once space is
 back, and a crash image taken then holds every block the disk tier held.
 """
@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import lmdb
 import pytest
 from _faults import (
     FAMILY,
@@ -32,7 +33,7 @@ from _faults import (
     still_usable,
     verify_served,
 )
-from conftest import check_index_invariants, kv_for
+from conftest import check_index_invariants, kv_for, prompt
 
 
 def _mount_tmpfs(where: Path, size: str) -> bool:
@@ -105,34 +106,48 @@ def test_a_file_system_that_fills_up_under_the_store(small_fs: Path, tmp_path: P
 
 
 def _grow_limited(store_dir: str) -> dict[str, object]:
-    """In a child: run the store while its files may not grow, then lift the limit and settle."""
+    """In a child: run the store while no file may be written past its second page, then lift the limit.
+
+    The disk tier has two slots, both below the limit, so its data writes succeed while every
+    manifest commit that records a block (a page written further in) fails.
+    """
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    store = open_fault_store(store_dir, disk=100)
-    for tokens in FAMILY[:2]:
+    store = open_fault_store(store_dir, disk=2)
+    short = [prompt(1000 * i, 3) for i in range(12)]  # 11 slots in all: prompts of 3 blocks
+    for tokens in short[:2]:
         store.put(tokens, kv_for(store.layout, tokens))
-    size = os.path.getsize(Path(store_dir) / "manifest" / "data.mdb")
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 4096, hard))
     served = 0
-    for tokens in FAMILY[2:12]:
+    for tokens in short[2:]:
         store.put(tokens, kv_for(store.layout, tokens))
         served += verify_served(store, [tokens]).blocks
     failures = settled(store).stats()["disk"]["commit_failures"]
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     settled(store)
-    on_disk = sorted(k.hex() for k in prefix_closed(disk_keys(store), key_prefixes()))
+    on_disk = sorted(k.hex() for k in disk_keys(store))
     crash_image(Path(store_dir), Path(store_dir + "-image"))
     store.close()
     return {"failures": failures, "on_disk": on_disk, "served": served}
+
+
+def recorded(store_dir: Path) -> set[bytes]:
+    """The keys the manifest of `store_dir` records, read as they are (orphans included)."""
+    env = lmdb.open(str(store_dir / "manifest"), subdir=True, readonly=True, lock=False, max_dbs=2)
+    with env.begin() as txn:
+        keys = {bytes(k) for k, _ in txn.cursor(db=env.open_db(b"blocks", txn=txn, create=False))}
+    env.close()
+    return keys
 
 
 def test_manifest_that_cannot_grow(tmp_path: Path) -> None:
     result = run_in_child(_grow_limited, str(tmp_path / "store"))
     assert not result.crashed and result.error is None, result.error or f"child exit {result.exitcode}"
     assert result.value["failures"] > 0, "the manifest never hit the limit"
-    assert result.value["on_disk"], "no block reached disk (the limit also fails data writes past it)"
-    with open_fault_store(tmp_path / "store-image", disk=100) as store:
-        lost = {bytes.fromhex(k) for k in result.value["on_disk"]} - set(store.index.blocks)
-        assert not lost, f"{len(lost)} blocks on disk while the manifest could not grow were never recorded"
+    on_disk = {bytes.fromhex(k) for k in result.value["on_disk"]}
+    assert len(on_disk) == 2
+    lost = on_disk - recorded(tmp_path / "store-image")
+    assert not lost, f"{len(lost)} blocks on disk while the manifest could not grow were never recorded"
+    with open_fault_store(tmp_path / "store-image", disk=2) as store:
         verify_served(store)
         still_usable(store, 6)

@@ -514,7 +514,8 @@ class DiskTier(Tier):
         self._dirty_files.clear()
 
     def close(self) -> None:
-        """Finish queued writes, close the files and the manifest, mark it cleanly closed, release the lock.
+        """Finish queued writes, make the data files and the manifest durable (whatever the durability
+        mode: a clean close survives a power cut), close them, mark the manifest cleanly closed, release the lock.
 
         In a forked child only the child's own descriptors are closed: the files, LMDB and the lock
         are the parent's.
@@ -524,6 +525,12 @@ class DiskTier(Tier):
             return
         try:
             self.queue.close()
+            for f in range(-(-self.num_slots // self.slots_per_file)):
+                try:
+                    self._files.sync(f)
+                except OSError as e:  # its blocks' checksums catch what did not reach the disk
+                    self._fault("write_errors", 0, f"disk tier {self.directory}: fsync of data file {f} at close "
+                                f"failed ({e.strerror})")
             self._files.close()
             self.manifest.close()
             if not self.manifest.panicked:
