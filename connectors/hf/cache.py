@@ -223,9 +223,9 @@ class TierKVCache(DynamicCache):
                 for index, (layer, window, dev) in enumerate(zip(layers, windows, model_kv.layer_devices)):
                     keys, values = kv[index, 0], kv[index, 1]
                     if window is not None:
-                        # What DynamicSlidingWindowLayer.update keeps of `start` tokens: the last window - 1.
-                        keep = max(window - 1, 0)
-                        keys, values = keys[..., start - min(keep, start) :, :], values[..., start - min(keep, start) :, :]
+                        # What DynamicSlidingWindowLayer.update keeps of `start` tokens: the last window - 1
+                        # (the same slice, so the same tensor).
+                        keys, values = keys[:, :, -window + 1 :, :], values[:, :, -window + 1 :, :]
                     keys, values = keys.to(dev), values.to(dev)
                     layer.lazy_initialization(keys, values)
                     layer.keys, layer.values = keys, values

@@ -223,12 +223,23 @@ class TooLarge(ValueError):
 
 
 def build(model_type: str, class_name: str, dtype: torch.dtype = torch.float32, **extra: Any) -> Any:
-    """A tiny random-weight `class_name`, in eval mode, seeded so every build is the same model."""
+    """A tiny random-weight `class_name`, in eval mode, seeded so every build is the same model.
+
+    Refuses (`UnsupportedModelError`) what `check_config` refuses from the built model's config
+    (a causal-LM head may rewrite the config it is given: BART's decoder is no encoder-decoder),
+    and a config still too large to build (`TooLarge`), before any weight is allocated.
+    """
     config = tiny_config(model_type, class_name, **extra)
     model_class = getattr(transformers, class_name)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        size = sum(p.numel() for p in model_class(config).parameters())
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            skeleton = model_class(config)
+    except Exception:
+        check_config(model_class, config)  # refused from the config alone (e.g. a vision tower needing timm)
+        raise
+    check_config(model_class, skeleton.config)
+    size = sum(p.numel() for p in skeleton.parameters())
     if size > MAX_PARAMETERS:
         raise TooLarge(f"the tiny config of {class_name} still has {size:,} parameters; it needs an OVERRIDES entry")
     torch.manual_seed(1234)
@@ -315,17 +326,9 @@ def check(model_type: str, class_name: str, **extra: Any) -> ZooResult:
         return ZooResult(model_type, class_name, outcome, reason, time.perf_counter() - started, reused or [])
 
     try:
-        config = tiny_config(model_type, class_name, **extra)
-    except Exception as e:
-        return result("not built", f"config: {type(e).__name__}: {e}")
-    try:
-        check_config(getattr(transformers, class_name), config)  # refusals that need no weights
+        model = build(model_type, class_name, **extra)
     except UnsupportedModelError as e:
         return result("refused", str(e))
-    except Exception as e:
-        return result("failed", f"check_config: {type(e).__name__}: {e}")
-    try:
-        model = build(model_type, class_name, **extra)
     except Exception as e:
         return result("not built", f"{type(e).__name__}: {e}")
     try:
