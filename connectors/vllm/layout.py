@@ -51,16 +51,71 @@ def _layer_index(name: str) -> int:
     return digits[0]
 
 
+def _layers(names: Sequence[str]) -> str:
+    indices = [int(p) for n in names for p in n.split(".") if p.isdigit()]
+    return f"layers {sorted(indices)}" if len(indices) == len(names) else f"layers {sorted(names)}"
+
+
+def _spec_kind(spec: object) -> str:
+    kind = type(spec).__name__
+    window, chunk = getattr(spec, "sliding_window", None), getattr(spec, "attention_chunk_size", None)
+    if window is not None:
+        return f"{kind}(sliding_window={window})"
+    if chunk is not None:
+        return f"{kind}(attention_chunk_size={chunk})"
+    return kind
+
+
+def _model_layer_types() -> str:
+    """The model's own layer types, from the HF config of the vLLM config being built (empty if none is at hand)."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        hf = get_current_vllm_config().model_config.hf_text_config
+    except Exception:
+        return ""
+    types = getattr(hf, "layer_types", None)
+    parts = []
+    if isinstance(types, (list, tuple)) and types:
+        where: dict[str, list[int]] = {}
+        for i, t in enumerate(types):
+            where.setdefault(str(t), []).append(i)
+        parts.append(", ".join(f"{t} at layers {layers}" for t, layers in where.items()))
+    sizes = [f"{f}={getattr(hf, f)}" for f in ("sliding_window", "attention_chunk_size") if getattr(hf, f, None) is not None]
+    if sizes and not parts:  # no layer_types: transformers makes every layer windowed
+        kind = "sliding_attention" if getattr(hf, "sliding_window", None) is not None else "chunked_attention"
+        parts.append(f"{kind} at every layer")
+    return "; ".join(parts + sizes)
+
+
+def _refusal(reason: str, groups: Sequence[object], windowed: bool) -> ConfigError:
+    """A refusal naming the model's layer types and vLLM's KV cache groups, and what to do instead."""
+    described = "; ".join(
+        f"{_spec_kind(g.kv_cache_spec)} for {_layers(g.layer_names)}"  # type: ignore[attr-defined]
+        for g in groups
+    )
+    model = _model_layer_types()
+    hybrid = (
+        "; the connector does not implement SupportsHMA (vLLM's hybrid KV cache, one group per attention type), "
+        "so vLLM turns its hybrid manager off and the windowed layers' KV cannot be stored as full attention"
+        if windowed
+        else ""
+    )
+    return ConfigError(
+        f"tierkv cannot store this model's KV: {reason}. "
+        + (f"The model's layer types: {model}. " if model else "")
+        + f"vLLM's KV cache groups: {described}. tierkv stores one group of plain full attention{hybrid}. "
+        "Serve this model without kv_transfer_config"
+    )
+
+
 def attention_kv(kv_cache_config: object) -> AttentionKV:
     """Read vLLM's `KVCacheConfig`; refuse anything whose KV does not follow from the token ids alone."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
     groups = kv_cache_config.kv_cache_groups  # type: ignore[attr-defined]
     if len(groups) != 1:
-        raise ConfigError(
-            f"tierkv stores models with one KV cache group; this model has {len(groups)} "
-            "(hybrid, sliding-window or multi-type attention)"
-        )
+        raise _refusal(f"it has {len(groups)} KV cache groups (hybrid, sliding-window or multi-type attention)", groups, True)
     spec = groups[0].kv_cache_spec
     problems = []
     if not isinstance(spec, FullAttentionSpec) or isinstance(spec, MLAAttentionSpec):
@@ -77,7 +132,8 @@ def attention_kv(kv_cache_config: object) -> AttentionKV:
         if spec.kv_quant_mode.name != "NONE":
             problems.append(f"its KV cache is quantized with separate scales ({spec.kv_quant_mode.name})")
     if problems:
-        raise ConfigError("tierkv cannot store this model's KV: " + "; ".join(problems))
+        windowed = getattr(spec, "sliding_window", None) is not None or getattr(spec, "attention_chunk_size", None) is not None
+        raise _refusal("; ".join(problems), groups, windowed)
     names = tuple(sorted(groups[0].layer_names, key=_layer_index))
     return AttentionKV(layer_names=names, block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
                        head_dim=spec.head_size, dtype=spec.dtype)
