@@ -68,6 +68,22 @@ def test_a_record_with_an_ident_of_another_size_is_dropped(tmp_path: Path) -> No
         verify_served(store)
 
 
+def test_a_record_whose_recency_was_damaged_is_dropped(tmp_path: Path) -> None:
+    """Found by the damage soak: a flipped last-use stamp near 2**64 ran the recency clock past what a
+    record stores, and every later commit raised struct.error."""
+    tokens = FAMILY[4]
+    keys = stored(tmp_path, tokens)
+    rewrite_record(tmp_path, keys[6], lambda value: value[:16] + b"\xff" * 8 + value[24:])  # slot, checksum, LAST USE
+    with open_fault_store(tmp_path) as store:
+        assert store.stats()["disk"]["recovery_dropped_by_reason"]["implausible last use"] == 1
+        assert store.get(tokens).shape[0] == 6
+        store.put(tokens, kv_for(store.layout, tokens))  # recorded again, with a sane stamp
+        still_usable(store, 1)
+    with open_fault_store(tmp_path) as store:
+        assert store.match(tokens) == len(tokens) and store.recovery.dropped == 0
+        verify_served(store)
+
+
 def test_a_refused_open_releases_the_directory_lock(tmp_path: Path) -> None:
     stored(tmp_path, FAMILY[3])
     other = KVLayout(num_layers=2, kv_factor=2, num_kv_heads=2, head_dim=8, dtype=tiny_layout().dtype, block_tokens=4)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import StoreConfig, parse_bool, parse_bytes, parse_float, parse_int
-    from .errors import CapacityError, ConfigError, LayoutMismatchError, TierKVError
+    from .errors import CapacityError, ConfigError, LayoutMismatchError, StorageError, TierKVError
     from .keys import KeyChain, chain_keys
     from .layout import KVLayout, dtype_name
     from .namespace import Namespace
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 _HOME = {
     "StoreConfig": "config", "parse_bool": "config", "parse_bytes": "config", "parse_float": "config",
     "parse_int": "config", "CapacityError": "errors", "ConfigError": "errors", "LayoutMismatchError": "errors",
-    "TierKVError": "errors", "KeyChain": "keys", "chain_keys": "keys", "KVLayout": "layout", "dtype_name": "layout",
+    "StorageError": "errors", "TierKVError": "errors", "KeyChain": "keys", "chain_keys": "keys", "KVLayout": "layout",
+    "dtype_name": "layout",
     "Namespace": "namespace", "DimOrder": "ops.engine_layout", "EngineKV": "ops.engine_layout",
     "EngineKVLayout": "ops.engine_layout", "BlockStore": "store", "Lease": "store",
 }
@@ -54,6 +55,7 @@ __all__ = [
     "LayoutMismatchError",
     "Lease",
     "Namespace",
+    "StorageError",
     "StoreConfig",
     "TierKVError",
     "chain_keys",

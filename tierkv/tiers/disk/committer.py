@@ -44,6 +44,8 @@ class Committer(TierAgent):
             try:
                 if self._stop.is_set() or self._store.is_closed():
                     return
+                if not self._queue.has_results():
+                    continue  # an operation that ended meanwhile committed them
                 with self._store.locked():
                     pass  # an operation that does nothing: its commit records what the queue finished
                 self.commits += 1

@@ -2,11 +2,12 @@
 
 Recovery is a pure function of the records: a record is kept only if it is the block it claims
 to be (its key is the hash of its ident, and the ident is a parent key and one block of tokens),
-its slot is in range and not taken by another, and its parent chain reaches a root through kept
-records. Anything else (a damaged or altered record, an orphan, a slot out of range after
-`disk_bytes` shrank, a duplicate, a loop) cannot be served and is dropped, counted by reason.
-A record whose ident was altered would otherwise sit in the index unreachable forever: a
-lookup computes keys from tokens, and no tokens hash to its key.
+its recency is a stamp the clock can have reached, its slot is in range and not taken by
+another, and its parent chain reaches a root through kept records. Anything else (a damaged or
+altered record, an orphan, a slot out of range after `disk_bytes` shrank, a duplicate, a loop)
+cannot be served and is dropped, counted by reason. A record whose ident was altered would
+otherwise sit in the index unreachable forever: a lookup computes keys from tokens, and no
+tokens hash to its key.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from ...errors import TierKVError
 from .manifest import KEY_BYTES, Record
 
 _hash = xxhash.xxh3_128_digest
+# The recency clock ticks once per operation: 2**48 is ten thousand years of a million a second.
+# A larger stamp is a damaged record, and trusting it would run the clock past the 64 bits a
+# record stores (every later commit would fail to pack).
+MAX_LAST_USE = 1 << 48
 
 
 def prepare_directory(path: str) -> Path:
@@ -68,6 +73,8 @@ def trusted_records(records: Mapping[bytes, Record], num_slots: int, ident_bytes
             why = "ident of the wrong size"
         elif _hash(rec.ident) != key:
             why = "key is not the hash of its ident"
+        elif rec.last_use >= MAX_LAST_USE:
+            why = "implausible last use"
         else:
             continue
         accepted[key] = False

@@ -159,7 +159,15 @@ def vet(directory: Path, timeout: float | None = None) -> Vetting:
                     manifest)
         return Vetting(directory, "clean", detail="unchecked: sys.executable is not set")
     salvage = _read_in_child(manifest, timeout)
-    _write_fresh(directory / _REBUILD, salvage)
+    try:
+        _write_fresh(directory / _REBUILD, salvage)
+    except StorageError as e:
+        shutil.rmtree(directory / _REBUILD, ignore_errors=True)
+        if not salvage.complete:
+            raise
+        # No room for a second copy (a full file system), but the child read all of it: open it as it is.
+        log.warning("%s; the manifest was read whole in a child process, so it is opened as it is", e)
+        return Vetting(directory, "clean", detail="checked in a child process; no space to rewrite it")
     kept = len(salvage.blocks) if salvage.identity is not None else 0
     if salvage.complete:
         return Vetting(directory, "rebuilt", entries=kept, detail="checked in a child process and rewritten",
@@ -242,7 +250,10 @@ def _write_fresh(rebuild: Path, salvage: _Salvage) -> None:
     Without the identity nothing says which layout the entries' bytes have, so they are not kept.
     """
     shutil.rmtree(rebuild, ignore_errors=True)
-    rebuild.mkdir()
+    try:
+        rebuild.mkdir()
+    except OSError as e:
+        raise StorageError(f"disk tier: cannot write a fresh manifest in {rebuild}: {e.strerror}") from None
     env = open_env(rebuild, durable=True)
     try:
         meta = env.open_db(b"meta")
@@ -259,13 +270,16 @@ def _write_fresh(rebuild: Path, salvage: _Salvage) -> None:
         raise StorageError(f"disk tier: cannot write a fresh manifest in {rebuild}: {e}; free space there") from None
     finally:
         env.close()
-    (rebuild / _DONE).write_bytes(b"")
-    fd = os.open(rebuild / _DONE, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _sync_dir(rebuild)
+        (rebuild / _DONE).write_bytes(b"")
+        fd = os.open(rebuild / _DONE, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _sync_dir(rebuild)
+    except OSError as e:
+        raise StorageError(f"disk tier: cannot write a fresh manifest in {rebuild}: {e.strerror}; free space there") from None
 
 
 def _finish_rebuild(directory: Path, manifest: Path) -> None:

@@ -104,6 +104,10 @@ class WriteQueue:
             self.cond.wait_for(lambda: self.completed or self.failed or self._closed, timeout)
             return bool(self.completed or self.failed)
 
+    def has_results(self) -> bool:
+        with self.cond:
+            return bool(self.completed or self.failed)
+
     def take_released(self) -> list[int]:
         """Quarantined slots whose last write finished: free for reuse now."""
         with self.cond:
