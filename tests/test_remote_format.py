@@ -234,3 +234,33 @@ def test_fault_log_counts_everything_and_logs_once_per_interval(caplog: pytest.L
     assert len(lines) == 3, lines
     assert "1 x timeout" in lines[0] and "1 x moved" in lines[1]
     assert "100 x timeout in the last 31 s" in lines[2], "the second line says how many it stood for"
+
+
+# -- receive areas ----------------------------------------------------------------------------------
+
+
+def test_a_receive_area_is_reused_only_once_no_tensor_shares_it() -> None:
+    import gc
+
+    from tierkv.tiers.remote.rows import RowAreas
+
+    areas = RowAreas(limit_bytes=64 << 20)
+    rows = areas.rows(8, 2 << 20)
+    rows.fill_(7)
+    view = rows.view(torch.int64)[1:]  # a view that outlives the tensor it came from
+    address = rows.data_ptr()
+    del rows
+    gc.collect()
+    assert areas.idle_bytes == 0, "a live view keeps its area out of the pool"
+    assert int(view[0, 0]) == 0x0707070707070707
+    del view
+    gc.collect()
+    assert areas.idle_bytes == 16 << 20
+    again = areas.rows(8, 2 << 20)
+    assert again.data_ptr() == address and areas.idle_bytes == 0
+    small = areas.rows(2, 4096)
+    assert small.shape == (2, 4096), "small reads are plain memory"
+    del again
+    gc.collect()
+    big = RowAreas(limit_bytes=8 << 20).rows(8, 2 << 20)
+    assert big.shape == (8, 2 << 20)

@@ -21,6 +21,7 @@ redis-py is needed only with a remote tier (`pip install 'tierkv[remote]'`) and 
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import ssl
 import threading
@@ -109,6 +110,7 @@ class RemoteClient:
         self._cluster: Any = None  # redis.cluster.RedisCluster: the slot map, once connected in cluster mode
         self._single: NodePool | None = None  # the one server, once connected to a plain server
         self._pools: dict[str, NodePool] = {}
+        self._routes: dict[int, tuple[str, NodePool]] = {}  # slot -> its master's (name, pool), as last mapped
         self._pool: ThreadPoolExecutor | None = None
         self._connect_breaker = CircuitBreaker()
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -223,6 +225,7 @@ class RemoteClient:
             self._stale, self._refreshed = False, time.monotonic()
             try:
                 self._cluster.nodes_manager.initialize()
+                self._routes = {}
                 self._refresh_backoff = REFRESH_S
             except Exception as e:  # the cluster may be half down: keep the old map, try again later, less often
                 self._stale = True
@@ -232,17 +235,20 @@ class RemoteClient:
                 self.faults.note(f"refresh_{fault.kind}", fault.detail)
 
     def _route(self, key: bytes) -> tuple[str, NodePool]:
-        """(node name, connection pool) of the master serving `key` now."""
+        """(node name, connection pool) of the master serving `key` now (cached per slot until the map is reloaded)."""
         if self._single is not None:
             return "single", self._single
-        from redis.crc import key_slot
-
-        node = self._cluster.nodes_manager.get_node_from_slot(key_slot(key))
+        slot = binascii.crc_hqx(key, 0) % 16384  # no hash tags in tierkv's keys: the slot of the whole key
+        route = self._routes.get(slot)
+        if route is not None:
+            return route
+        node = self._cluster.nodes_manager.get_node_from_slot(slot)
         pool = self._pools.get(node.name)
         if pool is None:
             with self._lock:
                 pool = self._pools.setdefault(node.name, NodePool(self, node.host, node.port))
-        return node.name, pool
+        route = self._routes[slot] = (node.name, pool)
+        return route
 
     def _breaker(self, name: str) -> CircuitBreaker:
         breaker = self._breakers.get(name)

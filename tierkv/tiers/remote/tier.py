@@ -21,7 +21,6 @@ a write that did not land is forgotten from the index by the tier's agent after 
 
 from __future__ import annotations
 
-import mmap
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from ..base import StoreAccess, Tier, TierAgent, TierRead, need_checksums, stamp
 from .client import Fault, RemoteClient, load_redis
 from .faults import FaultLog
 from .record import Problem, RecordFormat, record_key
+from .rows import AREAS
 from .wire import Filled, Request
 from .writer import PendingWrite, WriteBehind
 
@@ -49,23 +49,7 @@ if TYPE_CHECKING:
 
 PROBE_WINDOW = 256  # keys in the first probe round; each further round (all found so far) doubles
 READ_BATCH_BYTES = 128 << 20  # replies asked for in one round trip at most (the servers buffer them)
-HUGE_ROWS = 8 << 20  # rows of reads at least this large are put on transparent huge pages
-
-
-def fresh_rows(n: int, row_bytes: int) -> torch.Tensor:
-    """New `[n, row_bytes]` uint8 rows for values to be received into.
-
-    Fresh memory costs a page fault per 4 KiB the first time it is written, which on some
-    machines (virtual ones especially) is slower than the network; a large read gets private
-    anonymous memory marked for transparent huge pages instead (one fault per 2 MiB), where the
-    kernel offers them (`madvise` mode, the default of most distributions).
-    """
-    nbytes = n * row_bytes
-    if nbytes < HUGE_ROWS or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty((n, row_bytes), dtype=torch.uint8)
-    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    area.madvise(mmap.MADV_HUGEPAGE)
-    return torch.from_numpy(np.frombuffer(area, dtype=np.uint8).reshape(n, row_bytes))  # the array keeps the mapping
+SUBMIT_BYTES = 8 << 20  # a write is staged and queued in parts this large, so sending overlaps staging
 
 
 @dataclass
@@ -219,7 +203,7 @@ class RemoteTier(Tier):
         Records still queued for writing come from the queue; the rest are GETs, one batch per
         `READ_BATCH_BYTES`, one pipeline per shard.
         """
-        out = fresh_rows(len(slots), self.slot_bytes)
+        out = AREAS.rows(len(slots), self.slot_bytes)
         return TierRead(out, self.read_into(slots, out))
 
     def read_into(self, slots: Sequence[int], out: torch.Tensor) -> tuple[int, ...]:
@@ -300,18 +284,22 @@ class RemoteTier(Tier):
             raise ValueError(f"remote tier: write needs uint8 rows of shape {(len(slots), self.slot_bytes)}, "
                              f"got {rows.dtype} {tuple(rows.shape)}")
         rows = rows.to("cpu").contiguous()
-        if need_checksums(blocks):
-            stamp_checksums(blocks, checksum_rows(rows))
         head = self.format.header_bytes
-        writes = []
-        for slot, block, row in zip(slots, blocks, rows.numpy()):
-            assert block.checksum is not None
-            self._blocks[slot] = block
-            value = self.writer.buffer()
-            value[:head] = np.frombuffer(self.format.header(block.key, block.ident, block.checksum), dtype=np.uint8)
-            value[head:] = row
-            writes.append(PendingWrite(record_key(block.key), value, block, slot))
-        self.writer.submit(writes)
+        step = max(1, SUBMIT_BYTES // self.format.value_bytes)
+        for lo in range(0, len(slots), step):  # staged and queued a part at a time: the sending starts at once
+            part = rows[lo : lo + step]
+            part_blocks = blocks[lo : lo + step]
+            if need_checksums(part_blocks):
+                stamp_checksums(part_blocks, checksum_rows(part))
+            writes = []
+            for slot, block, row in zip(slots[lo : lo + step], part_blocks, part.numpy()):
+                assert block.checksum is not None
+                self._blocks[slot] = block
+                value = self.writer.buffer()
+                value[:head] = np.frombuffer(self.format.header(block.key, block.ident, block.checksum), dtype=np.uint8)
+                value[head:] = row
+                writes.append(PendingWrite(record_key(block.key), value, block, slot))
+            self.writer.submit(writes)
 
     def _send(self, batch: Sequence[PendingWrite]) -> list[str | None]:
         """The writer thread's batch: one SET per record, one pipeline per shard."""
