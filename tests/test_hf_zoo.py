@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from tierkv_connectors.hf import zoo  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,7 +51,6 @@ def test_the_sweep_walks_the_whole_registry(sweep: list[zoo.ZooResult]) -> None:
     assert len(sweep) > 150
 
 
-@pytest.mark.slow
 def test_every_causal_lm_is_served_token_identical_or_refused_with_a_reason(sweep: list[zoo.ZooResult]) -> None:
     bad = [f"{r.model_type} ({r.class_name}): {r.outcome}: {r.reason}" for r in sweep if not r.ok]
     assert not bad, "\n".join(bad)
