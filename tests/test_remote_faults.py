@@ -100,8 +100,7 @@ def test_failover_to_a_replica_recovers_the_shard_with_its_blocks(replicated: Lo
     with remote_store(cluster, model, url=url) as a:
         x = put(a, 0, 60)
         published(a)
-        for node in cluster.masters_now():  # every write is on the replicas too before the kill
-            cluster.cli(node, "WAIT", "1", "5000")
+        cluster.wait_replicated()  # every write is on the replicas too before the kill
         victim = cluster.owner(record_key(a.keys(x)[-1]))
         cluster.kill(victim)
         with remote_store(cluster, model, url=url, host_blocks=0) as b:

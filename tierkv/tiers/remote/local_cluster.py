@@ -194,6 +194,33 @@ class LocalCluster:
                 out.append(node)
         return out
 
+    def wait_replicated(self, timeout: float = 30.0) -> None:
+        """Until every live master's replicas are online and have acknowledged its whole stream.
+
+        `WAIT` cannot say this from redis-cli: it counts acknowledgements of the calling
+        connection's own writes, and a fresh connection has none. A replica still loading its
+        first full copy is listed with an offset too, so `state=online` is required as well.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            lagging = [lag for node in self.masters_now() if (lag := self._replication_lag(node))]
+            if not lagging:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterStartError(f"replicas did not catch up after {timeout:.0f} s: {lagging}")
+            time.sleep(0.05)
+
+    def _replication_lag(self, node: Node) -> str:
+        """Why `node`'s replicas do not yet hold everything it has ("" when they do)."""
+        info = dict(line.split(":", 1) for line in self.cli(node, "INFO", "replication").splitlines() if ":" in line)
+        offset = int(info.get("master_repl_offset", "0"))
+        replicas = [dict(part.split("=", 1) for part in value.strip().split(","))
+                    for key, value in info.items() if key.startswith("slave") and key[5:].isdigit()]
+        if len(replicas) < self.replicas:
+            return f"{node.address}: {len(replicas)} of {self.replicas} replicas connected"
+        behind = [r for r in replicas if r.get("state") != "online" or int(r.get("offset", "0")) < offset]
+        return f"{node.address} at offset {offset}, replicas {behind}" if behind else ""
+
     def owner(self, key: bytes) -> Node:
         """The master serving `key` now (its slot computed here: CRC16 of the key, no hash tags in tierkv keys)."""
         return self.master_of_slot(binascii.crc_hqx(key, 0) % 16384) if self.cluster else self.nodes[0]
@@ -319,14 +346,14 @@ class LocalCluster:
             self._wait_replicas(deadline)
 
     def _wait_replicas(self, deadline: float) -> None:
-        """Until every master reports its replicas online (so a failover has a synced replica)."""
+        """Until every master has its replicas online, their first full copy loaded (so a failover has a synced replica)."""
         while True:
             masters = self.masters_now()
-            infos = [self.cli(n, "INFO", "replication") for n in masters]
-            if len(masters) == self.masters and all(f"connected_slaves:{self.replicas}" in i for i in infos):
+            lagging = [lag for node in masters if (lag := self._replication_lag(node))]
+            if len(masters) == self.masters and not lagging:
                 return
             if time.monotonic() > deadline:
-                raise ClusterStartError(f"replicas did not connect: {infos}\n{self._logs()}")
+                raise ClusterStartError(f"replicas did not sync: {lagging}\n{self._logs()}")
             time.sleep(0.1)
 
     def _logs(self, lines: int = 5) -> str:
