@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import StoreConfig, parse_bool, parse_bytes, parse_float, parse_int
+    from .decode.budget import DecodeBudget
+    from .decode.manager import PageManager
     from .errors import CapacityError, ConfigError, LayoutMismatchError, StorageError, TierKVError
     from .keys import KeyChain, chain_keys
     from .layout import KVLayout, dtype_name
@@ -25,6 +27,7 @@ _HOME = {
     "dtype_name": "layout",
     "Namespace": "namespace", "DimOrder": "ops.engine_layout", "EngineKV": "ops.engine_layout",
     "EngineKVLayout": "ops.engine_layout", "BlockStore": "store", "Lease": "store",
+    "DecodeBudget": "decode.budget", "PageManager": "decode.manager",
 }
 
 
@@ -47,6 +50,7 @@ __all__ = [
     "BlockStore",
     "CapacityError",
     "ConfigError",
+    "DecodeBudget",
     "DimOrder",
     "EngineKV",
     "EngineKVLayout",
@@ -55,6 +59,7 @@ __all__ = [
     "LayoutMismatchError",
     "Lease",
     "Namespace",
+    "PageManager",
     "StorageError",
     "StoreConfig",
     "TierKVError",

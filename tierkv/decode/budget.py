@@ -1,0 +1,95 @@
+"""How many of a sequence's pages may sit on the GPU, and which pages are always among them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+POLICIES = ("quest", "recent")
+
+
+@dataclass(frozen=True)
+class DecodeBudget:
+    """A per-sequence GPU page budget for decode.
+
+    `pages` (a page count) or `fraction` (of the sequence's pages, rounded up) sets the budget;
+    neither means exact mode: every page resident, attention over all of them. The first
+    `sink_pages` pages and the last `window_pages` pages (the one being written included) are
+    always selected, so a budget is never below `sink_pages + window_pages`.
+
+    `policy` "quest" fills the rest of the budget with the pages of highest query-aware score;
+    "recent" is the dropping baseline (StreamingLLM's sinks + recent window of the same size):
+    it selects the most recent pages only, so whatever falls out is never attended again.
+    """
+
+    pages: int | None = None
+    fraction: float | None = None
+    sink_pages: int = 1
+    window_pages: int = 2
+    policy: str = "quest"
+
+    def __post_init__(self) -> None:
+        if self.pages is not None and self.fraction is not None:
+            raise ValueError("DecodeBudget takes pages or fraction, not both")
+        if self.pages is not None and (isinstance(self.pages, bool) or not isinstance(self.pages, int) or self.pages <= 0):
+            raise ValueError(f"DecodeBudget.pages must be a positive int, got {self.pages!r}")
+        if self.fraction is not None and (
+            isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
+            or not 0 < self.fraction <= 1 or math.isnan(self.fraction)
+        ):
+            raise ValueError(f"DecodeBudget.fraction must lie in (0, 1], got {self.fraction!r}")
+        for name in ("sink_pages", "window_pages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sink_pages" else 1):
+                raise ValueError(f"DecodeBudget.{name} must be an int >= {0 if name == 'sink_pages' else 1}, got {value!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"DecodeBudget.policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.pages is not None and self.pages < self.sink_pages + self.window_pages:
+            raise ValueError(
+                f"DecodeBudget.pages={self.pages} is below sink_pages + window_pages = {self.sink_pages + self.window_pages}"
+            )
+
+    @property
+    def exact(self) -> bool:
+        return self.pages is None and (self.fraction is None or self.fraction >= 1)
+
+    def minimum(self, num_pages: int) -> int:
+        """Pages a sequence of `num_pages` pages can never go below: its sinks and its window."""
+        return min(num_pages, self.sink_pages + self.window_pages)
+
+    def wanted(self, num_pages: int) -> int:
+        """The budget in pages for a sequence of `num_pages` pages (all of them in exact mode)."""
+        if self.exact:
+            return num_pages
+        n = self.pages if self.pages is not None else math.ceil(float(self.fraction or 1) * num_pages)
+        return max(self.minimum(num_pages), min(num_pages, n))
+
+
+def as_budget(value: DecodeBudget | int | float | None) -> DecodeBudget | None:
+    """A `DecodeBudget` from the one-argument forms: an int is pages, a float in (0, 1] a fraction."""
+    if value is None or isinstance(value, DecodeBudget):
+        return value
+    if isinstance(value, bool):
+        raise TypeError("decode_budget must be a DecodeBudget, an int (pages) or a float (fraction), got a bool")
+    if isinstance(value, int):
+        return DecodeBudget(pages=value)
+    if isinstance(value, float):
+        return DecodeBudget(fraction=value)
+    raise TypeError(f"decode_budget must be a DecodeBudget, an int (pages) or a float (fraction), got {type(value).__name__}")
+
+
+def share(wanted: list[int], minimum: list[int], capacity: int) -> list[int]:
+    """Budgets of sequences sharing `capacity` pages: what each wants while it fits, else a fair cut.
+
+    Under pressure every sequence keeps its minimum (sinks + window) and the pages left over are
+    split in proportion to what each wanted beyond it. Raises ValueError when even the minimums
+    do not fit (the caller refuses a new sequence before that happens).
+    """
+    if sum(minimum) > capacity:
+        raise ValueError(f"sinks + windows of {len(wanted)} sequences need {sum(minimum)} pages, the pool holds {capacity}")
+    if sum(wanted) <= capacity:
+        return list(wanted)
+    extra = [w - m for w, m in zip(wanted, minimum)]
+    spare = capacity - sum(minimum)
+    total = sum(extra)
+    return [m + (e * spare) // total for m, e in zip(minimum, extra)]

@@ -1,0 +1,58 @@
+"""Per-page, per-KV-head channel-wise min and max of K: the digest a query is scored against.
+
+Quest's bound: for a query q and any key k of a page, q . k <= sum_d max(q_d * min_d, q_d * max_d).
+The digest is 2 * head_dim numbers per page and head, 1/block_tokens of the page's K, so it stays
+on the device for every page, resident or not. It is updated as tokens are appended: a page's
+min/max only tighten towards the new token's channels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def page_minmax(keys: torch.Tensor, block_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-wise (min, max) of `keys` `[tokens, heads, head_dim]` per page: two `[pages, heads, head_dim]`.
+
+    The last page may be partial; its missing tokens do not count.
+    """
+    if keys.dim() != 3:
+        raise ValueError(f"keys must be [tokens, heads, head_dim], got shape {tuple(keys.shape)}")
+    n, h, d = keys.shape
+    pages = -(-n // block_tokens)
+    pad = pages * block_tokens - n
+    k = keys.float()
+    lo = torch.cat([k, k.new_full((pad, h, d), float("inf"))]) if pad else k
+    hi = torch.cat([k, k.new_full((pad, h, d), float("-inf"))]) if pad else k
+    return lo.view(pages, block_tokens, h, d).amin(1), hi.view(pages, block_tokens, h, d).amax(1)
+
+
+class KeySummaries:
+    """min/max of K for up to `max_pages` pages of each of `max_seqs` sequences of one layer (float32)."""
+
+    def __init__(self, max_seqs: int, max_pages: int, num_kv_heads: int, head_dim: int, device: torch.device) -> None:
+        shape = (max_seqs, max_pages, num_kv_heads, head_dim)
+        # Zeros, not infinities, past a sequence's pages: the score's matrix products multiply them
+        # (0 * inf is NaN) and then mask them out.
+        self.kmin = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.kmax = torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def reset(self, seq: int) -> None:
+        self.kmin[seq].zero_()
+        self.kmax[seq].zero_()
+
+    def write(self, seq: int, keys: torch.Tensor, block_tokens: int) -> None:
+        """The digests of a sequence's first pages from its keys `[tokens, heads, head_dim]` (prefill)."""
+        lo, hi = page_minmax(keys, block_tokens)
+        self.kmin[seq, : lo.shape[0]] = lo
+        self.kmax[seq, : hi.shape[0]] = hi
+
+    def append(self, seqs: torch.Tensor, pages: torch.Tensor, keys: torch.Tensor, fresh: torch.Tensor) -> None:
+        """Fold one new token per sequence into its page's digest: `keys` `[n, heads, head_dim]`.
+
+        `fresh[i]` says the token opens its page: the digest is then the token itself.
+        """
+        k = keys.float()
+        f = fresh.to(k.device)[:, None, None]
+        self.kmin[seqs, pages] = torch.where(f, k, torch.minimum(self.kmin[seqs, pages], k))
+        self.kmax[seqs, pages] = torch.where(f, k, torch.maximum(self.kmax[seqs, pages], k))
