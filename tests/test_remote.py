@@ -36,13 +36,13 @@ def put(store: BlockStore, first: int, blocks: int, tenant: str = "") -> list[in
 
 def record_value(store: BlockStore, tokens: list[int], block: int, tenant: str = "") -> bytes:
     """The bytes a store writes for block `block` of `tokens`: header, then the payload."""
-    from tierkv.integrity import checksum_rows
+    from tierkv.integrity import checksum_blocks
 
     key = store.keys(tokens, tenant)[block]
     ident = (store.keys(tokens, tenant)[block - 1] if block else store.chain.seed(tenant)) + \
         bytes(memoryview(__import__("numpy").asarray(tokens[block * BLOCK_TOKENS:(block + 1) * BLOCK_TOKENS], "<i4")))
     row = kv_for(LAYOUT, tokens, tenant)[block].contiguous().view(__import__("torch").uint8).reshape(1, -1)
-    return RecordFormat.for_store(store.namespace, LAYOUT).header(key, ident, checksum_rows(row)[0]) + row.numpy().tobytes()
+    return RecordFormat.for_store(store.namespace, LAYOUT).header(key, ident, checksum_blocks(row)[0]) + row.numpy().tobytes()
 
 
 # -- sharing ---------------------------------------------------------------------------------------
@@ -256,6 +256,36 @@ def test_garbage_truncated_and_flipped_values_are_detected_counted_and_never_ser
         # The node that misses computes the blocks again and stores them: written through, they
         # replace the broken values, and the next node gets the whole prompt.
         b.put(tokens, kv_for(LAYOUT, tokens))
+        published(b)
+    with remote_store(cluster, model) as c:
+        assert same_bits(c.get(tokens), kv_for(LAYOUT, tokens))
+
+
+def test_a_format_1_record_is_a_counted_foreign_miss_and_is_replaced(cluster: LocalCluster) -> None:
+    """Values written before the tree checksum (format 1, whole-block xxh3_64) are misses, never errors."""
+    import struct
+
+    import torch
+
+    from tierkv.integrity import legacy_checksum_rows
+
+    model = unique_model()
+    with remote_store(cluster, model) as a:
+        tokens = put(a, 0, 6)
+        published(a)
+        for block in (2, 3, 4, 5):  # as the old code wrote them: version 1, the old checksum
+            old = bytearray(record_value(a, tokens, block))
+            struct.pack_into("<H", old, 4, 1)
+            row = torch.frombuffer(bytearray(old[-BB:]), dtype=torch.uint8).reshape(1, -1)
+            struct.pack_into("<Q", old, 4 + 2 + 2 + 16 + 16 + 16, legacy_checksum_rows(row)[0])
+            overwrite(cluster, a, tokens, block, bytes(old))
+    with remote_store(cluster, model) as b:
+        got = b.get(tokens)
+        assert got.shape[0] == 2 and same_bits(got, kv_for(LAYOUT, tokens)[:2])
+        s = b.stats()
+        assert s["remote"]["bad_values_total"] == {"foreign": 1}, "the probe stopped at the first old value"
+        assert s["tiers"]["remote"]["corrupt"] == 0
+        b.put(tokens, kv_for(LAYOUT, tokens))  # recomputed: written through in today's format
         published(b)
     with remote_store(cluster, model) as c:
         assert same_bits(c.get(tokens), kv_for(LAYOUT, tokens))

@@ -1,7 +1,11 @@
-"""Block checksums: what makes every read from host or disk verifiable.
+"""Block checksums: what makes every read from host, disk or a remote store verifiable.
 
-xxh3_64 runs at memory speed on one core, so checking each block read from a slower tier
-costs little next to the copy itself, and a flipped bit is never served.
+Every tier checks blocks with one function, `TREE_CHECKSUM` below: a tree over 4 KiB sectors
+that a CUDA kernel computes where the bytes are (`tierkv.ops.checksum`, as part of a gather to
+the host or after a DMA from it) and that this module computes bit-identically on the CPU (CPU
+stores, disk-tier recovery and scrubs, the remote tier's records). `LEGACY_CHECKSUM` is the
+whole-block xxh3_64 that stores used before; it is kept only to verify old disk manifests while
+they are migrated (`tiers/disk/migrate.py`).
 """
 
 from __future__ import annotations
@@ -17,23 +21,16 @@ import xxhash
 
 _digest = xxhash.xxh3_64_intdigest
 
+LEGACY_CHECKSUM = "xxh3-64-whole-block"
 
-def checksum_rows(rows: torch.Tensor) -> list[int]:
-    """xxh3_64 of each row of a CPU `[n, nbytes]` uint8 tensor."""
+
+def legacy_checksum_rows(rows: torch.Tensor) -> list[int]:
+    """`LEGACY_CHECKSUM` (xxh3_64 of the whole block) of each row of a CPU `[n, nbytes]` uint8 tensor."""
     if rows.device.type != "cpu" or rows.dtype != torch.uint8 or rows.dim() != 2:
-        raise ValueError(f"checksum_rows needs a 2-D uint8 CPU tensor, got {rows.dtype} {tuple(rows.shape)} on {rows.device}")
+        raise ValueError(f"legacy_checksum_rows needs a 2-D uint8 CPU tensor, got {rows.dtype} {tuple(rows.shape)} "
+                         f"on {rows.device}")
     array = rows.contiguous().numpy()
     return [_digest(row) for row in array]
-
-
-def checksum_slots(storage: torch.Tensor, slots: Sequence[int]) -> list[int]:
-    """xxh3_64 of rows `slots` of a CPU `[num_slots, nbytes]` uint8 pool, hashed in place."""
-    if storage.device.type != "cpu" or storage.dtype != torch.uint8 or storage.dim() != 2:
-        raise ValueError(
-            f"checksum_slots needs a 2-D uint8 CPU pool, got {storage.dtype} {tuple(storage.shape)} on {storage.device}"
-        )
-    array = storage.numpy()
-    return [_digest(array[s]) for s in slots]
 
 
 # -- block checksums: a tree over 4 KiB sectors ----------------------------------------------
@@ -108,9 +105,35 @@ def _pool_view(storage: torch.Tensor, what: str) -> tuple[memoryview, int]:
     return (memoryview(array).cast("B") if storage.numel() else memoryview(b"")), storage.shape[1]
 
 
+def _roots(leaves: Any, m: int, k: int, n: int) -> list[int]:
+    """The roots of `m` blocks of `n` bytes from their `m * k` leaves (little-endian u64, in block order)."""
+    view = memoryview(leaves).cast("B")
+    kb = 8 * k
+    return [_xxh64(view[o:o + kb], n) for o in range(0, m * kb, kb)]
+
+
+def _leaves(sectors: Any, count: int) -> np.ndarray:
+    """XXH3 of each 4 KiB sector that `sectors` yields: one C call each, collected without a Python loop."""
+    return np.fromiter(map(_digest, sectors), dtype="<u8", count=count)
+
+
+def _whole_sector_rows(array: np.ndarray) -> list[int]:
+    """Checksums of the rows of a C-contiguous `[m, n]` uint8 array, `n` a multiple of 4096 (a KV block's usual size).
+
+    All leaves are hashed in one pass over the sectors in place, then the roots over the leaves:
+    fewer Python-level steps per block than `_tree` (which builds slices and packs per block).
+    """
+    m, n = array.shape
+    k = n // SECTOR_BYTES
+    return _roots(_leaves(array.reshape(m * k, SECTOR_BYTES), m * k), m, k, n)
+
+
 def checksum_blocks(rows: torch.Tensor) -> list[int]:
     """`block_checksum` of each row of a CPU `[n, nbytes]` uint8 tensor."""
-    view, n = _pool_view(rows.contiguous(), "checksum_blocks")
+    rows = rows.contiguous()
+    view, n = _pool_view(rows, "checksum_blocks")
+    if n and n % SECTOR_BYTES == 0:
+        return _whole_sector_rows(rows.numpy())
     return [_tree(view[o:o + n]) for o in range(0, rows.shape[0] * n, n)] if n else [_tree(view)] * rows.shape[0]
 
 
@@ -120,10 +143,29 @@ def checksum_block_slots(storage: torch.Tensor, slots: Sequence[int]) -> list[in
         raise ValueError(f"checksum_block_slots needs a contiguous pool, got strides {storage.stride()}")
     view, n = _pool_view(storage, "checksum_block_slots")
     num = storage.shape[0]
-    out = []
-    for s in slots:
-        s = int(s)
-        if not 0 <= s < num:
-            raise IndexError(f"slot {s} outside [0, {num})")
-        out.append(_tree(view[s * n:(s + 1) * n]))
-    return out
+    picks = np.asarray(slots, dtype=np.int64).reshape(-1)
+    if picks.size and (int(picks.min()) < 0 or int(picks.max()) >= num):
+        bad = int(picks.min()) if int(picks.min()) < 0 else int(picks.max())
+        raise IndexError(f"slot {bad} outside [0, {num})")
+    if not picks.size:
+        return []
+    if n and n % SECTOR_BYTES == 0:
+        array = storage.numpy()
+        first, m = int(picks[0]), picks.size
+        if int(picks[-1]) - first == m - 1 and bool(np.all(np.diff(picks) == 1)):  # one run: a slice, no index list
+            return _whole_sector_rows(array[first:first + m])
+        k = n // SECTOR_BYTES
+        sectors = array.reshape(num * k, SECTOR_BYTES)
+        index = (picks[:, None] * k + np.arange(k)).reshape(-1).tolist()
+        return _roots(_leaves(map(sectors.__getitem__, index), m * k), m, k, n)
+    return [_tree(view[s * n:(s + 1) * n]) for s in picks.tolist()]
+
+
+def checksum_rows(rows: torch.Tensor) -> list[int]:
+    """The store's block checksum (`TREE_CHECKSUM`) of each row of a CPU `[n, nbytes]` uint8 tensor: `checksum_blocks`."""
+    return checksum_blocks(rows)
+
+
+def checksum_slots(storage: torch.Tensor, slots: Sequence[int]) -> list[int]:
+    """The store's block checksum of rows `slots` of a CPU pool, in place: `checksum_block_slots`."""
+    return checksum_block_slots(storage, slots)

@@ -17,6 +17,7 @@ import torch
 
 from .errors import CapacityError
 from .index import ABSENT, PENDING, Block, Index
+from .ops.checksum import block_checksums
 from .stats import StoreCounters
 from .tiers.base import Tier, TierRead
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from .layout import KVLayout
     from .ops.engine_layout import EngineKV
 
+
+LOAD_PIECE_BYTES = 256 << 20  # GPU rows a verified load into an engine's GPU pages stages at a time
 
 # How a chain's new blocks reach their tier: (tier position, slots, positions in the chain, blocks).
 Writer = Callable[[int, list[int], slice, list[Block]], None]
@@ -292,24 +295,25 @@ class Placement:
         """Positions of `blocks` whose bytes in tier `t` (or in `rows` read from it) fail their checksum.
 
         Without `rows`, the tier hashes its slots where they lie when it can: no copy just to check them.
-        Positions the read reported `unreadable` fail whatever their rows hold.
+        Rows on a GPU are hashed there (`TREE_CHECKSUM` either way). Positions the read reported
+        `unreadable` fail whatever their rows hold.
         """
         tier = self.tiers[t]
         if not blocks or not (tier.verify_reads or unreadable):
             return []
-        lost = set(unreadable)
+        sums = None
         if tier.verify_reads:
-            if rows is not None and rows.device.type == "cpu":
-                from .integrity import checksum_rows
+            sums = block_checksums(rows) if rows is not None else tier.checksums([b.slots[t] for b in blocks])
+        return self.mismatches(t, blocks, sums, unreadable)
 
-                sums = checksum_rows(rows)
-            else:
-                sums = tier.checksums([b.slots[t] for b in blocks])
-            bad = [i for i, (b, s) in enumerate(zip(blocks, sums))
-                   if i in lost or (b.checksum is not None and b.checksum != s)]
-        else:
+    def mismatches(self, t: int, blocks: list[Block], sums: list[int] | None, unreadable: Sequence[int] = ()) -> list[int]:
+        """Positions of `blocks` whose `sums` (None: not hashed) differ from their checksums, or that were unreadable; counted."""
+        lost = set(unreadable)
+        if sums is None:
             bad = sorted(lost)
-        self.counters.tiers[tier.name].corrupt += len(bad)
+        else:
+            bad = [i for i, (b, s) in enumerate(zip(blocks, sums)) if i in lost or (b.checksum is not None and b.checksum != s)]
+        self.counters.tiers[self.names[t]].corrupt += len(bad)
         return bad
 
     def promote(self, blocks: list[Block], verified: Verified) -> None:
@@ -328,6 +332,9 @@ class Placement:
             group = [lifted[i] for i in picks]
             slots = [dst[i] for i in picks]
             src = self.tiers[src_tier]
+            if src.hashes_in_place and src.verify_reads and self.tiers[top].device.type == "cuda":
+                self._promote_to_gpu(src_tier, group, slots, verified)
+                continue
             direct = src.hashes_in_place
             # Memory to memory: checksums over the source slots in place, then one slot-to-slot
             # copy (a DMA on a GPU). From disk the bytes come through rows that are hashed once.
@@ -350,6 +357,23 @@ class Placement:
             if src.verify_reads:
                 verified.checked.update(id(b) for b in group)
 
+    def _promote_to_gpu(self, src_tier: int, group: list[Block], slots: list[int], verified: Verified) -> None:
+        """Host slots -> GPU slots of the top tier in one copy, then verified on the GPU where they landed.
+
+        A block that fails leaves the top tier again (its slot is freed) and is noted corrupt in
+        `src_tier`, as if it had failed before the copy: nothing unverified is ever served.
+        """
+        top = self.top
+        self.copy(src_tier, [b.slots[src_tier] for b in group], top, slots, group)
+        bad = set(self.mismatches(src_tier, group, self.tiers[top].checksums(slots)))
+        for i, (block, slot) in enumerate(zip(group, slots)):
+            if i in bad:
+                self.tiers[top].free([slot])
+                verified.corrupt.append((block, src_tier))
+            else:
+                self.index.set_slot(block, top, slot)
+                verified.checked.add(id(block))
+
     def _check_group(self, t: int, group: list[Block], read: TierRead | None, verified: Verified) -> bool:
         """Verify the blocks of `group` (read from tier `t`, as `read` if given) not yet verified by this call."""
         lost = set(read.unreadable) if read is not None else set()
@@ -362,13 +386,21 @@ class Placement:
         verified.corrupt += [(group[unchecked[i]], t) for i in bad]
         return not bad
 
+    def _read_for(self, t: int, slots: list[int], device: torch.device) -> TierRead:
+        """Rows of tier `t`'s `slots` bound for `device`: moved there in one copy first when that is a GPU
+        the tier is not on, so that they are verified where they will be used."""
+        tier = self.tiers[t]
+        if device.type == "cuda" and tier.device.type != "cuda":
+            return tier.read_to(slots, device)
+        return tier.read_some(slots)
+
     def gather(self, blocks: list[Block], device: torch.device, verified: Verified) -> torch.Tensor:
         """One `[n, block_bytes]` uint8 tensor on `device`, each block read from its fastest tier and verified."""
         groups = group_by(range(len(blocks)), [b.fastest for b in blocks])
         out: torch.Tensor | None = None
         for t, picks in groups.items():
             group = [blocks[i] for i in picks]
-            read = self.tiers[t].read_some([b.slots[t] for b in group])
+            read = self._read_for(t, [b.slots[t] for b in group], device)
             self._check_group(t, group, read, verified)
             part = read.rows.to(device)
             self.counters.moved_bytes(self.names[t], "get", part.numel())
@@ -385,16 +417,26 @@ class Placement:
                          verified: Verified) -> None:
         """Copy each block from its fastest tier into the engine tokens `engine_slots[i]`, verified first.
 
-        A tier that hashes in place is verified where the bytes lie and copies slot to page;
-        others (disk) are read once into rows that are verified and then scattered.
+        Bound for GPU pages from host or disk, a block is copied once into GPU rows, verified there
+        and scattered from them (in pieces of `LOAD_PIECE_BYTES`; the load stops at the first piece
+        that fails). Otherwise a tier that hashes in place is verified where the bytes lie and copies
+        slot to page, and others (disk) are read once into rows that are verified and then scattered.
         """
         for t, picks in group_by(range(len(blocks)), [b.fastest for b in blocks]).items():
-            group = [blocks[i] for i in picks]
             tier = self.tiers[t]
-            slots = [b.slots[t] for b in group]
-            read = tier.read_some(slots) if tier.verify_reads and not tier.hashes_in_place else None
-            if self._check_group(t, group, read, verified):
-                tier.load_into_engine(slots, engine, engine_slots[torch.as_tensor(picks)], layout,
+            staged = engine.device.type == "cuda" and tier.device.type != "cuda" and tier.verify_reads
+            step = max(1, LOAD_PIECE_BYTES // max(layout.block_bytes, 1)) if staged else max(len(picks), 1)
+            for a in range(0, len(picks), step):
+                part = picks[a : a + step]
+                group = [blocks[i] for i in part]
+                slots = [b.slots[t] for b in group]
+                if staged and any(id(b) not in verified.checked for b in group):
+                    read: TierRead | None = tier.read_to(slots, engine.device)
+                else:
+                    read = tier.read_some(slots) if tier.verify_reads and not tier.hashes_in_place else None
+                if not self._check_group(t, group, read, verified):
+                    return  # never scattered: the engine recomputes from the first block that failed
+                tier.load_into_engine(slots, engine, engine_slots[torch.as_tensor(part)], layout,
                                       None if read is None else read.rows)
                 self.counters.moved_bytes(tier.name, "engine", len(group) * layout.block_bytes)
 

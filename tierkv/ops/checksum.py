@@ -6,6 +6,11 @@ checksums as an int64 CUDA tensor (the u64 bit pattern; `as_unsigned` turns it i
 Nothing here synchronises with the device. The pool may be device memory or pinned host memory
 (read over UVA, at PCIe speed). The CPU function in `tierkv.integrity` is the reference: the
 values are bit-identical.
+
+`block_checksums(pool, rows)` is what the store calls: the same checksums wherever the pool
+lives, on the GPU for CUDA memory (and the result copied back, which waits for the kernels), on
+the CPU for host memory (pinned host slots included: hashing them on the GPU would pull every
+byte over PCIe once more).
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..integrity import SECTOR_BYTES, TREE_CHECKSUM
+from ..integrity import SECTOR_BYTES, TREE_CHECKSUM, checksum_block_slots, checksum_blocks
 from .cuda_build import i32, i64, module, ptr
 from .kernels import access_width
 
-__all__ = ["TREE_CHECKSUM", "as_unsigned", "checksum_rows_gpu"]
+__all__ = ["TREE_CHECKSUM", "as_unsigned", "block_checksums", "checksum_rows_gpu"]
 
 SOURCE = "checksum.cu"
 THREADS = 256  # 64 sectors per thread block: four lanes per sector
@@ -107,3 +112,23 @@ def checksum_rows_gpu(pool: torch.Tensor, rows: torch.Tensor | Sequence[int] | N
         mod.launch(name, max(1, min(-(-m // per_cta), mod.num_sms * CTAS_PER_SM)), ROOT_THREADS,
                    [ptr(leaves), i64(n), i32(k), i32(m), ptr(out)], s)
     return out
+
+
+def block_checksums(pool: torch.Tensor, rows: Sequence[int] | None = None,
+                    stream: torch.cuda.Stream | None = None) -> list[int]:
+    """`TREE_CHECKSUM` of each row of a `[num_rows, row_bytes]` uint8 pool (or of rows `rows`), where the pool is.
+
+    CUDA memory is hashed by the kernels on `stream` (default: the pool device's current stream,
+    so the hash is ordered after the copies queued there) and the result waits for them; without
+    the CUDA toolchain the rows are copied to the host and hashed there. CPU memory is hashed in
+    place by `tierkv.integrity`. Either way the values are the same bits.
+    """
+    if not pool.is_cuda:
+        return checksum_blocks(pool) if rows is None else checksum_block_slots(pool, rows)
+    from .transfer import cuda_kernels_available  # transfer imports the copy kernels; only GPU callers need it
+
+    if cuda_kernels_available():
+        s = stream if stream is not None else torch.cuda.current_stream(pool.device)
+        return as_unsigned(checksum_rows_gpu(pool.contiguous(), None if rows is None else list(rows), s))
+    picked = pool if rows is None else pool[torch.as_tensor(list(rows), dtype=torch.int64, device=pool.device)]
+    return checksum_blocks(picked.cpu())

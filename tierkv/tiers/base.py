@@ -9,6 +9,8 @@ asking which class a tier is:
   tier's bytes never left the GPU, so it says no). A verifying tier gives every block it
   takes in a checksum if it has none yet (`write`, `copy_to`, `save_from_engine`).
 - `hashes_in_place`: `checksums` reads no rows out (memory), so a block can be verified where it lies.
+- `read_to`: slots as rows on a GPU in one copy, so that a block bound for an engine's GPU pages is
+  verified there (`TREE_CHECKSUM` on the GPU) before it is scattered.
 - `copy_to`: a direct slot-to-slot copy into another tier, when both sides allow it.
 - `save_from_engine` / `load_into_engine`: the engine's pages to slots and back, straight where
   the tier's memory is addressable by the copy kernels, through a temporary otherwise.
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import TierKVError
-from ..integrity import checksum_rows
+from ..ops.checksum import block_checksums
 
 if TYPE_CHECKING:
     from ..index import Block, Index
@@ -165,10 +167,14 @@ class Tier(ABC):
         """`read`, except that a tier whose rows can fail one by one reports those instead of raising."""
         return TierRead(self.read(slots))
 
+    def read_to(self, slots: Sequence[int], device: torch.device) -> TierRead:
+        """`read_some` with the rows on `device`: how a read bound for a GPU is verified there, after its one copy."""
+        got = self.read_some(slots)
+        return TierRead(got.rows.to(device), got.unreadable)
+
     def checksums(self, slots: Sequence[int]) -> list[int]:
-        """The checksum of each slot's bytes as they are now; tiers that can hash in place override."""
-        rows = self.read(slots)
-        return checksum_rows(rows if rows.device.type == "cpu" else rows.cpu())
+        """The checksum of each slot's bytes as they are now (`TREE_CHECKSUM`); tiers that can hash in place override."""
+        return block_checksums(self.read(slots))
 
     def copy_to(self, slots: Sequence[int], other: Tier, other_slots: Sequence[int], blocks: Sequence[Block]) -> bool:
         """Copy our slots into `other`'s directly; False when there is no direct path (the store reads and writes)."""

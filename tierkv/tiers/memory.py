@@ -10,6 +10,11 @@ Copies go through `tierkv.ops.transfer`, which picks a copy kernel, copy-engine 
 torch indexing by direction and block size. GPU copies into or out of pinned host slots run
 asynchronously; the pool remembers the last one, and any CPU access to its slots waits for that
 event first (a wait on one event, not a device synchronisation).
+
+Checksums are taken where the bytes are: a block leaving GPU memory for a host slot is hashed
+on the GPU before the copy (`tierkv.ops.checksum`), a block already in host memory is hashed in
+place on the CPU, and `read_to` moves slots to a GPU in one copy so that they can be verified
+there before anything is scattered into an engine's pages.
 """
 
 from __future__ import annotations
@@ -19,15 +24,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..integrity import checksum_rows, checksum_slots
+from ..integrity import checksum_block_slots
+from ..ops.checksum import block_checksums
 from ..ops.transfer import copy_slots, gather_engine_blocks, scatter_engine_blocks
-from .base import Tier, need_checksums, stamp_checksums
+from .base import Tier, TierRead, need_checksums, stamp_checksums
 from .limits import allocate, check_capacity
 
 if TYPE_CHECKING:
     from ..index import Block
     from ..layout import KVLayout
     from ..ops.engine_layout import EngineKV
+
+
+SAVE_PIECE_BYTES = 256 << 20  # GPU rows a hashed save gathers into at a time
 
 
 def _contiguous_run(slots: Sequence[int]) -> tuple[int, int] | None:
@@ -92,8 +101,7 @@ class PoolTier(Tier):
     def _stamp(self, slots: Sequence[int], blocks: Sequence[Block], rows: torch.Tensor | None = None) -> None:
         """Checksums for blocks arriving here without one: of `rows` when on the CPU, else of the slots in place."""
         if self.verify_reads and need_checksums(blocks):
-            stamp_checksums(blocks, checksum_rows(rows) if rows is not None and rows.device.type == "cpu"
-                            else self.checksums(slots))
+            stamp_checksums(blocks, block_checksums(rows) if rows is not None else self.checksums(slots))
 
     # -- bytes ---------------------------------------------------------------------
 
@@ -119,9 +127,9 @@ class PoolTier(Tier):
         self._check_access(slots)
         self._before_copy(rows.is_cuda)
         rows = rows.contiguous()
+        self._stamp(slots, blocks, rows)  # where the rows are: GPU rows on the GPU, before they leave it
         event = copy_slots(rows, range(len(slots)), self.storage, slots)
         self._after_gpu_copy(event, keep=rows if rows.device.type == "cpu" else None)
-        self._stamp(slots, blocks, rows)
 
     def copy_to(self, slots: Sequence[int], other: Tier, other_slots: Sequence[int], blocks: Sequence[Block]) -> bool:
         """Copy our `slots` into another pool's `other_slots` in one batched transfer, with no temporary rows."""
@@ -135,6 +143,8 @@ class PoolTier(Tier):
             return True
         self._check_access(slots)
         other._check_access(other_slots)
+        if self._device.type == "cuda" and other.verify_reads and need_checksums(blocks):
+            stamp_checksums(blocks, self.checksums(slots))  # on the GPU, before the bytes leave it
         gpu = self._device.type == "cuda" or other._device.type == "cuda"
         self._before_copy(gpu)
         other._before_copy(gpu)
@@ -146,12 +156,50 @@ class PoolTier(Tier):
 
     def save_from_engine(self, slots: Sequence[int], engine: EngineKV, engine_slots: torch.Tensor, layout: KVLayout,
                          blocks: Sequence[Block]) -> None:
-        """Gather the engine's pages straight into our slots (one launch or DMA batch)."""
+        """Gather the engine's pages straight into our slots (one launch or DMA batch).
+
+        GPU pages bound for host slots that need checksums are gathered into GPU rows first,
+        hashed there, and moved with one copy (`_save_hashed`): the CPU never reads them.
+        """
         self._check_access(slots)
+        if (engine.device.type == "cuda" and self._device.type == "cpu" and self.verify_reads
+                and need_checksums(blocks)):
+            self._save_hashed(slots, engine, engine_slots, layout, blocks)
+            return
         self._before_copy(engine.device.type == "cuda")
         event = gather_engine_blocks(engine, engine_slots, self.storage, layout, rows=list(slots))
         self._after_gpu_copy(event)
         self._stamp(slots, blocks)
+
+    def _save_hashed(self, slots: Sequence[int], engine: EngineKV, engine_slots: torch.Tensor, layout: KVLayout,
+                     blocks: Sequence[Block]) -> None:
+        """Engine pages -> GPU rows (gather) -> checksums on the GPU -> one copy into our host slots.
+
+        In pieces of at most `SAVE_PIECE_BYTES` of GPU rows; everything is queued on the engine
+        device's current stream, and only the checksums are waited for (the copies stay async).
+        """
+        bb = self.slot_bytes
+        per = max(1, SAVE_PIECE_BYTES // max(bb, 1))
+        sums: list[int] = []
+        for a in range(0, len(slots), per):
+            b = min(a + per, len(slots))
+            rows = torch.empty((b - a, bb), dtype=torch.uint8, device=engine.device)
+            gather_engine_blocks(engine, engine_slots[a:b], rows, layout)
+            sums += block_checksums(rows)
+            self._before_copy(True)
+            self._after_gpu_copy(copy_slots(rows, range(b - a), self.storage, list(slots[a:b])))
+        stamp_checksums(blocks, sums)
+
+    def read_to(self, slots: Sequence[int], device: torch.device) -> TierRead:
+        """Our slots as rows on `device`, in one copy (a DMA batch from pinned host slots to a GPU)."""
+        if torch.device(device).type != "cuda":
+            return super().read_to(slots, device)
+        out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, device=device)
+        if len(slots):
+            self._check_access(slots)
+            self._before_copy(True)
+            self._after_gpu_copy(copy_slots(self.storage, list(slots), out, range(len(slots))))
+        return TierRead(out)
 
     def load_into_engine(self, slots: Sequence[int], engine: EngineKV, engine_slots: torch.Tensor,
                          layout: KVLayout, rows: torch.Tensor | None = None) -> None:
@@ -164,12 +212,12 @@ class PoolTier(Tier):
         self._after_gpu_copy(scatter_engine_blocks(engine, engine_slots, self.storage, layout, rows=list(slots)))
 
     def checksums(self, slots: Sequence[int]) -> list[int]:
-        """Checksums of the slots' bytes, hashed where they lie when that is CPU memory."""
-        if self._device.type != "cpu":
-            return super().checksums(slots)
+        """Checksums of the slots' bytes, hashed where they lie: by the CPU in host memory, by the GPU in device memory."""
         self._check_access(slots)
+        if self._device.type != "cpu":
+            return block_checksums(self.storage, slots)
         self._cpu_access()
-        return checksum_slots(self.storage, slots)
+        return checksum_block_slots(self.storage, slots)
 
     def view(self, slots: Sequence[int]) -> torch.Tensor:
         """Rows of the given slots without a copy where they are consecutive (else a gather)."""

@@ -7,13 +7,18 @@ key is `tierkv:` and the block key in hex, with no hash tag, so blocks spread ov
 The header (little-endian) is what a reader checks before it trusts a value:
 
     magic "TKVR" | format version u16 | ident length u16 | namespace digest 16 B | layout digest 16 B
-    | block key 16 B | payload checksum u64 (xxh3_64) | payload length u64 | ident (parent key + token ids)
+    | block key 16 B | payload checksum u64 (TREE_CHECKSUM) | payload length u64 | ident (parent key + token ids)
 
 The namespace digest is that of the store's namespace without its tenant (model, weights, tensor
 shard, adapter, layout): the tenant salts the key chain itself, and the ident ties each block to
 its parent's key, so a block of another tenant can never match the key and ident asked for. Any
 difference from what the reader asked for, a length that is not the header plus the payload, or
 a payload that fails its checksum, makes the value a miss: counted, never served.
+
+The payload checksum is the one every tier uses (`tierkv.integrity.TREE_CHECKSUM`), so a block
+read from Redis is verified like any other, on the GPU when it is bound for one. Format 1 carried
+whole-block xxh3_64 checksums: its values are foreign to today's readers (a counted miss, written
+again by the store that recomputes them), never an error.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from ...layout import KVLayout
 from ...namespace import Namespace
 
 MAGIC = b"TKVR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: TREE_CHECKSUM payload checksums; 1: whole-block xxh3_64 (foreign now)
 KEY_PREFIX = b"tierkv:"
 _FIXED = struct.Struct("<4sHH16s16s16sQQ")
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ...errors import TierKVError
-from ...integrity import checksum_rows
+from ...integrity import checksum_blocks
 from ...remote_url import parse_remote_url
 from ..base import StoreAccess, Tier, TierAgent, TierRead, need_checksums, stamp_checksums
 from .client import Fault, RemoteClient, load_redis
@@ -290,7 +290,7 @@ class RemoteTier(Tier):
             part = rows[lo : lo + step]
             part_blocks = blocks[lo : lo + step]
             if need_checksums(part_blocks):
-                stamp_checksums(part_blocks, checksum_rows(part))
+                stamp_checksums(part_blocks, checksum_blocks(part))
             writes = []
             for slot, block, row in zip(slots[lo : lo + step], part_blocks, part.numpy()):
                 assert block.checksum is not None
