@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tierkv import StoreConfig, TierKVError  # noqa: E402
-from tierkv_connectors.hf import TierKV, describe_model  # noqa: E402
+from tierkv_connectors.hf import TierKV, cache_argument, describe_model  # noqa: E402
 
 BT = 16  # tokens per block
 VOCAB = 256
@@ -99,7 +99,7 @@ def test_logits_match_without_reuse(arch: str) -> None:
         cache = tkv.cache(prompt)
         assert cache.get_seq_length() == 48
         with torch.no_grad():
-            reused = model(prompt[:, 48:], past_key_values=cache).logits[0]
+            reused = model(prompt[:, 48:], **cache_argument(cache)).logits[0]
             full = model(prompt).logits[0, 48:]
         torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
 
@@ -115,7 +115,7 @@ def test_bfloat16_logits_within_dtype_tolerance_and_tokens_identical() -> None:
         assert torch.equal(out.sequences, reference(model, prompt))
         cache = tkv.cache(prompt, save_prompt=False)
         with torch.no_grad():
-            reused = model(prompt[:, 32:], past_key_values=cache).logits[0].float()
+            reused = model(prompt[:, 32:], **cache_argument(cache)).logits[0].float()
             full = model(prompt).logits[0, 32:].float()
         torch.testing.assert_close(reused, full, rtol=1.6e-2, atol=2e-2)
 
@@ -192,10 +192,10 @@ def test_cache_passed_to_model_generate_directly() -> None:
     with TierKV(model, store_config(model), block_tokens=BT) as tkv:
         prompt = tokens(50, 37).unsqueeze(0)
         mask = torch.ones_like(prompt)
-        model.generate(prompt, attention_mask=mask, past_key_values=tkv.cache(prompt, mask), max_new_tokens=2)
+        model.generate(prompt, attention_mask=mask, **cache_argument(tkv.cache(prompt, mask)), max_new_tokens=2)
         cache = tkv.cache(prompt, mask)
         assert cache.reused_tokens == [32] and cache.stored_blocks == 0
-        out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW, do_sample=False)
+        out = model.generate(prompt, attention_mask=mask, **cache_argument(cache), max_new_tokens=NEW, do_sample=False)
         assert torch.equal(out, reference(model, prompt))
 
 
@@ -204,7 +204,7 @@ def test_save_prompt_false_stores_nothing() -> None:
     with TierKV(model, store_config(model), block_tokens=BT) as tkv:
         prompt = tokens(60, 40).unsqueeze(0)
         cache = tkv.cache(prompt, save_prompt=False)
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=2)
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache_argument(cache), max_new_tokens=2)
         assert tkv.store.match(prompt[0]) == 0 and cache.stored_blocks == 0
 
 
@@ -253,7 +253,7 @@ def test_cache_used_with_more_rows_than_it_was_built_for_is_refused() -> None:
         tkv.generate(prompt, max_new_tokens=1)
         cache = tkv.cache(prompt)
         with pytest.raises(TierKVError, match="built for 1 prompt row"):
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=2,
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache_argument(cache), max_new_tokens=2,
                            do_sample=True, num_return_sequences=2)
 
 
@@ -266,7 +266,7 @@ def test_cache_used_with_another_prompt_is_refused_before_anything_is_stored(oth
         cache = tkv.cache(built_for)
         other = torch.cat([built_for[0, :32], tokens(95, other_length - 32)]).unsqueeze(0)
         with pytest.raises(TierKVError, match=f"brings the cache to {other_length} columns.*built for a prompt of 40"):
-            model.generate(other, attention_mask=torch.ones_like(other), past_key_values=cache, max_new_tokens=8)
+            model.generate(other, attention_mask=torch.ones_like(other), **cache_argument(cache), max_new_tokens=8)
         assert tkv.store.match(other[0]) == tkv.store.match(built_for[0]) == 32
 
 
@@ -298,7 +298,7 @@ def test_save_sequences_checks_its_input() -> None:
     with TierKV(model, store_config(model), block_tokens=BT) as tkv:
         prompt = tokens(93, 20).unsqueeze(0)
         cache = tkv.cache(prompt)
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=4)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache_argument(cache), max_new_tokens=4)
         with pytest.raises(ValueError, match="do not start with the prompts"):
             cache.save_sequences(torch.flip(out, dims=[1]))
         with pytest.raises(ValueError, match=r"\[1, tokens\] tensor"):

@@ -24,8 +24,10 @@ from tierkv_connectors.hf import (  # noqa: E402
     PrefixNotUsedError,
     TierKV,
     UnsupportedModelError,
+    cache_argument,
     describe_model,
 )
+from tierkv_connectors.hf.compat import CACHE_KEYWORD  # noqa: E402
 from tierkv_connectors.hf.zoo import build, check_reuse  # noqa: E402
 
 BT = 16
@@ -115,20 +117,22 @@ def test_cache_dropped_inside_model_generate_raises_before_anything_is_computed(
         prompt = a.unsqueeze(0)
         cache = tkv.cache(prompt)
         assert cache.reused_tokens == [32] and cache.kv_regime == "longrope-long"
-        with pytest.raises(PrefixNotUsedError, match="past_key_values=NoneType instead of the TierKVCache"):
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=2)
+        with pytest.raises(PrefixNotUsedError, match=f"{CACHE_KEYWORD}=NoneType instead of the TierKVCache"):
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache_argument(cache), max_new_tokens=2)
         assert not cache.prefilled and cache.bypassed and cache.stored_blocks == 0
         # Nothing stays armed: the next plain forward is not refused.
         plain(model, prompt, new=1)
 
 
 class IgnoresCache(transformers.LlamaForCausalLM):
-    """A model whose forward takes past_key_values and, once `ignore` is set, silently computes without it."""
+    """A model whose forward takes the cache and, once `ignore` is set, silently computes without it."""
 
     ignore = False
 
-    def forward(self, *args, past_key_values=None, **kwargs):
-        return super().forward(*args, past_key_values=None if self.ignore else past_key_values, **kwargs)
+    def forward(self, *args, **kwargs):
+        if self.ignore:
+            kwargs.update(cache_argument(None))
+        return super().forward(*args, **kwargs)
 
 
 def test_forward_that_ignores_the_cache_is_caught() -> None:
@@ -143,7 +147,7 @@ def test_forward_that_ignores_the_cache_is_caught() -> None:
         assert out.reused_tokens == [0] and out.recomputed
         assert torch.equal(out.sequences, plain(model, prompt))
         with pytest.raises(PrefixNotUsedError, match="did not write the prompt's KV"), torch.no_grad():
-            model(prompt[:, 32:], past_key_values=tkv.cache(prompt))
+            model(prompt[:, 32:], **cache_argument(tkv.cache(prompt)))
 
 
 def test_streamer_sees_the_prompt_once_when_the_prompt_is_recomputed() -> None:

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 
 from tierkv import StoreConfig  # noqa: E402
-from tierkv_connectors.hf import TierKV, UnsupportedModelError, describe_model  # noqa: E402
+from tierkv_connectors.hf import TierKV, UnsupportedModelError, cache_argument, describe_model  # noqa: E402
 from tierkv_connectors.hf.zoo import WINDOW, build, check_reuse  # noqa: E402
 
 # (model_type, class, config fields beyond the zoo's tiny ones that turn the window on)
@@ -58,7 +58,7 @@ def test_rebuilt_cache_is_the_cache_plain_generate_holds(model_type: str, class_
         cache = tkv.cache(prompt, save_prompt=False)
         assert cache.reused_tokens == [4 * bt]
         plain = transformers.DynamicCache(config=model.config)
-        model(prefix, attention_mask=torch.ones_like(prefix), past_key_values=plain, use_cache=True)
+        model(prefix, attention_mask=torch.ones_like(prefix), **cache_argument(plain), use_cache=True)
         assert [type(layer) for layer in cache.layers] == [type(layer) for layer in plain.layers]
         assert DynamicSlidingWindowLayer in {type(layer) for layer in cache.layers}
         for mine, theirs in zip(cache.layers, plain.layers):
@@ -79,13 +79,13 @@ def test_reply_of_a_sliding_model_is_stored_only_when_recorded() -> None:
     config = StoreConfig(device_bytes=64 * layout.block_bytes, host_bytes=64 * layout.block_bytes, device="cpu")
     with TierKV(model, config, block_tokens=bt) as tkv, torch.no_grad():
         cache = tkv.cache(prompt, record_reply=False)
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=12,
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache_argument(cache), max_new_tokens=12,
                              do_sample=False)
         with pytest.raises(ValueError, match="record_reply=False"):
             cache.save_sequences(out)
         assert tkv.store.match(out[0]) == 16  # the prompt's blocks were stored at prefill all the same
         cache = tkv.cache(prompt)
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=12,
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache_argument(cache), max_new_tokens=12,
                              do_sample=False)
         assert cache.save_sequences(out) == 1  # 31 tokens with KV: blocks 16..24 new
         assert tkv.store.match(out[0]) == 24

@@ -30,7 +30,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tierkv import StoreConfig  # noqa: E402
-from tierkv_connectors.hf import TierKV  # noqa: E402
+from tierkv_connectors.hf import TierKV, cache_argument  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -166,8 +166,8 @@ def _continuation_gap(model, ids: torch.Tensor, prefix: int) -> float:
     with torch.no_grad():
         whole = model(ids).logits[0, -1].float()
         cache = transformers.DynamicCache()
-        model(ids[:, :prefix], past_key_values=cache, use_cache=True)
-        continued = model(ids[:, prefix:], past_key_values=cache, use_cache=True).logits[0, -1].float()
+        model(ids[:, :prefix], **cache_argument(cache), use_cache=True)
+        continued = model(ids[:, prefix:], **cache_argument(cache), use_cache=True).logits[0, -1].float()
     return (whole - continued).abs().max().item()
 
 

@@ -38,6 +38,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from tierkv import BlockStore, CapacityError, LayoutMismatchError, TierKVError
 
 from .blocks import copy_blocks_to_tokens, tokens_to_blocks
+from .compat import CACHE_KEYWORD, given_cache
 from .model import ModelKV
 
 
@@ -114,7 +115,7 @@ class CacheWatch:
         self.armed.clear()
 
     def _before(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        given = kwargs.get("past_key_values")
+        given = given_cache(kwargs)
         missed = [cache for cache in self.armed if cache is not given]
         self.armed.clear()
         if missed:
@@ -123,7 +124,7 @@ class CacheWatch:
             prepare = getattr(type(module), "prepare_inputs_for_generation", None)
             caller = getattr(prepare, "__qualname__", "prepare_inputs_for_generation")
             raise PrefixNotUsedError(
-                f"{self._model_name} was called with past_key_values={type(given).__name__} instead of the TierKVCache "
+                f"{self._model_name} was called with {CACHE_KEYWORD}={type(given).__name__} instead of the TierKVCache "
                 f"holding {cache.reused_tokens} stored tokens per row that generate was given ({caller} did not pass "
                 "it on: Phi-3 / PhiMoE drop the cache when a LongRoPE prompt is longer than "
                 "original_max_position_embeddings and the cache is not). Nothing was computed; TierKV.generate "
@@ -140,7 +141,7 @@ class CacheWatch:
             )
 
     def _after(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        given = kwargs.get("past_key_values")
+        given = given_cache(kwargs)
         if isinstance(given, TierKVCache) and given.loaded and not given.prefilled:
             given.bypassed = True
             raise PrefixNotUsedError(
@@ -154,7 +155,8 @@ class CacheWatch:
 class TierKVCache(DynamicCache):
     """A `DynamicCache` pre-filled from a `BlockStore` with the longest stored prefix of each prompt.
 
-    Pass it as `past_key_values` to `model.generate(input_ids, attention_mask=..., ...)` with the
+    Pass it to `model.generate(input_ids, attention_mask=..., **cache_argument(cache))` (as `cache=`,
+    or `past_key_values=` before transformers 5.20: `compat.cache_argument` knows which) with the
     same `input_ids` and `attention_mask` it was built from; a first forward pass that does not
     complete exactly that prompt raises `TierKVError`. When that pass has run through the last
     layer, the cache stores the prompts' new full blocks (unless `save_prompt=False`);

@@ -35,6 +35,8 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from tierkv import KVLayout, Namespace, TierKVError
 
+from .compat import cache_argument
+
 # Config entries that steer the Python API, not the numbers: changing them must not cost a miss.
 _CONFIG_KEYS_IGNORED = frozenset(
     {"transformers_version", "use_cache", "output_attentions", "output_hidden_states", "return_dict"}
@@ -238,7 +240,7 @@ _PROBE = (5, 9)
 def _forward(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, columns: int) -> torch.Tensor:
     mask = torch.ones((ids.shape[0], columns), dtype=torch.long, device=ids.device)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_argument(cache))
     return out.logits.float()
 
 
@@ -306,7 +308,7 @@ def describe_model(model: PreTrainedModel) -> ModelKV:
     probe = DynamicCache()
     token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
     with torch.no_grad():
-        model(input_ids=token, past_key_values=probe, use_cache=True)
+        model(input_ids=token, use_cache=True, **cache_argument(probe))
     if not probe.layers:
         raise _refuse(model, "its forward pass wrote nothing into the DynamicCache it was given")
     shapes = set()
