@@ -83,7 +83,13 @@ def child(config: str, args: argparse.Namespace) -> dict[str, Any]:
             history[user] = prompt + answer
             requests.append({"turn": turn, "user": user, "prompt_tokens": len(prompt), "ttft": out.metrics.first_token_latency,
                              "cached": out.num_cached_tokens, "answer": answer})
-    return {"requests": requests}
+    result: dict[str, Any] = {"requests": requests}
+    if config == "tierkv":
+        from tierkv_connectors.vllm import worker_stats
+
+        # What the connector's worker hooks cost the engine's steps (connectors/vllm/step_time.py).
+        result["step_time"] = llm.collective_rpc(worker_stats)[0]["step_time"]
+    return result
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -101,7 +107,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 def run_config(config: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any] | str:
     """One configuration in its own engine process; the result, or why it failed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
     server = None
     log = log_dir / f"{config}.log"
     try:
@@ -272,6 +278,12 @@ def main() -> None:
                  f"{args.gpu_blocks} blocks")
         print(title + "\n")
         print(table(results))
+        steps = results.get("tierkv")
+        if isinstance(steps, dict) and "step_time" in steps:
+            t = steps["step_time"]
+            print(f"\ntierkv on the engine's step ({t['steps']} steps), ms per step mean / p99 / max: "
+                  + "; ".join(f"{k} {t[f'{k}_ms']['mean']:.3f} / {t[f'{k}_ms']['p99']:.3f} / {t[f'{k}_ms']['max']:.3f}"
+                              for k in ("save", "load", "other")))
         if args.json:
             Path(args.json).write_text(json.dumps({"title": title, "results": results}))
         if args.plot:

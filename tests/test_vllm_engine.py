@@ -144,6 +144,16 @@ def test_shared_prefixes_come_from_tierkv_once_vllm_forgets_them(engine_a: dict)
     assert "disk" not in engine_a["cached_by_source"]
 
 
+def test_the_connector_reports_what_its_hooks_cost_each_engine_step(engine_a: dict) -> None:
+    (stats,) = engine_a["stats"]
+    steps = stats["step_time"]
+    assert steps["steps"] >= 16, "get_finished closes every step the engine ran"
+    for kind in ("save", "load", "other"):
+        t = steps[f"{kind}_ms"]
+        assert 0 <= t["mean"] <= t["p99"] <= t["max"], (kind, t)
+    assert steps["save_ms"]["max"] > 0 and steps["load_ms"]["max"] > 0, "saves were queued and blocks loaded"
+
+
 def test_next_turn_hits_the_blocks_saved_while_decoding(engine_a: dict) -> None:
     # 316 prompt tokens + 16 generated: the block of tokens 288..319 was completed by decoding.
     assert cached(engine_a, 2) == [320]

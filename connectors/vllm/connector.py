@@ -30,6 +30,7 @@ from .lookup import SharedLookup
 from .meta import ResidencyReport, TierKVMetadata
 from .metrics import StatsReporter, TierKVPromMetrics, TierKVStats
 from .scheduler import SchedulerSide
+from .step_time import StepTime
 from .worker import WorkerSide, rank_store_config
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class TierKVConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         self._kv_caches: dict[str, torch.Tensor] | None = None
+        self.step_time = StepTime()  # worker side: what the hooks below cost the engine's step
         if role == KVConnectorRole.SCHEDULER:
             namespaces = [engine_namespace(model.model, fingerprint, r, tp_size) for r in range(tp_size)]
             shared = SharedLookup(layout, namespaces, config.store) if config.store.remote_url is not None else None
@@ -139,7 +141,8 @@ class TierKVConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
-        self._worker.start_loads(self._meta())
+        with self.step_time.hook("load"):
+            self._worker.start_loads(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Nothing to wait for: synchronous loads are ordered before the forward pass (see `WorkerSide.start_loads`)."""
@@ -150,25 +153,34 @@ class TierKVConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         """Queue this step's saves (asynchronous by default: the step does not wait for them)."""
         assert self._worker is not None
-        self._worker.save(self._meta())
+        with self.step_time.hook("save"):
+            self._worker.save(self._meta())
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Before vLLM reuses preempted requests' pages: their queued saves finish."""
         assert self._worker is not None and isinstance(kv_connector_metadata, TierKVMetadata)
-        self._worker.handle_preemptions(kv_connector_metadata)
+        with self.step_time.hook("save"):
+            self._worker.handle_preemptions(kv_connector_metadata)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(requests whose saves are done, so vLLM frees their blocks; requests whose async load is done)."""
         assert self._worker is not None
-        return self._worker.finished_saves(finished_req_ids) or None, self._worker.finished_loads() or None
+        with self.step_time.hook("save"):
+            saved = self._worker.finished_saves(finished_req_ids) or None
+        with self.step_time.hook("load"):
+            loaded = self._worker.finished_loads() or None
+        self.step_time.end_step()  # called once per step, after its forward pass
+        return saved, loaded
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
-        return self._worker.load_errors()
+        with self.step_time.hook("load"):
+            return self._worker.load_errors()
 
     def build_connector_worker_meta(self) -> ResidencyReport | None:
         assert self._worker is not None
-        return self._worker.report()
+        with self.step_time.hook("other"):
+            return self._worker.report()
 
     def shutdown(self) -> None:
         if self._worker is not None:
@@ -197,9 +209,9 @@ class TierKVConnector(KVConnectorBase_V1):
         return TierKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def tierkv_stats(self) -> dict[str, Any]:
-        """This worker's store stats and connector counters (see `worker_stats`)."""
+        """This worker's store stats, connector counters and step costs (see `worker_stats`, `step_time.py`)."""
         assert self._worker is not None
-        return self._worker.stats()
+        return {**self._worker.stats(), "step_time": self.step_time.summary()}
 
     # -- scheduler side ------------------------------------------------------------------
 
