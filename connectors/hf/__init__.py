@@ -20,6 +20,7 @@ it was given never returns output computed without the prefix it reports as reus
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
-from tierkv import BlockStore, StoreConfig, TierKVError
+from tierkv import BlockStore, DecodeBudget, StoreConfig, TierKVError
 
 from .cache import CacheWatch, PrefixNotUsedError, TierKVCache, left_padded_rows
 from .compat import cache_argument
@@ -40,10 +41,12 @@ from .model import (
     model_namespace,
     namespace_for,
 )
+from .sparse import PagedDecodeCache, check_paged_decode, paged_attention_for
 
 __all__ = [
     "GenerateResult",
     "ModelKV",
+    "PagedDecodeCache",
     "PrefixNotUsedError",
     "TierKV",
     "TierKVCache",
@@ -52,6 +55,7 @@ __all__ = [
     "describe_model",
     "fingerprint_weights",
     "namespace_for",
+    "paged_attention_for",
 ]
 
 
@@ -77,6 +81,11 @@ class TierKV:
     `config` sizes the store's tiers (`StoreConfig`); `block_tokens` is the tokens per stored
     block. `name`, `weights_fingerprint` and `adapter` override the model's identity (see
     `model_namespace`). Models whose cache is not plain per-layer K/V raise `UnsupportedModelError`.
+
+    `decode_budget` (a `DecodeBudget`, an int of pages or a float fraction of each sequence's
+    pages) decodes with token-level preemption: only that many pages of each row's KV stay on
+    the device, the rest in host memory, fetched when a query selects them (docs/preemption.md).
+    `1.0` is exact mode (every page, the same tokens as dense decode).
     """
 
     def __init__(
@@ -88,9 +97,13 @@ class TierKV:
         name: str | None = None,
         weights_fingerprint: str | None = None,
         adapter: str = "",
+        decode_budget: DecodeBudget | int | float | None = None,
     ) -> None:
         self.model = model
         self.model_kv: ModelKV = describe_model(model)
+        self.decode_budget = DecodeBudget.parse(decode_budget)
+        if self.decode_budget is not None:
+            check_paged_decode(model, self.model_kv)
         self.layout = self.model_kv.layout(block_tokens)
         self.namespace = model_namespace(model, name=name, weights_fingerprint=weights_fingerprint, adapter=adapter)
         self.store = BlockStore(self.layout, self.namespace, config)
@@ -115,12 +128,20 @@ class TierKV:
         save_prompt: bool = True,
         load: bool = True,
         record_reply: bool = True,
+        max_new_tokens: int | None = None,
     ) -> TierKVCache:
         """A cache holding the stored prefix of each prompt row, for `model.generate(..., **cache_argument(cache))`.
 
         The model's forward checks that it is used (`PrefixNotUsedError` otherwise); see `TierKVCache`
-        for `save_prompt`, `load` and `record_reply`.
+        for `save_prompt`, `load` and `record_reply`. With `decode_budget`, a `PagedDecodeCache`
+        sized for `max_new_tokens` reply tokens (default: the model's generation config).
         """
+        if self.decode_budget is not None:
+            reply = max_new_tokens if max_new_tokens is not None else _reply_tokens(self.model.generation_config, input_ids)
+            paged = PagedDecodeCache(self.store, self.model_kv, input_ids, attention_mask, budget=self.decode_budget,
+                                     max_new_tokens=reply, tenant=tenant, save_prompt=save_prompt, load=load)
+            paged._watch = self.watch
+            return paged
         cache = TierKVCache(
             self.store, self.model_kv, input_ids, attention_mask,
             tenant=tenant, save_prompt=save_prompt, load=load, record_reply=record_reply,
@@ -152,11 +173,14 @@ class TierKV:
             # default, which then feeds the whole sequence at every step on top of the filled cache.
             config.use_cache = True
         _check_generation_config(config)
+        if store_generated and self.decode_budget is not None:
+            raise ValueError("store_generated=True is not supported with decode_budget: the reply's KV stays in pages")
+        reply = _reply_tokens(config, input_ids)
         if attention_mask is None:
             # Explicit, so generate does not guess padding from pad_token_id behind the cache's back.
             left_padded_rows(input_ids, None)
             attention_mask = torch.ones_like(input_ids)
-        cache = self.cache(input_ids, attention_mask, tenant=tenant, record_reply=store_generated)
+        cache = self.cache(input_ids, attention_mask, tenant=tenant, record_reply=store_generated, max_new_tokens=reply)
         recomputed = ""
         try:
             sequences = self._generate(input_ids, attention_mask, cache, config, streamer)
@@ -166,7 +190,8 @@ class TierKV:
             # Raised by the forward hook before anything was computed: nothing was produced or stored.
             recomputed = str(e)
             warnings.warn(f"tierkv recomputed the whole prompt: {e}", RuntimeWarning, stacklevel=2)
-            cache = self.cache(input_ids, attention_mask, tenant=tenant, load=False, record_reply=store_generated)
+            cache = self.cache(input_ids, attention_mask, tenant=tenant, load=False, record_reply=store_generated,
+                               max_new_tokens=reply)
             sequences = self._generate(input_ids, attention_mask, cache, config, _AfterPrompt(streamer) if streamer else None)
         if store_generated:
             cache.save_sequences(sequences)
@@ -188,15 +213,17 @@ class TierKV:
         streamer: BaseStreamer | None,
     ) -> torch.Tensor:
         cache.arm()
+        paged = paged_attention_for(self.model) if self.decode_budget is not None else contextlib.nullcontext()
         try:
-            # PreTrainedModel lacks GenerationMixin in transformers 5 (the causal-LM classes add it)
-            sequences = self.model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-                streamer=streamer,
-                **cache_argument(cache),
-            )
+            with paged:
+                # PreTrainedModel lacks GenerationMixin in transformers 5 (the causal-LM classes add it)
+                sequences = self.model.generate(  # type: ignore[operator]
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    streamer=streamer,
+                    **cache_argument(cache),
+                )
         finally:
             self.watch.armed.discard(cache)
         if cache.loaded and not cache.prefilled:
@@ -223,6 +250,13 @@ class _AfterPrompt(BaseStreamer):
 
     def end(self) -> None:
         self.inner.end()
+
+
+def _reply_tokens(config: GenerationConfig, input_ids: torch.Tensor) -> int:
+    """The most tokens `generate` adds under `config` (max_new_tokens, else max_length past the prompt)."""
+    if config.max_new_tokens is not None:
+        return int(config.max_new_tokens)
+    return max(0, int(config.max_length or 20) - int(input_ids.shape[-1]))
 
 
 def _check_generation_config(config: GenerationConfig) -> None:

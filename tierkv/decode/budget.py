@@ -49,6 +49,11 @@ class DecodeBudget:
                 f"DecodeBudget.pages={self.pages} is below sink_pages + window_pages = {self.sink_pages + self.window_pages}"
             )
 
+    @classmethod
+    def parse(cls, value: DecodeBudget | int | float | None) -> DecodeBudget | None:
+        """A budget from the one-argument forms: an int is pages, a float in (0, 1] a fraction, None none."""
+        return as_budget(value)
+
     @property
     def exact(self) -> bool:
         return self.pages is None and (self.fraction is None or self.fraction >= 1)
