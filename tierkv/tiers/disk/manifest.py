@@ -25,8 +25,11 @@ from typing import Any, NamedTuple
 import lmdb
 
 from ...errors import LayoutMismatchError, StorageError, TierKVError
+from ...integrity import TREE_CHECKSUM
 
-MANIFEST_FORMAT = 1
+# 2: checksums are TREE_CHECKSUM (recorded in the identity); 1: whole-block xxh3_64, migrated on open (`migrate.py`).
+MANIFEST_FORMAT = 2
+LEGACY_FORMAT = 1
 _RECORD = struct.Struct("<QQQB")  # slot, checksum, last_use, is_root; the ident follows
 _IDENTITY = b"identity"
 KEY_BYTES = 16
@@ -118,14 +121,20 @@ class DirectoryLock:
         _LOCKS.discard(self)
 
 
-def refuse_other(stored_raw: bytes, identity: dict[str, Any]) -> None:
-    """LayoutMismatchError listing the differences, unless the stored identity record is `identity`."""
+def refuse_other(stored_raw: bytes, identity: dict[str, Any]) -> bool:
+    """LayoutMismatchError listing the differences, unless the stored identity record is `identity`.
+
+    Returns True when it is `identity` as format 1 wrote it (no checksum named: whole-block
+    xxh3_64), a store whose checksums are migrated when it opens; False when it is `identity`.
+    """
     try:
         stored = json.loads(stored_raw)
     except ValueError:
         stored = None
     if not isinstance(stored, dict):
         stored = {"format": f"unreadable ({bytes(stored_raw[:40])!r})"}
+    if stored == legacy_identity(identity):
+        return True
     if stored != identity:
         diffs = [
             f"{k}: stored {stored.get(k)!r}, now {identity.get(k)!r}"
@@ -137,11 +146,17 @@ def refuse_other(stored_raw: bytes, identity: dict[str, Any]) -> None:
             + "; ".join(diffs)
             + "); open it with the same settings or use another disk_path"
         )
+    return False
 
 
 def identity_record(identity: dict[str, Any]) -> dict[str, Any]:
     """What the manifest stores as the identity of a store: the format version and `identity`."""
-    return {"format": MANIFEST_FORMAT, **identity}
+    return {"format": MANIFEST_FORMAT, "checksum": TREE_CHECKSUM, **identity}
+
+
+def legacy_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The identity record format 1 wrote for the store whose current record is `record`."""
+    return {**{k: v for k, v in record.items() if k != "checksum"}, "format": LEGACY_FORMAT}
 
 
 def open_env(path: Path, durable: bool, map_size: int = 1 << 36) -> lmdb.Environment:
@@ -171,11 +186,12 @@ class Manifest:
             raise StorageError(f"disk tier: cannot open the manifest {self.path}: {e}; free space there") from None
         self.panicked = False  # LMDB gave up on this environment once: it was reopened
 
-    def check_identity(self, identity: dict[str, Any]) -> None:
+    def check_identity(self, identity: dict[str, Any]) -> bool:
         """Record `identity` in a new manifest, or verify it matches an existing one.
 
         Refuses to reuse a directory written with another layout or namespace: its bytes
-        would be read as the wrong shape.
+        would be read as the wrong shape. Returns True for a format-1 manifest of the same store
+        (whole-block xxh3 checksums), which `migrate.migrate_checksums` brings to this format.
         """
         identity = identity_record(identity)
         try:
@@ -183,10 +199,10 @@ class Manifest:
                 raw = txn.get(_IDENTITY)
                 if raw is None:
                     txn.put(_IDENTITY, json.dumps(identity, sort_keys=True).encode())
-                    return
+                    return False
         except lmdb.Error as e:
             raise self._error("record the store's identity in", e) from None
-        refuse_other(raw, identity)
+        return refuse_other(raw, identity)
 
     def load(self) -> Loaded:
         """Every entry, by key, and the keys of values that are no record (recovery drops those).

@@ -39,6 +39,7 @@ from ..base import Recovery, StoreAccess, Tier, TierAgent, TierRead, need_checks
 from .committer import Committer
 from .files import BufferPool, IORequest, KvikioFiles, PosixFiles, aligned_empty, kvikio_status, open_data_file, slot_stride
 from .manifest import KEY_BYTES, DirectoryLock, Manifest, Record, identity_record, refuse_other
+from .migrate import migrate_checksums
 from .recovery import paused_gc, prepare_directory, trusted_records
 from .vetting import Vetting, mark_clean, vet
 from .writeback import WriteQueue
@@ -138,7 +139,9 @@ class DiskTier(Tier):
             if self.vetting.how in ("rebuilt", "damaged"):
                 self.vetting.commit()
             self.manifest = Manifest(directory, durable=config.durability != "none")
-            self.manifest.check_identity(identity)
+            # A format-1 manifest (whole-block xxh3 checksums) is migrated by `recover` (migrate.py).
+            self._legacy_checksums = self.manifest.check_identity(identity)
+            self._identity = identity_record(identity)
             self.vetting.commit()  # the clean mark goes: from here on this writer changes the file
             self._files = self._open_files(config.disk_io, config.io_threads)
         except BaseException:
@@ -214,6 +217,9 @@ class DiskTier(Tier):
         with paused_gc():  # a few objects per record, none of them garbage
             loaded = self.manifest.load()
             trusted = trusted_records(loaded.records, self.num_slots, self.ident_bytes)
+            if self._legacy_checksums:
+                trusted = migrate_checksums(self, trusted, self._identity)
+                self._legacy_checksums = False
             self._recovered_tick = max((r.last_use for r in trusted.records), default=0)
             index.restore(position, trusted.records)
             used = {r.slot for r in trusted.records}
