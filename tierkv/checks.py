@@ -8,11 +8,62 @@ here runs first and raises a ValueError that names the argument and says what it
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
+from .config import StoreConfig
+from .errors import TierKVError
+from .layout import KVLayout
+from .namespace import Namespace
 from .ops.engine_layout import EngineKV
+
+
+def same_process(opened_by: int) -> None:
+    """Refuse a forked child (multiprocessing's default start method on Linux) the use of a store opened by
+    `opened_by`: its lock may have been held by a thread that does not exist there, and its tiers write the
+    parent's files."""
+    if os.getpid() != opened_by:
+        raise TierKVError(
+            f"this BlockStore was opened by process {opened_by}; this is process {os.getpid()}, a forked child, "
+            "where the store's locks and threads did not survive the fork and its files are the parent's. "
+            "Open a BlockStore of its own in the child (another disk_path, or the same one once the parent closed it)"
+        )
+
+
+def store_arguments(layout: Any, namespace: Any, config: Any) -> StoreConfig:
+    """A `BlockStore`'s arguments checked for their types; the config (the default one for None)."""
+    if not isinstance(layout, KVLayout):
+        raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
+    if not isinstance(namespace, Namespace):
+        raise TypeError(f"namespace must be a Namespace, got {type(namespace).__name__}")
+    config = StoreConfig() if config is None else config
+    if not isinstance(config, StoreConfig):
+        raise TypeError(f"config must be a StoreConfig, got {type(config).__name__}")
+    return config
+
+
+def check_first_block(first_block: int, n: int) -> None:
+    """`first_block` of a put/get/save/load: an int from 0 to the `n` full blocks of tokens."""
+    if isinstance(first_block, bool) or not isinstance(first_block, int) or not 0 <= first_block <= n:
+        raise ValueError(f"first_block must be an int from 0 to {n} (the full blocks of tokens), got {first_block!r}")
+
+
+def kv_rows(layout: KVLayout, kv: Any, num_tokens: int, first_block: int) -> torch.Tensor:
+    """The KV of a `put` of `num_tokens` tokens from `first_block` on, checked, as `[n, block_bytes]` uint8 rows."""
+    bt = layout.block_tokens
+    n = num_tokens // bt
+    check_first_block(first_block, n)
+    if isinstance(kv, torch.Tensor) and kv.dim() >= 1 and kv.shape[0] != n - first_block:
+        raise ValueError(
+            f"kv holds {kv.shape[0]} blocks but tokens hold {n} full blocks of {bt} ({num_tokens} tokens)"
+            + (f" from block {first_block} on" if first_block else "")
+            + "; pass one block of KV per full block of tokens"
+        )
+    layout.check_blocks(kv, n - first_block)
+    copyable(kv, "kv")
+    return kv.contiguous().view(torch.uint8).reshape(n - first_block, layout.block_bytes)
 
 
 def memory_device(device: Any, what: str = "device") -> torch.device:

@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Collection, Iterator, Sequence
 from typing import Protocol
 
-from .keys import longest_stored_prefix
+from .keys import iter_chain, longest_stored_prefix
 
 ABSENT = -1
 PENDING = -2  # reserved for a block on its way into a tier: resident for leaf counts, no slot yet
@@ -112,6 +112,19 @@ class Index:
     def lookup(self, seed: bytes, chunks: Sequence[bytes]) -> list[Block]:
         """Blocks of the longest stored prefix of the per-block token bytes `chunks`."""
         return longest_stored_prefix(seed, chunks, self.blocks)
+
+    def unknown_links(self, start: bytes, chunks: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+        """(key, ident) of each of `chunks` chained on from key `start`, up to the first key already indexed.
+
+        Called past the stored prefix: a key found there names other tokens (a hash collision),
+        which ends the chain that can be stored or adopted.
+        """
+        links = []
+        for key, ident in iter_chain(start, chunks):
+            if key in self.blocks:
+                break
+            links.append((key, ident))
+        return links
 
     def touch(self, blocks: Sequence[Block]) -> None:
         tick = self.tick()

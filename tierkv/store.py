@@ -7,58 +7,33 @@ tiers themselves (`tiers/`). It never asks what kind a tier is: tiers say what t
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 import torch
 
-from .checks import copyable, engine_memory, memory_device
+from .checks import check_first_block, engine_memory, kv_rows, memory_device, same_process, store_arguments
 from .config import StoreConfig
 from .errors import TierKVError
 from .index import Block, Index
-from .keys import KeyChain, Tokens, as_token_array, block_chunks, iter_chain
+from .keys import KeyChain, Tokens, as_token_array, block_chunks
 from .layout import KVLayout
 from .leases import Lease, LeaseBook
 from .metrics import Exporter, OperationLatency, render, store_families
 from .namespace import Namespace
 from .ops.engine_layout import EngineKV, chunk_slots
 from .placement import Placement, Verified, Writer
-from .stats import StoreCounters, store_stats
-from .tiers import StoreAccess, Tier, TierAgent, TierSpec, build_tiers
+from .shared_tiers import SharedTiers
+from .stats import StoreCounters
+from .tiers import StoreAccess, Tier, TierAgent, TierSpec, build_tiers, close_tiers
 from .tiers.base import Recovery
+from .timed import timed
+from .views import StoreViews
 
 _MAX_READ_ATTEMPTS = 4  # a read retries after dropping corrupt copies; each retry sees fewer
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _timed(op: str) -> Callable[[Callable[Concatenate[BlockStore, _P], _R]], Callable[Concatenate[BlockStore, _P], _R]]:
-    """Observe the latency of a public operation into the store's histograms (`metrics.OperationLatency`)."""
-
-    def wrap(method: Callable[Concatenate[BlockStore, _P], _R]) -> Callable[Concatenate[BlockStore, _P], _R]:
-        @functools.wraps(method)
-        def timed(self: BlockStore, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-            start = time.perf_counter()
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                self._latency.observe(op, time.perf_counter() - start)
-
-        return timed
-
-    return wrap
-
-
-def _check_first_block(first_block: int, n: int) -> None:
-    if isinstance(first_block, bool) or not isinstance(first_block, int) or not 0 <= first_block <= n:
-        raise ValueError(f"first_block must be an int from 0 to {n} (the full blocks of tokens), got {first_block!r}")
 
 
 class BlockStore:
@@ -70,20 +45,13 @@ class BlockStore:
     """
 
     def __init__(self, layout: KVLayout, namespace: Namespace, config: StoreConfig | None = None) -> None:
-        if not isinstance(layout, KVLayout):
-            raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
-        if not isinstance(namespace, Namespace):
-            raise TypeError(f"namespace must be a Namespace, got {type(namespace).__name__}")
-        config = StoreConfig() if config is None else config
-        if not isinstance(config, StoreConfig):
-            raise TypeError(f"config must be a StoreConfig, got {type(config).__name__}")
+        config = store_arguments(layout, namespace, config)
         self.layout = layout
         self.namespace = namespace
         self.config = config
         self.chain = KeyChain(namespace, layout)
         self.tiers: list[Tier] = build_tiers(TierSpec(config, layout, namespace))
         self._persistent = [t for t, tier in enumerate(self.tiers) if tier.persistent]
-        self._shared = [t for t, tier in enumerate(self.tiers) if tier.shared]
         self.index = Index(len(self.tiers), journaled=self._persistent)
         self._lock = threading.RLock()
         self._pid = os.getpid()  # a forked child gets a copy whose locks and threads did not survive the fork
@@ -92,6 +60,8 @@ class BlockStore:
         self._latency = OperationLatency()
         self._exporter: Exporter | None = None
         self.placement = Placement(self.tiers, self.index, self._counters)
+        self._shared = SharedTiers(self.tiers, self.index, self.placement)
+        self._views = StoreViews(self.tiers, self.index, self._counters, layout.block_bytes)
         self._closed = False
         try:
             self.recovery = Recovery()
@@ -106,7 +76,7 @@ class BlockStore:
             if config.metrics_port is not None:
                 self._exporter = Exporter(self.metric_families, namespace.model, config.metrics_port)
         except BaseException:
-            self._close_tiers()
+            close_tiers(self.tiers)
             raise
 
     # -- lifecycle -----------------------------------------------------------------
@@ -134,17 +104,7 @@ class BlockStore:
                     self._exporter.close()
                 for agent in self._agents.values():
                     agent.close()
-                self._close_tiers()
-
-    def _close_tiers(self) -> None:
-        errors = []
-        for tier in reversed(self.tiers):
-            try:
-                tier.close()
-            except Exception as e:  # close every tier; report the first failure after
-                errors.append(e)
-        if errors:
-            raise errors[0]
+                close_tiers(self.tiers)
 
     def __enter__(self) -> BlockStore:
         return self
@@ -169,14 +129,7 @@ class BlockStore:
                     agent.after_operation()
 
     def _check_process(self) -> None:
-        """Refuse a forked child (multiprocessing's default start method on Linux): the store's lock may
-        have been held by a thread that does not exist there, and its tiers write the parent's files."""
-        if os.getpid() != self._pid:
-            raise TierKVError(
-                f"this BlockStore was opened by process {self._pid}; this is process {os.getpid()}, a forked child, "
-                "where the store's locks and threads did not survive the fork and its files are the parent's. "
-                "Open a BlockStore of its own in the child (another disk_path, or the same one once the parent closed it)"
-            )
+        same_process(self._pid)
 
     def _commit(self) -> None:
         for t in self._persistent:
@@ -195,16 +148,16 @@ class BlockStore:
 
     # -- blocks --------------------------------------------------------------------
 
-    @_timed("match")
+    @timed("match")
     def match(self, tokens: Tokens, tenant: str | None = None) -> int:
         """How many leading tokens are covered by stored blocks, in any tier (shared ones asked too). Changes nothing."""
         chunks = self.chain.chunks(tokens)
         seed = self.chain.seed(tenant)
         with self._locked():
             found = self.index.lookup(seed, chunks)
-            return (len(found) + self._continue_in_shared(seed, chunks, found, adopt=False)) * self.layout.block_tokens
+            return (len(found) + self._shared.continue_chain(seed, chunks, found, adopt=False)) * self.layout.block_tokens
 
-    @_timed("put")
+    @timed("put")
     def put(self, tokens: Tokens, kv: torch.Tensor, tenant: str | None = None, first_block: int = 0) -> int:
         """Store every full block of `tokens`; `kv` is `[num_full_blocks - first_block, *layout.block_shape]`.
 
@@ -216,25 +169,14 @@ class BlockStore:
         Returns the number of blocks newly stored.
         """
         arr = as_token_array(tokens)
-        bt = self.layout.block_tokens
-        n = len(arr) // bt
-        _check_first_block(first_block, n)
-        if isinstance(kv, torch.Tensor) and kv.dim() >= 1 and kv.shape[0] != n - first_block:
-            raise ValueError(
-                f"kv holds {kv.shape[0]} blocks but tokens hold {n} full blocks of {bt} ({len(arr)} tokens)"
-                + (f" from block {first_block} on" if first_block else "")
-                + "; pass one block of KV per full block of tokens"
-            )
-        self.layout.check_blocks(kv, n - first_block)
-        copyable(kv, "kv")  # before placement evicts anything for it
-        rows = kv.contiguous().view(torch.uint8).reshape(n - first_block, self.layout.block_bytes)
+        rows = kv_rows(self.layout, kv, len(arr), first_block)  # checked before placement evicts anything for it
 
         def write(t: int, slots: list[int], span: slice, blocks: list[Block]) -> None:
             self.placement.write(t, slots, rows[span.start - first_block : span.stop - first_block], blocks, "put")
 
-        return self._store_chain(block_chunks(arr, bt), tenant, first_block, write)
+        return self._store_chain(block_chunks(arr, self.layout.block_tokens), tenant, first_block, write)
 
-    @_timed("save_from")
+    @timed("save_from")
     def save_from(self, engine: EngineKV, block_table: Sequence[int] | torch.Tensor, tokens: Tokens,
                   first_block: int = 0, tenant: str | None = None) -> int:
         """Store the full blocks of `tokens` whose KV sits in the engine's pages; returns blocks newly stored.
@@ -248,7 +190,7 @@ class BlockStore:
         engine_memory(engine)
         engine.layout.check_store(self.layout)
         chunks = self.chain.chunks(tokens)
-        _check_first_block(first_block, len(chunks))
+        check_first_block(first_block, len(chunks))
         slots_of = chunk_slots(engine.layout, self.layout.block_tokens, block_table, range(len(chunks)))
 
         def write(t: int, slots: list[int], span: slice, blocks: list[Block]) -> None:
@@ -268,12 +210,7 @@ class BlockStore:
             self._counters.puts += 1
             if k == n or k < first_block:
                 return 0
-            # A key already taken by other tokens (a hash collision) ends the chain we can store.
-            chain = []
-            for key, ident in iter_chain(existing[-1].key if existing else seed, chunks[k:]):
-                if key in self.index.blocks:
-                    break
-                chain.append((key, ident))
+            chain = self.index.unknown_links(existing[-1].key if existing else seed, chunks[k:])
             if not chain:
                 return 0
             self.index.acquire(existing)  # their children are about to arrive: keep them here
@@ -283,7 +220,7 @@ class BlockStore:
                 self.index.release(existing)
             return len(chain)
 
-    @_timed("get")
+    @timed("get")
     def get(self, tokens: Tokens, device: torch.device | str | None = None, tenant: str | None = None,
             first_block: int = 0) -> torch.Tensor:
         """Blocks `first_block..` of the longest stored prefix, bit-exact, as `[n, *layout.block_shape]` on `device`.
@@ -294,7 +231,7 @@ class BlockStore:
         """
         out_device = memory_device(device) if device is not None else self.device  # before promotion moves anything
         chunks = self.chain.chunks(tokens)
-        _check_first_block(first_block, len(chunks))
+        check_first_block(first_block, len(chunks))
 
         def serve(blocks: list[Block], verified: Verified) -> torch.Tensor:
             return self.placement.gather(blocks, out_device, verified)
@@ -304,7 +241,7 @@ class BlockStore:
             return torch.empty((0, *self.layout.block_shape), dtype=self.layout.dtype, device=out_device)
         return rows.view(self.layout.dtype).reshape(rows.shape[0], *self.layout.block_shape)
 
-    @_timed("load_into")
+    @timed("load_into")
     def load_into(self, engine: EngineKV, block_table: Sequence[int] | torch.Tensor, tokens: Tokens,
                   first_block: int = 0, tenant: str | None = None) -> int:
         """Copy the stored prefix of `tokens` into the engine's pages; returns where the loaded run ends, in blocks.
@@ -319,7 +256,7 @@ class BlockStore:
         engine_memory(engine)
         engine.layout.check_store(self.layout)
         chunks = self.chain.chunks(tokens)
-        _check_first_block(first_block, len(chunks))
+        check_first_block(first_block, len(chunks))
         slots_of = chunk_slots(engine.layout, self.layout.block_tokens, block_table, range(len(chunks)))
 
         def serve(blocks: list[Block], verified: Verified) -> int:
@@ -342,7 +279,7 @@ class BlockStore:
             for attempt in range(_MAX_READ_ATTEMPTS):
                 blocks = self.index.lookup(seed, chunks)
                 if attempt == 0:
-                    self._continue_in_shared(seed, chunks, blocks, adopt=True)
+                    self._shared.continue_chain(seed, chunks, blocks, adopt=True)
                     self.placement.count_lookups(blocks, len(chunks))
                 self.index.touch(blocks)
                 wanted = blocks[first_block:]
@@ -361,33 +298,9 @@ class BlockStore:
                     self.placement.discard_copy(block, t)
             return None
 
-    def _continue_in_shared(self, seed: bytes, chunks: list[bytes], found: list[Block], adopt: bool) -> int:
-        """Where the index stops short on a chain, continue it in the shared tiers; returns the blocks they hold past `found`.
-
-        Other stores write those tiers, so the index cannot know what is there: the chain is asked
-        of each shared tier in one batched probe. With `adopt` the blocks found join the index
-        (and `found`) with slots of that tier, to be read, verified and promoted like any other.
-        """
-        if not self._shared or len(found) == len(chunks):
-            return 0
-        chain = []
-        for key, ident in iter_chain(found[-1].key if found else seed, chunks[len(found):]):
-            if key in self.index.blocks:  # that key names other tokens here (a collision): the chain ends
-                break
-            chain.append((key, ident))
-        for t in self._shared:
-            sums = self.tiers[t].probe([key for key, _ in chain], [ident for _, ident in chain]) if chain else []
-            if sums:
-                if not adopt:
-                    return len(sums)
-                added = self.placement.adopt(t, found[-1] if found else None, chain[: len(sums)], sums)
-                found.extend(added)
-                return len(added)
-        return 0
-
     # -- leases ------------------------------------------------------------------
 
-    @_timed("lease")
+    @timed("lease")
     def lease(self, tokens: Tokens, owner: str | None = None, tenant: str | None = None) -> Lease:
         """Pin the stored prefix of `tokens` until the lease is released.
 
@@ -415,14 +328,7 @@ class BlockStore:
         """The fastest tier holding each key (None: not stored); without `keys`, every stored block."""
         self._check_process()
         with self._lock:
-            names, blocks = self.tier_names, self.index.blocks
-            if keys is None:
-                return {key: names[b.fastest] for key, b in blocks.items()}
-            out: dict[bytes, str | None] = {}
-            for key in keys:
-                b = blocks.get(key)
-                out[key] = None if b is None else names[b.fastest]
-            return out
+            return self._views.residency(keys)
 
     def locate(self, keys: Iterable[bytes]) -> dict[bytes, dict[str, int]]:
         """Every tier holding each key and the slot it occupies there (empty: not stored), fastest first.
@@ -431,11 +337,7 @@ class BlockStore:
         """
         self._check_process()
         with self._lock:
-            out: dict[bytes, dict[str, int]] = {}
-            for key in keys:
-                b = self.index.blocks.get(key)
-                out[key] = {} if b is None else {name: s for name, s in zip(self.tier_names, b.slots) if s >= 0}
-            return out
+            return self._views.locate(keys)
 
     def residency_changes(self) -> dict[bytes, str | None]:
         """What changed since the last call: key -> fastest tier now, or None for a block that went.
@@ -445,12 +347,7 @@ class BlockStore:
         """
         self._check_process()
         with self._lock:
-            changed = self.index.changes
-            if changed is None:
-                self.index.watch_changes()
-                return self.residency()
-            self.index.changes = set()
-            return self.residency(changed)
+            return self._views.changes()
 
     # -- elastic device tier -------------------------------------------------------
 
@@ -474,13 +371,7 @@ class BlockStore:
         """
         self._check_process()
         with self._lock:
-            sections = {}
-            for t, tier in enumerate(self.tiers):
-                if tier.section is not None:
-                    agent = self._agents.get(t)
-                    sections[tier.section] = {**tier.describe(), **(agent.describe() if agent else {})}
-            return store_stats(self.tiers, self.index, self._counters, self.layout.block_bytes,
-                               self._leases.owners, sections)
+            return self._views.stats(self._agents, self._leases.owners)
 
     def metric_families(self, labels: dict[str, str] | None = None) -> list[Any]:
         """`stats()` and the operation latency histograms as prometheus_client metric families."""

@@ -19,7 +19,8 @@ from ..namespace import Namespace
 from .base import Recovery, StoreAccess, Tier, TierAgent
 from .memory import MemoryTier, PoolTier
 
-__all__ = ["TIER_FACTORIES", "MemoryTier", "PoolTier", "Recovery", "StoreAccess", "Tier", "TierAgent", "TierSpec", "build_tiers"]
+__all__ = ["TIER_FACTORIES", "MemoryTier", "PoolTier", "Recovery", "StoreAccess", "Tier", "TierAgent", "TierSpec", "build_tiers",
+           "close_tiers"]
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,21 @@ def build_tiers(spec: TierSpec) -> list[Tier]:
             if tier is not None:
                 tiers.append(tier)
     except BaseException:
-        for tier in reversed(tiers):
-            tier.close()
+        close_tiers(tiers)
         raise
     names = [t.name for t in tiers]
     if len(set(names)) != len(names):
         raise AssertionError(f"tier names must be unique, got {names}")
     return tiers
+
+
+def close_tiers(tiers: list[Tier]) -> None:
+    """Close every tier, slowest first; the first failure is raised after all were tried."""
+    errors = []
+    for tier in reversed(tiers):
+        try:
+            tier.close()
+        except Exception as e:  # close every tier; report the first failure after
+            errors.append(e)
+    if errors:
+        raise errors[0]
