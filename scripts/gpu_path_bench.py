@@ -7,9 +7,13 @@ GPU memory, checksums verified on every read (the default):
   store with a host tier only (how the vLLM connector runs it) and in one with a device tier too;
 - `save_from` / `load_into` with vLLM's GPU layout (LBNHC, 16-token pages);
 - both directions at once (a put and a get of different prompts, in two stores, two threads);
-- the slowdown of a bf16 matmul loop while the store moves blocks (median of alternating windows).
+- the slowdown of a bf16 matmul loop while the store moves blocks (median of alternating windows);
+- the verified path itself: the checksums a GPU save stamped are the CPU's `TREE_CHECKSUM` of the
+  host slots, and a host slot flipped behind the store's back fails its check on the GPU: the
+  load stops there and the engine page it was bound for is left as it was.
 
     PYTHONUNBUFFERED=1 python scripts/gpu_path_bench.py OUT.md [OUT.png]
+    python scripts/gpu_path_bench.py --check-cpu     (the verification check alone, on the CPU)
 
 Targets (issue 11): >= 0.85 of the link for 2 MiB blocks and up; both directions >= 1.4x one; the
 matmul <= 3% slower.
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 
 from tierkv import BlockStore, DimOrder, EngineKV, EngineKVLayout, KVLayout, Namespace, StoreConfig
+from tierkv.integrity import checksum_block_slots
 
 GiB = 1 << 30
 PROMPT = 2048
@@ -45,7 +50,7 @@ def layout(block_tokens: int) -> KVLayout:
 
 def reference() -> dict[str, float]:
     dev = torch.empty(GiB, dtype=torch.uint8, device="cuda")
-    host = torch.empty(GiB, dtype=torch.uint8).pin_memory()
+    host = torch.empty(GiB, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
     return {"d2h": GiB / gpu_time(lambda: host.copy_(dev, non_blocking=True)),
             "h2d": GiB / gpu_time(lambda: dev.copy_(host, non_blocking=True))}
 
@@ -86,12 +91,54 @@ def put_get(lay: KVLayout, device_bytes: int) -> tuple[float, float]:
     return nbytes / put / 1e9, nbytes / get / 1e9
 
 
-def vllm_engine(lay: KVLayout, num_blocks: int) -> tuple[EngineKV, torch.Tensor]:
+def vllm_engine(lay: KVLayout, num_blocks: int, device: str = "cuda") -> tuple[EngineKV, torch.Tensor]:
     """vLLM's GPU cache in its LBNHC layout: one allocation, [layers, blocks, 16 tokens, heads, K|V channels]."""
     eng = EngineKVLayout(order=DimOrder.LBNHSC, num_layers=lay.num_layers, num_blocks=num_blocks, block_size=16,
                          num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype)
-    buf = torch.randn(eng.shape, device="cuda").to(lay.dtype)
+    buf = torch.randn(eng.shape, device=device).to(lay.dtype)
     return EngineKV(eng, buf), buf
+
+
+def verified_path(lay: KVLayout, device: str, prompt_tokens: int = PROMPT) -> str:
+    """Check the verified data path end to end; returns a line for the report, raises AssertionError if it fails.
+
+    A host-only store (the vLLM connector's) saves the engine's pages (on `device`): every block's
+    checksum must be the CPU tree checksum of its host slot, computed by the GPU on a GPU (bit
+    identity). One byte of one host slot is then flipped: `load_into` must stop at that block
+    (verified on the GPU after its copy, on a GPU) and leave its engine pages untouched.
+    """
+    pages = prompt_tokens // 16
+    n = prompt_tokens // lay.block_tokens
+    engine, buf = vllm_engine(lay, 2 * pages, device)
+    table = list(range(0, 2 * pages, 2))
+    tokens = prompt(7)[:prompt_tokens]
+    config = StoreConfig(device="cpu" if device == "cpu" else None, device_bytes=0, host_bytes=2 * n * lay.block_bytes)
+    with BlockStore(lay, Namespace(model="bench-path-verify"), config) as s:
+        assert s.save_from(engine, table, tokens) == n
+        keys = s.keys(tokens)
+        host = next(t for t in s.tiers if t.name == "host")
+        slots = [s.locate([k])[k]["host"] for k in keys]
+        if device != "cpu":
+            torch.cuda.synchronize()
+        stamped = [s.index.blocks[k].checksum for k in keys]
+        assert stamped == checksum_block_slots(host.storage, slots), "GPU-stamped checksums differ from the CPU's"
+        bad = n // 2
+        host.storage[slots[bad], 100] ^= 0x55  # behind the store's back, as a bit flip in RAM would be
+        before = buf.clone()
+        buf.zero_()
+        loaded = s.load_into(engine, table, tokens)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        assert loaded == bad, f"load_into loaded {loaded} blocks past a corrupt one at {bad}"
+        per_block = lay.block_tokens // 16
+        good_pages = torch.tensor(table[: bad * per_block], device=device)
+        bad_pages = torch.tensor(table[bad * per_block : (bad + 1) * per_block], device=device)
+        assert torch.equal(buf.index_select(1, good_pages), before.index_select(1, good_pages)), "good blocks differ"
+        assert not buf.index_select(1, bad_pages).any(), "the corrupt block reached the engine's pages"
+        corrupt = s.stats()["tiers"]["host"]["corrupt"]
+        assert corrupt == 1, corrupt
+    return (f"verified path on {device}: {n} blocks saved, checksums identical to the CPU's; a flipped host byte "
+            f"stopped load_into at block {bad}, its pages untouched (corrupt counted: {corrupt})")
 
 
 def save_load(lay: KVLayout) -> tuple[float, float]:
@@ -174,8 +221,16 @@ def matmul_slowdown(lay: KVLayout, windows: int = 6) -> float:
 
 
 def main() -> None:
+    if len(sys.argv) == 2 and sys.argv[1] == "--check-cpu":
+        print(verified_path(KVLayout(num_layers=2, kv_factor=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+                                     block_tokens=16), "cpu", prompt_tokens=256))
+        return
     if len(sys.argv) < 2:
-        sys.exit("usage: gpu_path_bench.py OUT.md [OUT.png]")
+        sys.exit("usage: gpu_path_bench.py OUT.md [OUT.png] | --check-cpu")
+    if not torch.cuda.is_available():
+        sys.exit("gpu_path_bench.py needs a CUDA GPU (run --check-cpu for the CPU part)")
+    out(verified_path(layout(16), "cuda"))
+    out(verified_path(layout(256), "cuda"))
     ref = reference()
     link = min(ref["d2h"], ref["h2d"])
     out(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; large pinned copy device->host "

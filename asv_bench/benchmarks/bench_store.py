@@ -121,6 +121,34 @@ def demotion_trial() -> float:
         return (store.stats()["bytes_moved"]["device->host"] - before) / elapsed
 
 
+def verified_put_trial() -> float:
+    """Host tier only (the vLLM connector's store): every block stored gets its checksum."""
+    with warm_store(0, 2 * BLOCKS) as store:
+        tokens, kv = prompt(0), random_kv(0)
+        return PAYLOAD / timed(lambda: store.put(tokens, kv))
+
+
+def verified_get_trial() -> float:
+    """Host tier only: every block read is verified against its checksum before it is served."""
+    with warm_store(0, 2 * BLOCKS) as store:
+        tokens = prompt(1)
+        store.put(tokens, random_kv(1))
+        return PAYLOAD / timed(lambda: store.get(tokens))
+
+
+class VerifiedThroughput1000x64KiB:
+    """put / get through a host-only store, checksums on (issue 11 target: >= 3 GB/s on the CPU machine)."""
+
+    timeout = 600
+    unit = "GB/s"
+
+    def track_put_verified_GBps(self):
+        return statistics.median(verified_put_trial() for _ in range(TRIALS)) / 1e9
+
+    def track_get_verified_GBps(self):
+        return statistics.median(verified_get_trial() for _ in range(TRIALS)) / 1e9
+
+
 class Throughput1000x64KiB:
     """The three operations above as GB/s (1 GB = 1e9 bytes): median of `TRIALS` fresh stores."""
 
