@@ -121,6 +121,68 @@ def test_a_port_in_use_is_a_config_error_naming_the_field() -> None:
             store_with(small(metrics_port=taken.getsockname()[1]))
 
 
+@pytest.mark.parametrize(("given", "kept"), [
+    ("127.0.0.1", "127.0.0.1"), (" 0.0.0.0 ", "0.0.0.0"), ("::", "::"), ("[::1]", "::1"), ("localhost", "localhost"),
+    ("metrics.internal", "metrics.internal")])
+def test_metrics_host_takes_addresses_and_host_names(given: str, kept: str) -> None:
+    assert small(metrics_host=given).metrics_host == kept
+    assert StoreConfig.from_env({"TIERKV_METRICS_HOST": given}).metrics_host == kept
+
+
+def test_metrics_host_defaults_to_this_machine_only() -> None:
+    assert StoreConfig().metrics_host == "127.0.0.1"
+    assert StoreConfig.from_env({"TIERKV_METRICS_HOST": ""}).metrics_host == "127.0.0.1"  # "" means unset
+
+
+@pytest.mark.parametrize("bad", ["300.1.1.1", "1.2.3", "not an address", "-leading.dash", "", "[]", 9464, ["127.0.0.1"]])
+def test_a_bad_metrics_host_is_a_config_error_naming_the_field(bad: object) -> None:
+    from tierkv import ConfigError
+
+    with pytest.raises(ConfigError, match=r"metrics_host: expected an IP address or host name to listen on .* got"):
+        small(metrics_host=bad)
+
+
+def test_the_exporter_listens_on_the_address_it_is_given() -> None:
+    from tierkv.metrics import Exporter
+
+    families = store_with(small()).metric_families
+    local = Exporter(families, "local", 0)  # the default: loopback only
+    every = Exporter(families, "every", 0, host="0.0.0.0")
+    try:
+        assert local._server.httpd.server_address[0] == "127.0.0.1"
+        assert every._server.httpd.server_address[0] == "0.0.0.0"
+        assert every.url == f"http://127.0.0.1:{every.port}/metrics"  # where a client on this machine finds it
+        assert ("tierkv_blocks", (("store", "local"),)) in scrape(local.url)
+        assert ("tierkv_blocks", (("store", "every"),)) in scrape(every.url)
+    finally:
+        local.close()
+        every.close()
+
+
+def test_an_address_this_machine_lacks_is_a_config_error_naming_metrics_host() -> None:
+    from tierkv import ConfigError
+    from tierkv.metrics import Exporter
+
+    families = store_with(small()).metric_families
+    with pytest.raises(ConfigError, match="metrics_host: cannot serve metrics on port 0 of 192.0.2.1: "):
+        Exporter(families, "x", 0, host="192.0.2.1")  # TEST-NET-1: assigned to no machine
+    with pytest.raises(ConfigError, match="metrics_host: cannot serve metrics on port 0 of no-such-host.invalid: "):
+        Exporter(families, "x", 0, host="no-such-host.invalid")  # .invalid never resolves (RFC 6761)
+
+
+def test_one_port_cannot_listen_on_two_addresses() -> None:
+    from tierkv import ConfigError
+    from tierkv.metrics import Exporter
+
+    families = store_with(small()).metric_families
+    first = Exporter(families, "a", 0)
+    try:
+        with pytest.raises(ConfigError, match=f"metrics_host: port {first.port} is already served on 127.0.0.1"):
+            Exporter(families, "b", first.port, host="0.0.0.0")
+    finally:
+        first.close()
+
+
 def disk_config(path: Path) -> StoreConfig:
     b = tiny_layout().block_bytes
     return StoreConfig(device_bytes=2 * b, host_bytes=2 * b, device="cpu", disk_path=str(path), disk_bytes="1MiB")
@@ -211,6 +273,22 @@ def test_the_metrics_command_refuses_a_directory_without_a_store(tmp_path: Path)
                           timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == f"tierkv metrics: error: {tmp_path} holds no tierkv disk store (no manifest/data.mdb there)"
+
+
+def test_the_metrics_command_refuses_a_bad_address(tmp_path: Path) -> None:
+    with store_with(disk_config(tmp_path)) as store:
+        tokens = prompt(0, 1)
+        store.put(tokens, kv_for(store.layout, tokens))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tierkv", "metrics", str(tmp_path), *args], capture_output=True,
+                              text=True, timeout=120)
+
+    malformed = run("--host", "300.1.1.1")
+    assert malformed.returncode == 2 and "argument --host: expected an IP address or host name" in malformed.stderr
+    absent = run("--host", "192.0.2.1", "--port", "0")
+    assert absent.returncode == 2 and absent.stdout == ""
+    assert absent.stderr.startswith("tierkv metrics: error: --host: cannot serve metrics on port 0 of 192.0.2.1: "), absent.stderr
 
 
 def test_latency_observation_is_cheap() -> None:

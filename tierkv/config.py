@@ -3,7 +3,7 @@
 Validated once, in `__post_init__`, with messages that name the field, so a bad value fails at
 start-up and not in the middle of serving.
 
-`parse_bytes`, `parse_int`, `parse_float` and `parse_bool` are the project's one way to read a
+`parse_bytes`, `parse_int`, `parse_float`, `parse_bool` and `parse_listen_host` are the project's one way to read a
 setting (the store's fields, the command line's options, the vLLM connector's keys): the same
 spellings are accepted everywhere and a refusal is a `ConfigError` that names the field and says
 what was expected.
@@ -11,6 +11,7 @@ what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -47,6 +48,8 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
                "error": logging.ERROR, "critical": logging.CRITICAL}
 _BUDGET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 
 def check_budget_name(name: str) -> str:
@@ -147,6 +150,25 @@ def parse_bool(value: Any, field: str) -> bool:
     raise ConfigError(f"{field}: expected true or false (or yes/no, on/off, 1/0), got {value!r}")
 
 
+def parse_listen_host(value: Any, field: str) -> str:
+    """An address to listen on: an IPv4 or IPv6 address ("0.0.0.0" and "::" are every interface;
+    brackets around IPv6 are dropped) or a host name of RFC 1123 form. Whether this machine has
+    that address is known only when binding; the exporter reports that naming `field` too."""
+    text = value.strip() if isinstance(value, str) else None
+    if text and text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if text:
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            labels = text.removesuffix(".").split(".")
+            numeric = all(label.isdigit() for label in labels)  # "300.1.1.1" is a bad address, not a name
+            if len(text) <= 253 and not numeric and all(_HOST_LABEL.match(label) for label in labels):
+                return text
+    raise ConfigError(f"{field}: expected an IP address or host name to listen on ('127.0.0.1': this machine only, "
+                      f"'0.0.0.0' or '::': every interface), got {value!r}")
+
+
 def apply_log_level(environ: Mapping[str, str] | None = None) -> None:
     """Set the "tierkv" logger's level from `TIERKV_LOG_LEVEL` (debug, info, warning, error or
     critical, any case); unset or empty leaves logging alone. Where neither that logger nor the
@@ -229,6 +251,10 @@ class StoreConfig:
         wait for the disk only when it is full.
     metrics_port: serve this store's Prometheus metrics over HTTP at /metrics on this TCP port
         (0: a free port, see `BlockStore.metrics_url`); None: no exporter. See docs/metrics.md.
+    metrics_host: the address that exporter listens on: "127.0.0.1" (the default: this machine
+        only), "0.0.0.0" or "::" (every interface, for a Prometheus on another host), or one
+        interface's address or host name. An address this machine does not have is a `ConfigError`
+        when the store opens.
     device_elastic: back the device tier with virtual memory whose pages are mapped as blocks
         arrive and unmapped when empty (CUDA VMM; an mmap range on CPU); device_bytes is then
         its maximum. See docs/elastic.md.
@@ -264,6 +290,7 @@ class StoreConfig:
     disk_io: str = "auto"
     writeback_bytes: int = 256 << 20
     metrics_port: int | None = None
+    metrics_host: str = DEFAULT_METRICS_HOST
     device_elastic: bool = False
     device_min_bytes: int = 0
     device_page_bytes: int | None = None
@@ -296,6 +323,8 @@ class StoreConfig:
         object.__setattr__(self, "writeback_bytes", parse_bytes(self.writeback_bytes, "writeback_bytes"))
         if self.metrics_port is not None:
             object.__setattr__(self, "metrics_port", parse_int(self.metrics_port, "metrics_port", minimum=0, maximum=65535))
+        host = DEFAULT_METRICS_HOST if self.metrics_host is None else self.metrics_host  # None (TIERKV_...=""): the default
+        object.__setattr__(self, "metrics_host", parse_listen_host(host, "metrics_host"))
         if self.disk_io not in ("auto", "posix", "kvikio"):
             raise ConfigError(f"disk_io: expected 'auto', 'posix' or 'kvikio', got {self.disk_io!r}")
         self._check_elastic()

@@ -4,8 +4,9 @@ Three ways to get them (docs/metrics.md):
 
 - `BlockStore.prometheus()`: the text exposition of one store, rendered by prometheus_client.
 - `StoreConfig(metrics_port=N)` (or `TIERKV_METRICS_PORT`): the store serves /metrics over HTTP
-  from its own process, live. Several stores of one process may name the same port; they share
-  one server and their samples are told apart by a `store` label.
+  from its own process, live, on `metrics_host` (127.0.0.1 unless told otherwise). Several stores
+  of one process may name the same port; they share one server and their samples are told apart
+  by a `store` label.
 - `tierkv metrics DIR --port N`: what a disk store directory holds, read from its manifest
   without its writer lock (`DirectoryCollector`), for a directory no live exporter serves.
 
@@ -16,6 +17,7 @@ Names follow Prometheus conventions: counters end in `_total`, sizes in `_bytes`
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import os
 import threading
@@ -27,6 +29,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .config import DEFAULT_METRICS_HOST
+from .errors import ConfigError
 
 # The store operations whose latency is observed (`BlockStore` methods of these names).
 OPERATIONS = ("put", "get", "match", "lease", "save_from", "load_into")
@@ -176,6 +181,30 @@ def render(families: Iterable[Metric]) -> str:
 # -- the in-process exporter ------------------------------------------------------------
 
 
+def listen(port: int, host: str, registry: CollectorRegistry, port_field: str = "metrics_port",
+           host_field: str = "metrics_host") -> tuple[Any, int]:
+    """prometheus_client's HTTP server for `registry` on host:port; returns (server, the port it got).
+
+    A failure is a `ConfigError` naming the setting at fault: the port (taken, or privileged) or
+    the address (not one of this machine's, or a name that does not resolve).
+    """
+    try:
+        httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:  # socket.gaierror too: a host name that does not resolve
+        field = port_field if e.errno in (errno.EADDRINUSE, errno.EACCES) else host_field
+        raise ConfigError(f"{field}: cannot serve metrics on port {port} of {host}: {e.strerror or e}") from None
+    return httpd, int(httpd.server_port)
+
+
+def local_url(host: str, port: int) -> str:
+    """The /metrics URL a client on this machine uses for a server listening on host:port."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
 class _Server:
     """One HTTP server per port in a process, serving every store registered on it."""
 
@@ -184,8 +213,8 @@ class _Server:
         self.sources: dict[str, Callable[[dict[str, str]], list[Metric]]] = {}
         self.lock = threading.Lock()
         self.registry.register(_Families(self._collect))
-        self.httpd, self.thread = start_http_server(port, addr=host, registry=self.registry)
-        self.port = int(self.httpd.server_port)
+        self.host = host
+        self.httpd, self.port = listen(port, host, self.registry)
 
     def _collect(self) -> Iterator[Metric]:
         with self.lock:
@@ -209,19 +238,17 @@ _servers_lock = threading.Lock()
 
 class Exporter:
     """A store's registration with the process's HTTP server on a port; `close()` withdraws it
-    (the server stops with its last store)."""
+    (the server stops with its last store). `host` is the address it listens on (`metrics_host`)."""
 
     def __init__(self, families: Callable[[dict[str, str]], list[Metric]], name: str, port: int,
-                 host: str = "0.0.0.0") -> None:
+                 host: str = DEFAULT_METRICS_HOST) -> None:
         with _servers_lock:
             server = _servers.get(port) if port else None
+            if server is not None and server.host != host:
+                raise ConfigError(f"metrics_host: port {port} is already served on {server.host} by another store of "
+                                  f"this process, not on {host}; give the stores one metrics_host or separate ports")
             if server is None:
-                try:
-                    server = _Server(port, host)
-                except OSError as e:
-                    from .errors import ConfigError
-
-                    raise ConfigError(f"metrics_port: cannot serve metrics on port {port}: {e.strerror or e}") from None
+                server = _Server(port, host)
                 _servers[server.port] = server
             with server.lock:
                 label, n = name, 2
@@ -234,7 +261,7 @@ class Exporter:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/metrics"
+        return local_url(self._server.host, self.port)
 
     def close(self) -> None:
         server = self._server
@@ -373,5 +400,4 @@ def serve_directory(directory: str | os.PathLike[str], port: int, host: str = "1
     """Serve `DirectoryCollector(directory)` at http://host:port/metrics; returns (server, port)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DirectoryCollector(directory))
-    httpd, _thread = start_http_server(port, addr=host, registry=registry)
-    return httpd, int(httpd.server_port)
+    return listen(port, host, registry, "--port", "--host")

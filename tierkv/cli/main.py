@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from .. import __version__
-from ..config import apply_log_level, parse_bytes, parse_float, parse_int
+from ..config import DEFAULT_METRICS_HOST, apply_log_level, parse_bytes, parse_float, parse_int, parse_listen_host
 from ..errors import ConfigError, TierKVError
 from .text import format_bytes
 
@@ -71,6 +71,7 @@ _POSITIVE_INT = _arg(parse_int, minimum=1)
 _NON_NEGATIVE_INT = _arg(parse_int, minimum=0)
 _POSITIVE_FLOAT = _arg(parse_float, above=0)
 _PORT = _arg(parse_int, minimum=0, maximum=65535)
+_HOST = _arg(parse_listen_host)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument("directory", metavar="DIRECTORY", help="the store's disk_path")
     metrics.add_argument("--port", type=_PORT, default=9464, help="TCP port (default %(default)s; 0 picks a free one)")
-    metrics.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
-                         help="address to listen on (default %(default)s; 0.0.0.0 for every interface)")
+    metrics.add_argument("--host", type=_HOST, default=DEFAULT_METRICS_HOST, metavar="ADDRESS",
+                         help="address to listen on (default %(default)s: this machine only; 0.0.0.0 or :: for every "
+                              "interface, so that a Prometheus on another host can scrape)")
     return parser
 
 
