@@ -13,7 +13,8 @@ any node computed.
     python scripts/bench_fleet.py --nodes 2,4,8 --users 96 --host 64MiB
 
 Prints a markdown table: prefill tokens saved (served from a store instead of computed), per
-fleet size, alone and shared, and what the shared tier served.
+fleet size, alone and shared, and what the shared tier served. The simulation itself is
+tierkv/tiers/remote/fleet.py (asv_bench/benchmarks/bench_remote.py tracks the same figures).
 """
 
 from __future__ import annotations
@@ -22,51 +23,11 @@ import argparse
 import os
 import platform
 import subprocess
-import time
-import uuid
-from dataclasses import dataclass
 
-import numpy as np
-
-from tierkv import BlockStore, Namespace, StoreConfig, parse_bytes
-from tierkv.cli.workload import SYNTHETIC_LAYOUT, ChatWorkload, replay
+from tierkv import parse_bytes
+from tierkv.cli.workload import SYNTHETIC_LAYOUT, ChatWorkload
+from tierkv.tiers.remote.fleet import FleetRun, run_fleet
 from tierkv.tiers.remote.local_cluster import LocalCluster
-
-
-@dataclass(frozen=True)
-class FleetRun:
-    nodes: int
-    shared: bool
-    prompt_tokens: int
-    served_tokens: int
-    remote_hits: int  # blocks the shared tier served (0 alone)
-    seconds: float
-
-    @property
-    def saved(self) -> float:
-        return self.served_tokens / self.prompt_tokens
-
-
-def run_fleet(workload: ChatWorkload, nodes: int, host_bytes: int, url: str | None, seed: int) -> FleetRun:
-    model = f"fleet-{uuid.uuid4().hex[:8]}"  # a namespace per run: runs never see each other's blocks
-    config = StoreConfig(device_bytes=0, host_bytes=host_bytes, device="cpu", remote_url=url)
-    stores = [BlockStore(SYNTHETIC_LAYOUT, Namespace(model=model), config) for _ in range(nodes)]
-    rng = np.random.default_rng(seed)
-    prompt = served = 0
-    start = time.perf_counter()
-    try:
-        for request in workload.requests():
-            store = stores[int(rng.integers(nodes))]
-            result = replay(store, [request])
-            prompt += result.prompt_tokens
-            served += result.served_tokens
-            if url is not None:  # write-through is asynchronous: let the next node see this turn
-                store.tiers[-1].writer.drain(60)
-        remote = sum(s.stats()["tiers"]["remote"]["hits"] for s in stores) if url is not None else 0
-    finally:
-        for s in stores:
-            s.close()
-    return FleetRun(nodes, url is not None, prompt, served, remote, time.perf_counter() - start)
 
 
 def main() -> None:
