@@ -283,7 +283,7 @@ def main() -> None:
             t = steps["step_time"]
             print(f"\ntierkv on the engine's step ({t['steps']} steps), ms per step mean / p99 / max: "
                   + "; ".join(f"{k} {t[f'{k}_ms']['mean']:.3f} / {t[f'{k}_ms']['p99']:.3f} / {t[f'{k}_ms']['max']:.3f}"
-                              for k in ("save", "load", "other")))
+                              for k in ("save", "load", "preempt", "other") if f"{k}_ms" in t))
         if args.json:
             Path(args.json).write_text(json.dumps({"title": title, "results": results}))
         if args.plot:

@@ -159,7 +159,7 @@ class TierKVConnector(KVConnectorBase_V1):
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Before vLLM reuses preempted requests' pages: their queued saves finish."""
         assert self._worker is not None and isinstance(kv_connector_metadata, TierKVMetadata)
-        with self.step_time.hook("save"):
+        with self.step_time.hook("preempt"):  # waits for the saves of preempted requests: not the cost of a save
             self._worker.handle_preemptions(kv_connector_metadata)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

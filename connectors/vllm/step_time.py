@@ -20,9 +20,13 @@ _KEPT_STEPS = 8192  # the latest steps kept for the percentiles
 
 
 class StepTime:
-    """Per-step seconds in the connector's worker hooks, split into loads, saves and the rest."""
+    """Per-step seconds in the connector's worker hooks: loads, queuing saves, preemptions, the rest.
 
-    KINDS = ("load", "save", "other")
+    "preempt" is `handle_preemptions`, which waits for the pending saves of preempted requests
+    before vLLM reuses their pages: a cost of preemption, kept apart from what queuing a save costs.
+    """
+
+    KINDS = ("load", "save", "preempt", "other")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -32,7 +36,7 @@ class StepTime:
 
     @contextmanager
     def hook(self, kind: str) -> Iterator[None]:
-        """Time one hook call into this step's `kind` ("load", "save" or "other")."""
+        """Time one hook call into this step's `kind` (one of `KINDS`)."""
         start = time.perf_counter()
         try:
             yield
