@@ -68,7 +68,8 @@ def child(config: str, args: argparse.Namespace) -> dict[str, Any]:
 
     llm = LLM(model=args.model, dtype="float32", enforce_eager=True, seed=0, max_model_len=args.max_model_len,
               enable_prefix_caching=config != "none", num_gpu_blocks_override=args.gpu_blocks,
-              disable_log_stats=False, kv_transfer_config=kv_transfer(config, args))
+              disable_log_stats=False, kv_transfer_config=kv_transfer(config, args),
+              **({"block_size": args.block_size} if args.block_size else {}))
     params = SamplingParams(max_tokens=args.answer_tokens, temperature=0.0, ignore_eos=True)
     warmup = [int(t) for t in np.random.default_rng(10**6).integers(3, args.vocab, 512)]
     llm.generate([{"prompt_token_ids": warmup}], params, use_tqdm=False)
@@ -226,6 +227,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer-tokens", type=int, default=40)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--gpu-blocks", type=int, default=32, help="vLLM's KV capacity in blocks (128 tokens on CPU)")
+    p.add_argument("--block-size", type=int, help="vLLM's block size in tokens (default: vLLM's, 128 on CPU)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--tierkv-host-bytes", default="4GiB")
     p.add_argument("--tierkv-disk", help="also give tierkv a disk tier in this (emptied) directory")
@@ -275,7 +277,7 @@ def main() -> None:
             print(f"{config}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
         title = (f"{args.users} users x {args.turns} turns, {args.system_tokens}-token system prompt, "
                  f"{args.user_tokens}-token messages, {args.answer_tokens}-token answers, vLLM capped at "
-                 f"{args.gpu_blocks} blocks")
+                 f"{args.gpu_blocks} blocks" + (f" of {args.block_size} tokens" if args.block_size else ""))
         print(title + "\n")
         print(table(results))
         steps = results.get("tierkv")
