@@ -40,8 +40,9 @@ class Block:
         self.leases = 0
         self.last_use = 0
         self.in_heap = 0  # bit t set: this block has an entry in tier t's heap
-        # xxh3_64 of the payload, set when its bytes first pass through CPU memory (host or
-        # disk write); every later read from host or disk is checked against it.
+        # TREE_CHECKSUM of the payload (integrity.py), set when the block first reaches a tier
+        # that verifies reads (hashed on the GPU when it comes from GPU memory); every later read
+        # from host, disk or a remote store is checked against it.
         self.checksum: int | None = None
 
     @property

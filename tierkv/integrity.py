@@ -11,6 +11,7 @@ they are migrated (`tiers/disk/migrate.py`).
 from __future__ import annotations
 
 import functools
+import itertools
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -150,14 +151,13 @@ def checksum_block_slots(storage: torch.Tensor, slots: Sequence[int]) -> list[in
     if not picks.size:
         return []
     if n and n % SECTOR_BYTES == 0:
-        array = storage.numpy()
-        first, m = int(picks[0]), picks.size
-        if int(picks[-1]) - first == m - 1 and bool(np.all(np.diff(picks) == 1)):  # one run: a slice, no index list
-            return _whole_sector_rows(array[first:first + m])
+        # Runs of consecutive slots are 2-D views of sectors; all leaves in one pass over them.
         k = n // SECTOR_BYTES
-        sectors = array.reshape(num * k, SECTOR_BYTES)
-        index = (picks[:, None] * k + np.arange(k)).reshape(-1).tolist()
-        return _roots(_leaves(map(sectors.__getitem__, index), m * k), m, k, n)
+        sectors = storage.numpy().reshape(num * k, SECTOR_BYTES)
+        cuts = (np.flatnonzero(np.diff(picks) != 1) + 1).tolist()
+        runs = zip([0, *cuts], [*cuts, picks.size])
+        views = [sectors[int(picks[a]) * k:(int(picks[b - 1]) + 1) * k] for a, b in runs]
+        return _roots(_leaves(itertools.chain.from_iterable(views), picks.size * k), picks.size, k, n)
     return [_tree(view[s * n:(s + 1) * n]) for s in picks.tolist()]
 
 
