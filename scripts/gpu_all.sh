@@ -23,3 +23,5 @@ if [ "${KERNEL_BENCH:-1}" = 1 ]; then echo "== kernels"
 python3 scripts/gpu_bench.py "$out/kernels.md" 2>&1 | tail -60; fi
 echo "== elastic"
 python3 scripts/bench_elastic_gpu.py "$out/elastic.json" 2>&1 | tail -25
+echo "== decode under a page budget (issue 15)"
+python3 scripts/bench_preempt_gpu.py "$out/preempt.md" 2>&1 | tail -20

@@ -159,7 +159,10 @@ def paged_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: to
             )
     if kwargs.get("sliding_window") is not None:
         raise UnsupportedModelError(f"{type(module).__name__} uses a sliding window; decode_budget pages full attention only")
+    # The hand-off from this layer's `update` is used once: a later forward with another cache
+    # (one that never sets it) must not find this one.
     cache = getattr(_ACTIVE, "cache", None)
+    _ACTIVE.cache = None
     if query.shape[2] != 1 or not isinstance(cache, PagedDecodeCache) or cache.manager is None:
         out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                               **kwargs)

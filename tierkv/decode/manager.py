@@ -315,9 +315,14 @@ class PageManager:
         scores = None
         if self.budget.policy == "quest" and (budgets < pages).any():
             width = int(pages.max())
-            idx = torch.from_numpy(rows).to(self.device)
-            scores = page_scores(q.to(self.device), layer.digest.kmin[idx, :width], layer.digest.kmax[idx, :width],
-                                 torch.from_numpy(pages), scale)
+            first = int(rows[0])
+            if np.array_equal(rows, np.arange(first, first + len(rows))):  # a run of slots: views, not copies
+                kmin = layer.digest.kmin[first : first + len(rows), :width]
+                kmax = layer.digest.kmax[first : first + len(rows), :width]
+            else:
+                idx = torch.from_numpy(rows).to(self.device)
+                kmin, kmax = layer.digest.kmin[idx, :width], layer.digest.kmax[idx, :width]
+            scores = page_scores(q.to(self.device), kmin, kmax, torch.from_numpy(pages), scale)
             host = scores.float().cpu().numpy()
             for i, (s, n) in enumerate(zip(rows.tolist(), pages.tolist())):
                 layer.score[s, :n] = host[i, :n]

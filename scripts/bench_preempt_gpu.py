@@ -1,0 +1,236 @@
+"""Decode step time and GPU KV bytes: dense vs tierkv's page manager at 1/8 vs all KV in host memory, copied every step.
+
+    python3 scripts/bench_preempt_gpu.py [OUT.md] [--layers 4] [--contexts 32768 131072] [--batches 1 16]
+    python3 scripts/bench_preempt_gpu.py --cpu-smoke          # tiny shapes on CPU: checks the script runs
+
+Attention-level, Llama-3-8B shapes (8 KV heads, 32 query heads, head_dim 128, bf16, random
+values), `--layers` of the 32 (every layer does the same work, so the time and bytes per step
+scale by 32 / layers; the table gives both). One step = for every layer: append the new token's
+K/V, then attention of one query per sequence:
+
+    dense      every page on the GPU, tierkv's paged attention over all of them
+    pages 1/8  `PageManager` with 1/8 of each sequence's pages on the GPU (1 sink page, 2-page
+               window, the rest by Quest min/max score), misses fetched from pinned host memory
+               in one batched copy per layer
+    host-all   every page in pinned host memory, all of them copied to a one-layer GPU buffer
+               every layer of every step, then the same attention
+
+Queries drift slowly between steps (q_t = q_0 + 0.3 * noise): a decode step's selection mostly
+repeats the last one, as in real decoding, while some pages change every step. A configuration
+whose KV does not fit the GPU (or the host: `--host-gib`) is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tierkv import DecodeBudget, KVLayout, PageManager
+from tierkv.decode.attention import attend_pages
+from tierkv.ops.transfer import copy_slots
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    kv_heads: int
+    q_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    block_tokens: int
+    full_layers: int  # the model's layer count, for the scaled columns
+
+
+@dataclass(frozen=True)
+class Row:
+    mode: str
+    context: int
+    batch: int
+    step_ms: float | None
+    gpu_kv_bytes: int
+    fetched_per_step: float
+    note: str = ""
+
+
+def token_bytes(s: Shape) -> int:
+    return 2 * s.kv_heads * s.head_dim * torch.empty((), dtype=s.dtype).element_size()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, steps: int, device: torch.device) -> float:
+    for _ in range(2):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def queries(s: Shape, batch: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, s.q_heads, s.head_dim, generator=g, device=device, dtype=torch.float32), g
+
+
+def bench_dense(s: Shape, ctx: int, batch: int, device: torch.device, steps: int) -> Row:
+    layout = KVLayout(1, 2, s.kv_heads, s.head_dim, s.dtype, s.block_tokens)
+    pages = -(-(ctx + steps + 2) // s.block_tokens)
+    pools = [torch.randn((batch * pages, *layout.block_shape), device=device).to(s.dtype) for _ in range(s.layers)]
+    table = torch.arange(batch * pages, device=device).view(batch, pages)
+    lens = torch.full((batch,), ctx, dtype=torch.int64)
+    q0, g = queries(s, batch, device, 1)
+    scale = 1 / math.sqrt(s.head_dim)
+
+    def step() -> None:
+        lens.add_(1)
+        q = (q0 + 0.3 * torch.randn(q0.shape, generator=g, device=device)).to(s.dtype)
+        pos = int(lens[0]) - 1
+        for pool in pools:
+            k = torch.randn(batch, s.kv_heads, s.head_dim, device=device, dtype=s.dtype)
+            rows = table[:, pos // s.block_tokens]
+            pool[rows, 0, 0, pos % s.block_tokens] = k
+            pool[rows, 0, 1, pos % s.block_tokens] = k
+            attend_pages(q, pool, layout, table, lens, scale)
+
+    ms = timed(step, steps, device)
+    return Row("dense", ctx, batch, ms, batch * ctx * token_bytes(s) * s.layers, 0.0)
+
+
+def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int, fraction: float) -> Row:
+    layout = KVLayout(s.layers, 2, s.kv_heads, s.head_dim, s.dtype, s.block_tokens)
+    pages = -(-(ctx + 2 * steps + 8) // s.block_tokens)
+    budget = DecodeBudget(fraction=fraction, sink_pages=1, window_pages=2)
+    m = PageManager(layout, budget, device_pages=batch * budget.wanted(pages), host_pages=batch * pages, max_seqs=batch,
+                    max_pages=pages, device=device)
+    for _ in range(batch):
+        kv = [torch.randn(ctx, s.kv_heads, s.head_dim, device=device).to(s.dtype) for _ in range(s.layers)]
+        m.add(kv, kv)
+        del kv
+    seqs = list(range(batch))
+    q0, g = queries(s, batch, device, 2)
+    scale = 1 / math.sqrt(s.head_dim)
+
+    def step() -> None:
+        q = (q0 + 0.3 * torch.randn(q0.shape, generator=g, device=device)).to(s.dtype)
+        for layer in range(s.layers):
+            k = torch.randn(batch, s.kv_heads, s.head_dim, device=device, dtype=s.dtype)
+            m.append(layer, seqs, k, k)
+            m.attend(layer, seqs, q, scale)
+
+    before = m.fetched_pages
+    ms = timed(step, steps, device)
+    fetched = (m.fetched_pages - before) / (steps + 2) / s.layers
+    return Row(f"pages 1/{round(1 / fraction)}", ctx, batch, ms, m.device_bytes(), fetched)
+
+
+def bench_host_all(s: Shape, ctx: int, batch: int, device: torch.device, steps: int) -> Row:
+    layout = KVLayout(1, 2, s.kv_heads, s.head_dim, s.dtype, s.block_tokens)
+    pages = -(-(ctx + steps + 2) // s.block_tokens)
+    pin = device.type == "cuda"
+    hosts = []
+    for _ in range(s.layers):
+        h = torch.empty((batch * pages, *layout.block_shape), dtype=s.dtype, pin_memory=pin)
+        h.view(torch.uint8).random_()
+        hosts.append(h)
+    buf = torch.empty((batch * pages, *layout.block_shape), dtype=s.dtype, device=device)
+    rows = torch.arange(batch * pages)
+    table = rows.to(device).view(batch, pages)
+    lens = torch.full((batch,), ctx, dtype=torch.int64)
+    q0, g = queries(s, batch, device, 3)
+    scale = 1 / math.sqrt(s.head_dim)
+
+    def step() -> None:
+        lens.add_(1)
+        q = (q0 + 0.3 * torch.randn(q0.shape, generator=g, device=device)).to(s.dtype)
+        for host in hosts:
+            copy_slots(host, rows, buf, rows)
+            attend_pages(q, buf, layout, table, lens, scale)
+
+    ms = timed(step, steps, device)
+    return Row("host-all", ctx, batch, ms, buf.numel() * buf.element_size(), float(batch * pages))
+
+
+def table(rows: list[Row], s: Shape, title: str) -> str:
+    scale = s.full_layers / s.layers
+    out = [title, "",
+           f"| context | batch | mode | step ms ({s.layers} layers) | step ms x{s.full_layers}/{s.layers} | "
+           f"GPU KV MiB ({s.layers} layers) | GPU KV GiB ({s.full_layers} layers) | pages fetched / layer / step | vs dense |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    dense = {(r.context, r.batch): r.step_ms for r in rows if r.mode == "dense" and r.step_ms is not None}
+    for r in rows:
+        base = dense.get((r.context, r.batch))
+        ms = "—" if r.step_ms is None else f"{r.step_ms:.2f}"
+        scaled = "—" if r.step_ms is None else f"{r.step_ms * scale:.1f}"
+        vs = f"{r.step_ms / base:.2f}x" if r.step_ms is not None and base else ""
+        out.append(f"| {r.context} | {r.batch} | {r.mode} | {ms} | {scaled} | {r.gpu_kv_bytes / 2**20:.1f} | "
+                   f"{r.gpu_kv_bytes * scale / 2**30:.2f} | {r.fetched_per_step:.1f} | {vs} {r.note} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", type=Path)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (float32)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--fraction", type=float, default=0.125)
+    ap.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan with (default: the device's, less 8 GiB)")
+    ap.add_argument("--host-gib", type=float, default=80.0, help="pinned host memory to plan with")
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+        s = Shape(2, 2, 8, 64, torch.float32, 16, 32)
+        contexts, batches, steps = [512, 2048], [1, 2], 3
+        gpu_gib = 4.0
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run with --cpu-smoke for the CPU check")
+        device = torch.device("cuda")
+        s = Shape(args.layers, 8, 32, 128, torch.bfloat16, 16, 32)
+        contexts, batches, steps = args.contexts, args.batches, args.steps
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        gpu_gib = args.gpu_gib if args.gpu_gib is not None else total - 8
+    rows: list[Row] = []
+    for ctx in contexts:
+        for batch in batches:
+            kv = batch * ctx * token_bytes(s) * s.layers
+            if kv / 2**30 > gpu_gib:
+                rows.append(Row("dense", ctx, batch, None, kv, 0.0, f"does not fit: {kv / 2**30:.0f} GiB > {gpu_gib:.0f}"))
+            else:
+                rows.append(bench_dense(s, ctx, batch, device, steps))
+            if kv / 2**30 > args.host_gib:
+                rows.append(Row(f"pages 1/{round(1 / args.fraction)}", ctx, batch, None, kv // 8, 0.0,
+                                f"host pool {kv / 2**30:.0f} GiB > --host-gib {args.host_gib:.0f}"))
+                rows.append(Row("host-all", ctx, batch, None, kv // s.layers, 0.0, "host pool too large"))
+                continue
+            rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction))
+            rows.append(bench_host_all(s, ctx, batch, device, steps))
+            print(rows[-3], rows[-2], rows[-1], sep="\n", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                release = getattr(torch._C, "_host_emptyCache", None)  # pinned blocks cached by torch
+                if release is not None:
+                    release()
+    name = "CPU smoke (tiny shapes, float32)" if args.cpu_smoke else torch.cuda.get_device_name(device)
+    title = (f"Decode step, {name}: {s.kv_heads} KV heads, {s.q_heads} query heads, head_dim {s.head_dim}, "
+             f"{str(s.dtype).removeprefix('torch.')}, pages of {s.block_tokens} tokens, {s.layers} layers measured")
+    report = table(rows, s, title)
+    print(report)
+    if args.out is not None:
+        args.out.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
