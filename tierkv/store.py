@@ -74,7 +74,7 @@ class BlockStore:
                 if agent is not None:
                     self._agents[t] = agent
             if config.metrics_port is not None:
-                self._exporter = Exporter(self.metric_families, namespace.model, config.metrics_port)
+                self._exporter = Exporter(self.metric_families, namespace.model, config.metrics_port, config.metrics_host)
         except BaseException:
             close_tiers(self.tiers)
             raise
