@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
@@ -15,10 +16,11 @@ from pathlib import Path
 import lmdb
 import pytest
 import torch
-
 from conftest import check_index_invariants, kv_for, prompt, same_bits, tiny_layout
+
 from tierkv import BlockStore, KVLayout, LayoutMismatchError, Namespace, StoreConfig, TierKVError
 from tierkv.tiers.disk.manifest import Record
+from tierkv.tiers.disk.recovery import paused_gc
 
 # Prompts sharing prefixes: 8 families of 3 branches, 12 blocks each.
 FAMILY = [prompt(f * 10_000, 6) + list(range(f * 10_000 + 500 + b * 100, f * 10_000 + 524 + b * 100))
@@ -261,3 +263,29 @@ def test_bad_disk_config_names_the_field() -> None:
         StoreConfig(disk_path="/tmp/x", disk_bytes=-1)
     with pytest.raises(ValueError, match="io_threads"):
         StoreConfig(io_threads=0)
+
+
+def test_the_collector_paused_for_a_restart_is_restored_as_it_was() -> None:
+    """A warm restart pauses the cyclic collector (most of its time was collections); it must come back on,
+    even when recovery raises, and stay off for an application that had turned it off."""
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="recovery failed"), paused_gc():
+        assert not gc.isenabled()
+        raise RuntimeError("recovery failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_restart_leaves_the_collector_on(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        for tokens in FAMILY[:3]:
+            store.put(tokens, kv_for(store.layout, tokens))
+    with open_store(tmp_path) as store:
+        assert store.recovery.blocks > 0
+        assert gc.isenabled()

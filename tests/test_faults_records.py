@@ -27,11 +27,19 @@ def stored(directory: Path, tokens: list[int]) -> list[bytes]:
         return store.keys(tokens)
 
 
-def test_a_malformed_record_is_dropped_and_counted(tmp_path: Path) -> None:
+MALFORMED = {
+    "cut short": lambda value: value[:5],
+    "no room for a parent key": lambda value: value[:40],  # the 25-byte record, then less than 16 bytes
+    "root flag 2": lambda value: value[:24] + b"\x02" + value[25:],
+}
+
+
+@pytest.mark.parametrize("damage", list(MALFORMED))
+def test_a_malformed_record_is_dropped_and_counted(tmp_path: Path, damage: str) -> None:
     """Before: BlockStore() raised struct.error, and the failed open kept the directory locked."""
     tokens = FAMILY[0]
     keys = stored(tmp_path, tokens)
-    rewrite_record(tmp_path, keys[4], lambda value: value[:5])
+    rewrite_record(tmp_path, keys[4], MALFORMED[damage])
     with open_fault_store(tmp_path) as store:
         disk = store.stats()["disk"]
         assert disk["recovery_dropped_by_reason"] == {"malformed record": 1, "no trusted parent": 7}

@@ -19,6 +19,7 @@ import torch
 from tierkv import BlockStore, KVLayout, Namespace, StoreConfig
 from tierkv.tiers.disk import DiskTier
 from tierkv.tiers.disk.files import aligned_empty
+from tierkv.tiers.disk.vetting import MARK
 
 TOTAL_BYTES = 256 << 20
 BENCH_DIR = os.environ.get("TIERKV_BENCH_DIR")  # default: the system temp dir
@@ -155,6 +156,22 @@ class WarmRestart:
         return directory
 
     def time_open_and_first_hit(self, directory: str) -> None:
+        """Open, serve the first hit, close (the close journals recency and marks the manifest clean)."""
         tokens = np.load(Path(directory) / "last_prompt.npy")
         with BlockStore(RESTART_LAYOUT, Namespace(model="restart"), _restart_config(directory)) as store:
             assert store.get(tokens[:64]).shape[0] == 4
+
+    def time_open(self, directory: str) -> None:
+        """The open alone, after a clean close: what a restarting server waits for (closed in teardown)."""
+        self._store = BlockStore(RESTART_LAYOUT, Namespace(model="restart"), _restart_config(directory))
+
+    def time_open_after_crash(self, directory: str) -> None:
+        """The open after a crash (no clean mark): the manifest is read by a child process and rebuilt first."""
+        (Path(directory) / MARK).unlink(missing_ok=True)
+        self._store = BlockStore(RESTART_LAYOUT, Namespace(model="restart"), _restart_config(directory))
+
+    def teardown(self, directory: str) -> None:
+        store = getattr(self, "_store", None)
+        if store is not None:
+            store.close()
+            self._store = None
