@@ -7,7 +7,7 @@ child must: open the store, serve no wrong byte, take new blocks, close, and ope
 The only refusal allowed is the one that protects the bytes: a flip inside the identity record
 that still reads as another layout (`LayoutMismatchError`), which names the difference.
 
-`scripts/fault_soak.py --damage` runs every 64-byte range of every file; CI runs a sample.
+`scripts/fault_soak.py --only damage --damage full` runs every 64-byte range of every file; CI runs a sample.
 """
 
 from __future__ import annotations

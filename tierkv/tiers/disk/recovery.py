@@ -38,7 +38,7 @@ def paused_gc() -> Iterator[None]:
 
     A warm restart makes a few objects per record (the record, its bytes, the index's block) and
     none of them is garbage; with 100k records the collector ran over and over through all of
-    them, and that was more than half of the open (1.0 of 1.6 s here).
+    them, and that was most of the open (about 0.9 of 1.5 s CPU on the 2-core dev VM, docs/reliability.md).
     """
     was = gc.isenabled()
     gc.disable()
