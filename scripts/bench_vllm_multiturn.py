@@ -254,6 +254,13 @@ def main() -> None:
         plot(saved["results"], saved["title"], args.plot)
         print(table(saved["results"]))
         return
+    longest = args.system_tokens + args.turns * args.user_tokens + args.turns * args.answer_tokens
+    if longest > args.max_model_len:
+        raise SystemExit(f"the last turn reaches {longest} tokens (system + turns x (message + answer)), past "
+                         f"--max-model-len {args.max_model_len}: fewer --turns or shorter messages, or a longer limit")
+    if args.block_size and args.gpu_blocks * args.block_size < args.max_model_len:
+        raise SystemExit(f"--gpu-blocks {args.gpu_blocks} x --block-size {args.block_size} tokens cannot hold one "
+                         f"request of --max-model-len {args.max_model_len}: vLLM refuses to start")
     configs = [c for c in args.configs.split(",") if c]
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
