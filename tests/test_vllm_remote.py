@@ -105,13 +105,14 @@ def _meta(job: Any) -> Any:
     return TierKVMetadata(loads=[job])
 
 
-def engine(model: Path, disk: Path, url: str) -> dict[str, Any]:
+def engine(model: Path, disk: Path, url: str, role: str = "kv_both", max_tokens: int = 8,
+           **connector: Any) -> dict[str, Any]:
     disk.mkdir(parents=True, exist_ok=True)
-    spec = {"model": str(model), "prefix_caching": False, "max_tokens": 8,
+    spec = {"model": str(model), "prefix_caching": False, "max_tokens": max_tokens, "role": role,
             "connector": {"disk_path": str(disk), "disk_bytes": "64MiB", "host_bytes": "64MiB", "block_tokens": BT,
-                          "remote_url": url},
+                          "remote_url": url, **connector},
             "phases": [{"prompts": PROMPTS}]}
-    result, output = run_engine(spec)
+    result, output = run_engine(spec, timeout=600)  # a start can take minutes on 2 loaded cores
     assert result is not None, f"the engine failed:\n{output[-8000:]}"
     return result
 
@@ -135,3 +136,31 @@ def test_second_engine_hits_what_the_first_published(model: Path, cluster, tmp_p
     assert b["cached_by_source"].get("external_unspecified", 0) >= 4 * 288
     (a_stats,) = a["stats"]
     assert a_stats["store"]["remote"]["writes_blocks_total"] > 0
+
+
+@pytest.mark.slow
+def test_a_prefill_and_a_decode_engine_share_kv_through_the_cluster(model: Path, cluster, tmp_path: Path) -> None:
+    """Disaggregated prefill as a proxy runs it: the prefill engine (kv_producer) computes each prompt
+    and one token, publishing its blocks; the decode engine (kv_consumer, remote_read_only: it may
+    read, never publish) then gets the same prompts and takes their prefixes from the cluster.
+
+    The hand-over is the cache's: the consumer finds what the producer published by its keys, so a
+    request reaching the consumer before the producer's writes landed would compute the missing
+    part (correct, only slower); this test starts the consumer after the producer has exited."""
+    url = cluster.url(nodes=3)
+    model_dir = str(model)
+    reference, output = run_engine({"model": model_dir, "prefix_caching": False, "max_tokens": 8,
+                                    "phases": [{"prompts": PROMPTS}]}, timeout=600)
+    assert reference is not None, f"the reference engine failed:\n{output[-8000:]}"
+    producer = engine(model, tmp_path / "prefill", url, role="kv_producer", max_tokens=1)
+    consumer = engine(model, tmp_path / "decode", url, role="kv_consumer", remote_read_only=True)
+    want = [o["tokens"] for o in reference["phases"][0]]
+    assert [o["tokens"] for o in consumer["phases"][0]] == want, "the decode engine's tokens are the reference's"
+    assert [o["tokens"] for o in producer["phases"][0]] == [w[:1] for w in want]
+    assert [o["cached"] for o in producer["phases"][0]] == [0, 0, 0, 0], "the producer computed everything"
+    assert [o["cached"] for o in consumer["phases"][0]] == [288] * 4, "the consumer computed only the tail"
+    (stats,) = consumer["stats"]
+    assert stats["load_errors"] == 0 and stats["store"]["tiers"]["remote"]["hits"] >= 2 * 9
+    assert stats["store"]["remote"]["writes_blocks_total"] == 0, "a read-only consumer publishes nothing"
+    assert stats["store"]["disk"]["recovered_blocks"] == 0, "the consumer's own disk was empty: its hits are the producer's"
+    assert consumer["cached_by_source"].get("external_unspecified", 0) >= 4 * 288

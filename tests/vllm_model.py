@@ -58,7 +58,8 @@ def _session(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("connector") is not None:
         kv_transfer = KVTransferConfig(kv_connector="TierKVConnector",
                                        kv_connector_module_path="tierkv_connectors.vllm",
-                                       kv_role="kv_both", kv_load_failure_policy=spec.get("failure_policy", "recompute"),
+                                       kv_role=spec.get("role", "kv_both"),
+                                       kv_load_failure_policy=spec.get("failure_policy", "recompute"),
                                        kv_connector_extra_config=spec["connector"])
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0, max_model_len=spec.get("max_model_len", 1024),
               enable_prefix_caching=spec.get("prefix_caching", True), kv_transfer_config=kv_transfer,
