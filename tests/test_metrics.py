@@ -170,6 +170,18 @@ def test_an_address_this_machine_lacks_is_a_config_error_naming_metrics_host() -
         Exporter(families, "x", 0, host="no-such-host.invalid")  # .invalid never resolves (RFC 6761)
 
 
+def test_the_store_listens_on_its_metrics_host() -> None:
+    from tierkv import ConfigError
+
+    with store_with(small(metrics_port=0, metrics_host="0.0.0.0")) as store:
+        assert store._exporter._server.httpd.server_address[0] == "0.0.0.0"  # type: ignore[union-attr]
+        assert ("tierkv_blocks", (("store", "metrics-test"),)) in scrape(store.metrics_url)  # type: ignore[arg-type]
+    with store_with(small(metrics_port=0)) as store:
+        assert store._exporter._server.httpd.server_address[0] == "127.0.0.1"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="metrics_host: cannot serve metrics on port 0 of 192.0.2.1"):
+        store_with(small(metrics_port=0, metrics_host="192.0.2.1"))
+
+
 def test_one_port_cannot_listen_on_two_addresses() -> None:
     from tierkv import ConfigError
     from tierkv.metrics import Exporter
