@@ -74,8 +74,9 @@ def test_a_budget_holds_and_attention_is_over_the_selected_pages() -> None:
         torch.testing.assert_close(out[0], dense(q[0], keys[0][tok], values[0][tok]), rtol=1e-5, atol=1e-5)
 
 
-def test_the_query_aware_score_finds_the_page_holding_a_matching_key() -> None:
-    m = manager(DecodeBudget(pages=3, sink_pages=1, window_pages=1))
+@pytest.mark.parametrize("aggregate", ["mass", "rank"])
+def test_the_query_aware_score_finds_the_page_holding_a_matching_key(aggregate: str) -> None:
+    m = manager(DecodeBudget(pages=3, sink_pages=1, window_pages=1, aggregate=aggregate))
     keys, values = kv(64, 5)  # 16 pages
     q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(6))
     for layer in range(2):
@@ -168,8 +169,11 @@ def test_the_score_bounds_every_key_of_its_page() -> None:
     bound = (pos * hi.permute(1, 0, 2)[:, None] + neg * lo.permute(1, 0, 2)[:, None]).sum(-1)
     real = torch.einsum("hgd,thd->hgt", qg, keys).view(H, HQ // H, 8, BT).amax(-1)
     assert (bound >= real - 1e-5).all()
-    scores = page_scores(q, lo[None], hi[None], torch.tensor([6]), 1.0)
-    assert scores.shape == (1, 8) and torch.isinf(scores[0, 6:]).all() and (scores[0, :6] > 0).all()
+    for aggregate in ("mass", "rank"):
+        scores = page_scores(q, lo[None], hi[None], torch.tensor([6]), 1.0, aggregate)
+        assert scores.shape == (1, 8) and torch.isinf(scores[0, 6:]).all() and (scores[0, :6] > 0).all()
+    ranked = page_scores(q, lo[None], hi[None], torch.tensor([6]), 1.0, "rank")[0, :6]
+    assert sorted(ranked.tolist(), reverse=True)[0] == 1.0  # some head's first page
 
 
 def test_bad_arguments_are_refused_with_what_is_wrong() -> None:
@@ -181,6 +185,8 @@ def test_bad_arguments_are_refused_with_what_is_wrong() -> None:
         DecodeBudget(pages=2, sink_pages=1, window_pages=2)
     with pytest.raises(ValueError, match="policy"):
         DecodeBudget(policy="h2o")
+    with pytest.raises(ValueError, match="aggregate"):
+        DecodeBudget(aggregate="sum")
     with pytest.raises(ValueError, match="cannot hold one sequence"):
         PageManager(layout(), DecodeBudget(pages=4), device_pages=2, host_pages=8, max_seqs=1, max_pages=8)
     m = manager(DecodeBudget())

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 POLICIES = ("quest", "recent")
+AGGREGATES = ("rank", "mass")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class DecodeBudget:
     `policy` "quest" fills the rest of the budget with the pages of highest query-aware score;
     "recent" is the dropping baseline (StreamingLLM's sinks + recent window of the same size):
     it selects the most recent pages only, so whatever falls out is never attended again.
+    `aggregate` says how the query heads' page bounds become one score per page (`selection.page_scores`):
+    "mass", the largest estimated attention mass over the heads, or "rank", the best rank over
+    the heads (every head's top pages first, as Quest selects per head).
     `dense_layers` first layers keep every page on the device and attend to all (Quest leaves
     the first two layers dense: their attention is not sparse, and their errors feed every
     later layer).
@@ -31,6 +35,7 @@ class DecodeBudget:
     window_pages: int = 2
     policy: str = "quest"
     dense_layers: int = 0
+    aggregate: str = "mass"
 
     def __post_init__(self) -> None:
         if self.pages is not None and self.fraction is not None:
@@ -48,6 +53,8 @@ class DecodeBudget:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sink_pages" else 1):
                 raise ValueError(f"DecodeBudget.{name} must be an int >= {0 if name == 'sink_pages' else 1}, got {value!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"DecodeBudget.aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"DecodeBudget.policy must be one of {POLICIES}, got {self.policy!r}")
         if self.pages is not None and self.pages < self.sink_pages + self.window_pages:

@@ -329,7 +329,7 @@ class PageManager:
             else:
                 idx = torch.from_numpy(rows).to(self.device)
                 kmin, kmax = layer.digest.kmin[idx, :width], layer.digest.kmax[idx, :width]
-            scores = page_scores(q.to(self.device), kmin, kmax, torch.from_numpy(pages), scale)
+            scores = page_scores(q.to(self.device), kmin, kmax, torch.from_numpy(pages), scale, self.budget.aggregate)
             host = scores.float().cpu().numpy()
             for i, (s, n) in enumerate(zip(rows.tolist(), pages.tolist())):
                 layer.score[s, :n] = host[i, :n]

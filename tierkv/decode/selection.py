@@ -15,7 +15,7 @@ import torch
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_pages: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, aggregate: str = "mass") -> torch.Tensor:
     """Estimated attention mass per page `[n, pages]` of queries `q` `[n, q_heads, head_dim]`.
 
     kmin/kmax: `[n, pages, kv_heads, head_dim]` digests; pages at or past `num_pages[i]` score -inf.
@@ -30,8 +30,17 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_pag
     pages = kmin.shape[1]
     valid = torch.arange(pages, device=q.device)[None, :] < num_pages.to(q.device)[:, None]
     bound = (bound * scale).masked_fill(~valid[:, None, None, :], float("-inf"))
-    mass = bound.softmax(-1)
-    return mass.amax(dim=(1, 2)).masked_fill(~valid, float("-inf"))
+    if aggregate == "mass":
+        return bound.softmax(-1).amax(dim=(1, 2)).masked_fill(~valid, float("-inf"))
+    if aggregate != "rank":
+        raise ValueError(f"aggregate must be 'rank' or 'mass', got {aggregate!r}")
+    # Each query head ranks the pages by its own bound; a page scores by its best rank over the
+    # heads (the union of every head's top pages, as Quest selects per head).
+    order = bound.flatten(1, 2).argsort(dim=-1, descending=True)  # [n, heads, pages]
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(pages, device=q.device).expand_as(order))
+    best = rank.amin(dim=1).float()
+    return (1.0 / (1.0 + best)).masked_fill(~valid, float("-inf"))
 
 
 def select_pages(scores: torch.Tensor | None, num_pages: np.ndarray, budgets: np.ndarray, sink_pages: int,
