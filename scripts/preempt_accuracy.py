@@ -9,7 +9,8 @@ greedily, so every token of question and answer attends only to what the configu
 
     dense       transformers' own cache and sdpa attention
     1/4 ...     tierkv's page manager with that fraction of each layer's pages on the device
-                (Quest-style min/max digests, sinks + recent window always)
+                (Quest-style min/max digests, sinks + recent window always; `--aggregate`
+                picks how the query heads' bounds combine, `DecodeBudget.aggregate`)
     drop 1/4    the dropping baseline: sinks + the most recent pages, the same number of pages
 
 A row is correct when the decoded answer contains the number. Then the mean absolute difference
@@ -53,10 +54,10 @@ class Config:
     budget: DecodeBudget | None  # None: dense
 
 
-def configs() -> list[Config]:
+def configs(aggregate: str) -> list[Config]:
     out = [Config("dense", None)]
     for f in FRACTIONS:
-        out.append(Config(f"1/{round(1 / f)}", DecodeBudget(fraction=f, sink_pages=1, window_pages=2)))
+        out.append(Config(f"1/{round(1 / f)}", DecodeBudget(fraction=f, sink_pages=1, window_pages=2, aggregate=aggregate)))
     for f in FRACTIONS:
         out.append(Config(f"drop 1/{round(1 / f)}", DecodeBudget(fraction=f, sink_pages=1, window_pages=2, policy="recent")))
     return out
@@ -127,11 +128,12 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1, help="passkeys per (length, depth)")
     ap.add_argument("--text-tokens", type=int, default=2048, help="prefix of the ordinary text")
     ap.add_argument("--steps", type=int, default=48, help="teacher-forced tokens for the log-prob difference")
+    ap.add_argument("--aggregate", choices=["rank", "mass"], default="rank", help="DecodeBudget.aggregate of the page configs")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown tables here (and .json beside)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model, tok = load()
-    cfgs = configs()
+    cfgs = configs(args.aggregate)
     rng = random.Random(15)
     bb = StoreConfig(device_bytes=4 << 20, host_bytes=4 << 20, device="cpu")
     hits: dict[tuple[int, str], list[bool]] = {}
@@ -177,7 +179,7 @@ def main() -> None:
             top1 = (lp.argmax(-1) == ld.argmax(-1)).float().mean().item()
             rows.append((c.name, actual, full, top1))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [f"Passkey retrieval, SmolLM2-135M-Instruct (Q4_1 GGUF, float32, CPU), commit {commit}, "
+    lines = [f"Passkey retrieval, SmolLM2-135M-Instruct (Q4_1 GGUF, float32, CPU), commit {commit}, aggregate={args.aggregate}, "
              f"{len(args.depths) * args.keys} prompts per length (depths {args.depths}):", "",
              "| context | " + " | ".join(c.name for c in cfgs) + " |", "|---|" + "---|" * len(cfgs)]
     for length in args.lengths:

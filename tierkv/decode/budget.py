@@ -22,8 +22,9 @@ class DecodeBudget:
     "recent" is the dropping baseline (StreamingLLM's sinks + recent window of the same size):
     it selects the most recent pages only, so whatever falls out is never attended again.
     `aggregate` says how the query heads' page bounds become one score per page (`selection.page_scores`):
-    "mass", the largest estimated attention mass over the heads, or "rank", the best rank over
-    the heads (every head's top pages first, as Quest selects per head).
+    "rank" (the default), the best rank over the heads (every head's top pages first, as Quest
+    selects per head), or "mass", the largest estimated attention mass over the heads. On
+    SmolLM2 passkey prompts "rank" found keys "mass" missed (docs/preemption.md).
     `dense_layers` first layers keep every page on the device and attend to all (Quest leaves
     the first two layers dense: their attention is not sparse, and their errors feed every
     later layer).
@@ -35,7 +36,7 @@ class DecodeBudget:
     window_pages: int = 2
     policy: str = "quest"
     dense_layers: int = 0
-    aggregate: str = "mass"
+    aggregate: str = "rank"
 
     def __post_init__(self) -> None:
         if self.pages is not None and self.fraction is not None:
