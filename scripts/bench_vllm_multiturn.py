@@ -127,7 +127,7 @@ def run_config(config: str, args: argparse.Namespace, log_dir: Path) -> dict[str
         for line in proc.stdout.splitlines():
             if line.startswith(RESULT_PREFIX):
                 return json.loads(line[len(RESULT_PREFIX):])
-        errors = [line for line in log.read_text().splitlines() if "Error:" in line]
+        errors = [line for line in log.read_text().splitlines() if "Error:" in line and "initialization failed" not in line]
         return f"failed (exit {proc.returncode}): " + (errors[-1] if errors else f"see {log}")
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         return f"failed: {e}"
@@ -258,9 +258,9 @@ def main() -> None:
     if longest > args.max_model_len:
         raise SystemExit(f"the last turn reaches {longest} tokens (system + turns x (message + answer)), past "
                          f"--max-model-len {args.max_model_len}: fewer --turns or shorter messages, or a longer limit")
-    if args.block_size and args.gpu_blocks * args.block_size < args.max_model_len:
-        raise SystemExit(f"--gpu-blocks {args.gpu_blocks} x --block-size {args.block_size} tokens cannot hold one "
-                         f"request of --max-model-len {args.max_model_len}: vLLM refuses to start")
+    if args.block_size and (args.gpu_blocks - 1) * args.block_size < args.max_model_len:  # vLLM keeps one null block
+        raise SystemExit(f"--gpu-blocks {args.gpu_blocks} (one is vLLM's null block) x --block-size {args.block_size} "
+                         f"tokens cannot hold one request of --max-model-len {args.max_model_len}: vLLM refuses to start")
     configs = [c for c in args.configs.split(",") if c]
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
