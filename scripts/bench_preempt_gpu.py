@@ -217,6 +217,8 @@ def main() -> None:
             rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction))
             rows.append(bench_host_all(s, ctx, batch, device, steps))
             print(rows[-3], rows[-2], rows[-1], sep="\n", flush=True)
+            if args.out is not None:  # the rows so far, in case a time limit stops the larger shapes
+                args.out.write_text(table(rows, s, "Decode step (partial: the run was stopped here)") + "\n")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 release = getattr(torch._C, "_host_emptyCache", None)  # pinned blocks cached by torch
