@@ -147,6 +147,7 @@ def test_a_prefill_and_a_decode_engine_share_kv_through_the_cluster(model: Path,
     The hand-over is the cache's: the consumer finds what the producer published by its keys, so a
     request reaching the consumer before the producer's writes landed would compute the missing
     part (correct, only slower); this test starts the consumer after the producer has exited."""
+    cluster.flushall()  # the module's cluster holds what the other tests' engines published for these prompts
     url = cluster.url(nodes=3)
     model_dir = str(model)
     reference, output = run_engine({"model": model_dir, "prefix_caching": False, "max_tokens": 8,
