@@ -15,8 +15,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tierkv import StoreConfig  # noqa: E402
-from tierkv_connectors.hf import PrefixNotUsedError, TierKV, cache_argument, describe_model  # noqa: E402
+from test_hf_reuse import store_config  # noqa: E402
+
+from tierkv_connectors.hf import PrefixNotUsedError, TierKV, cache_argument  # noqa: E402
 from tierkv_connectors.hf.compat import CACHE_KEYWORD, given_cache  # noqa: E402
 
 BT = 16
@@ -47,9 +48,7 @@ def test_reuse_reaches_the_model_through_generate() -> None:
     """The failure the rename caused: the watch read the old name, saw no cache, and recomputed every prompt."""
     model = llama()
     prompt = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(1))
-    layout = describe_model(model).layout(BT)
-    config = StoreConfig(device_bytes=64 * layout.block_bytes, host_bytes=64 * layout.block_bytes, device="cpu")
-    with TierKV(model, config, block_tokens=BT) as tkv:
+    with TierKV(model, store_config(model, 64, 64), block_tokens=BT) as tkv:
         tkv.generate(prompt, max_new_tokens=1)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # "tierkv recomputed the whole prompt" fails the test
@@ -69,9 +68,7 @@ def test_a_cache_passed_under_the_other_name_is_used_or_caught() -> None:
     Since 5.20 `past_key_values=` is mapped onto `cache=`: the watch sees it, and the prefix is used."""
     model = llama()
     prompt = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(2))
-    layout = describe_model(model).layout(BT)
-    config = StoreConfig(device_bytes=64 * layout.block_bytes, host_bytes=64 * layout.block_bytes, device="cpu")
-    with TierKV(model, config, block_tokens=BT) as tkv:
+    with TierKV(model, store_config(model, 64, 64), block_tokens=BT) as tkv:
         tkv.generate(prompt, max_new_tokens=1)
         cache = tkv.cache(prompt)
         with torch.no_grad():

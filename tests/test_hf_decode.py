@@ -12,6 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_hf_reuse import left_pad  # noqa: E402
 from test_hf_smollm2 import smollm2  # noqa: E402,F401  (the session fixture loading the real model)
 
 from tierkv import DecodeBudget, StoreConfig, TierKVError  # noqa: E402
@@ -60,16 +61,6 @@ def store_config(model: transformers.PreTrainedModel, blocks: int = 64) -> Store
 def plain(model: transformers.PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     mask = torch.ones_like(ids) if mask is None else mask
     return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
-
-
-def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("arch", ARCHS)
