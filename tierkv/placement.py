@@ -20,6 +20,7 @@ from .index import ABSENT, PENDING, Block, Index
 from .ops.checksum import block_checksums
 from .stats import StoreCounters
 from .tiers.base import Tier, TierRead
+from .tiers.host_rows import empty_rows
 
 if TYPE_CHECKING:
     from .layout import KVLayout
@@ -408,7 +409,7 @@ class Placement:
                 out = part
             else:
                 if out is None:
-                    out = torch.empty((len(blocks), self.tiers[t].slot_bytes), dtype=torch.uint8, device=device)
+                    out = empty_rows(len(blocks), self.tiers[t].slot_bytes, device)
                 out.index_copy_(0, torch.as_tensor(picks, device=device), part)
         assert out is not None
         return out

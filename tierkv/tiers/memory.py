@@ -28,6 +28,7 @@ from ..integrity import checksum_block_slots
 from ..ops.checksum import block_checksums
 from ..ops.transfer import copy_slots, gather_engine_blocks, scatter_engine_blocks
 from .base import Tier, TierRead, need_checksums, stamp_checksums
+from .host_rows import empty_rows
 from .limits import allocate, check_capacity
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class PoolTier(Tier):
         self._check_access(slots)
         if self._device.type == "cpu":
             self._cpu_access()
-        out = torch.empty((len(slots), self.slot_bytes), dtype=torch.uint8, device=self._device, pin_memory=self.pinned)
+        out = empty_rows(len(slots), self.slot_bytes, self._device, pin=self.pinned)
         copy_slots(self.storage, slots, out, range(len(slots)))
         return out
 

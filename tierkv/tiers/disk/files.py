@@ -18,13 +18,16 @@ import numpy as np
 import torch
 
 from ...errors import TierKVError
+from ..host_rows import HUGE_MIN_BYTES, empty_rows
 from . import faults
 
 ALIGN = 4096
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
-    """A uint8 array whose data starts on a 4 KiB boundary, as O_DIRECT requires."""
+    """A uint8 array whose data starts on a 4 KiB boundary, as O_DIRECT requires (large ones on huge pages)."""
+    if nbytes >= HUGE_MIN_BYTES:
+        return empty_rows(1, nbytes).numpy()[0]  # 2 MiB-aligned
     raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
     start = (-raw.ctypes.data) % ALIGN
     return raw[start : start + nbytes]
