@@ -73,7 +73,9 @@ __device__ __forceinline__ void engine_copy(
 }
 
 // dst row dst_rows[j] = src row src_rows[j]; rows are split into segments of seg_units vectors
-// so that a few large rows still spread over every SM the grid was given.
+// so that a few large rows still spread over every SM the grid was given. An entry whose source
+// row is negative copies nothing: a caller on the device can queue a fixed-length list in which
+// only some entries are real (tierkv/decode fetches pages without the host knowing how many).
 template <int W>
 __device__ __forceinline__ void copy_rows(
     const char* src, const i64* __restrict__ src_rows, char* dst, const i64* __restrict__ dst_rows,
@@ -84,6 +86,7 @@ __device__ __forceinline__ void copy_rows(
   const i64 pieces = (i64)n * segs;
   for (i64 p = blockIdx.x; p < pieces; p += gridDim.x) {
     const i64 j = p / segs;
+    if (src_rows[j] < 0) continue;  // a negative source row is skipped (dst_rows[j] is not read)
     const i64 first = (p - j * segs) * seg_units;
     const int count = (int)(row_units - first < seg_units ? row_units - first : seg_units);
     const V* s = (const V*)(src + src_rows[j] * row_bytes) + first;

@@ -38,6 +38,11 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ht,thd->hd", w, vv)
 
 
+def selected(table: torch.Tensor) -> list[list[int]]:
+    """`PageManager.select`'s `[n, k]` tensor (-1 padded) as each row's page list."""
+    return [[p for p in row if p >= 0] for row in table.tolist()]
+
+
 def manager(budget: DecodeBudget, device_pages: int = 64, host_pages: int = 256, max_seqs: int = 4) -> PageManager:
     return PageManager(layout(), budget, device_pages=device_pages, host_pages=host_pages, max_seqs=max_seqs, max_pages=64)
 
@@ -66,9 +71,9 @@ def test_a_budget_holds_and_attention_is_over_the_selected_pages() -> None:
     g = torch.Generator().manual_seed(4)
     for _ in range(6):
         q = torch.randn(1, HQ, D, generator=g)
-        chosen = m.select(0, [seq], q, 1 / math.sqrt(D))[0]
+        chosen = selected(m.select(0, [seq], q, 1 / math.sqrt(D)))[0]
         out = m.attend(0, [seq], q, 1 / math.sqrt(D))
-        assert len(chosen) == 4 and chosen[0] == 0 and list(chosen[-2:]) == [8, 9]
+        assert len(chosen) == 4 and chosen[0] == 0 and chosen[-2:] == [8, 9]
         assert m.resident_pages(0, seq) <= 4
         tok = torch.from_numpy(np.concatenate([np.arange(p * BT, (p + 1) * BT) for p in chosen]))
         torch.testing.assert_close(out[0], dense(q[0], keys[0][tok], values[0][tok]), rtol=1e-5, atol=1e-5)
@@ -82,10 +87,10 @@ def test_the_query_aware_score_finds_the_page_holding_a_matching_key(aggregate: 
     for layer in range(2):
         keys[layer][29] = 4 * q[0, :: HQ // H]  # a key of page 7 aligned with the query's heads
     seq = m.add(keys, values)
-    assert list(m.select(0, [seq], q, 1 / math.sqrt(D))[0]) == [0, 7, 15]
+    assert selected(m.select(0, [seq], q, 1 / math.sqrt(D))) == [[0, 7, 15]]
     recent = manager(DecodeBudget(pages=3, sink_pages=1, window_pages=1, policy="recent"))
     seq = recent.add(keys, values)
-    assert list(recent.select(0, [seq], q, 1 / math.sqrt(D))[0]) == [0, 14, 15]
+    assert selected(recent.select(0, [seq], q, 1 / math.sqrt(D))) == [[0, 14, 15]]
 
 
 def test_evicted_pages_come_back_exact() -> None:
@@ -100,7 +105,7 @@ def test_evicted_pages_come_back_exact() -> None:
         for layer in range(2):
             keys_l = keys[layer][target * BT : (target + 1) * BT]
             q = keys_l.mean(0).repeat_interleave(HQ // H, dim=0)[None] * 8 + 0.01 * torch.randn(1, HQ, D, generator=g)
-            chosen = m.select(layer, [seq], q, 1 / math.sqrt(D))[0]
+            chosen = selected(m.select(layer, [seq], q, 1 / math.sqrt(D)))[0]
             out = m.attend(layer, [seq], q, 1 / math.sqrt(D))
             fetched += m.last_step.fetched
             tok = torch.from_numpy(np.concatenate([np.arange(p * BT, (p + 1) * BT) for p in chosen]))
@@ -132,10 +137,10 @@ def test_a_sequence_that_cannot_get_its_sinks_and_window_is_refused_and_nothing_
     m = manager(DecodeBudget(pages=2, sink_pages=1, window_pages=1), device_pages=4, max_seqs=3)
     m.add(*kv(40, 14))
     m.add(*kv(40, 15))
-    before = [layer.dev_slot.copy() for layer in m.layers], [list(layer.free_host) for layer in m.layers]
+    before = [layer.dev_slot.clone() for layer in m.layers], [list(layer.free_host) for layer in m.layers]
     with pytest.raises(CapacityError, match="can be demoted"):
         m.add(*kv(40, 16))
-    assert all(np.array_equal(x, layer.dev_slot) for x, layer in zip(before[0], m.layers))
+    assert all(torch.equal(x, layer.dev_slot) for x, layer in zip(before[0], m.layers))
     assert before[1] == [list(layer.free_host) for layer in m.layers]
 
 

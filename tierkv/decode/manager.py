@@ -5,16 +5,25 @@ full, so evicting a page from the device never loses or copies anything: the hos
 The device pool of each layer holds the pages the latest step selected, up to each sequence's
 budget; the page being written (the tail) is always resident and is written back when it fills.
 
-A step (`attend`) selects pages (`selection`), fetches the non-resident ones with one batched
-host-to-device copy (`tierkv.ops.transfer.copy_slots`), evicting first the sequence's own
-least recently selected pages beyond its budget, then, when the shared pool is short, the
-lowest-scored unprotected pages of other sequences, and runs paged attention over the selection
-(a block table of device slots). Layers are independent: each has its own pools, digests and
-selection, since a layer's query is known only when the model reaches it.
+A step (`append` + `attend`) is device-resident and does not synchronise: what depends on the
+data (scores, which pages are resident, which slots give way) lives in device tensors
+(`residency.Residency`) and is computed with fixed-shape ops; the host keeps only what it knows
+without looking: token counts, budgets, the host pool's free rows, context lengths. So:
 
-Sequences sharing the device pool share it fairly (`budget.share`): when a new one arrives
-(`add`) and the pool is short, running sequences' unprotected pages are demoted to the host by
-score, never below their sinks + window; `CapacityError` when even that cannot make room.
+- `select` scores pages on the device and picks them with one `topk` (`selection.choose_pages`);
+- `attend` pairs the selected pages that are not resident with victim slots (`Residency.place`)
+  and fetches them with one `copy_rows` launch over fixed-length index lists in which entries
+  with nothing to copy are -1 (`tierkv.ops.transfer.copy_rows_where`): the host never learns
+  how many pages came up;
+- a step in which no page opens copies nothing host -> device but the attention's context
+  lengths (`paged_attention` checks them on the host, then uploads them from pinned memory);
+  one in which pages open uploads their host rows (small, pinned, non_blocking).
+
+`add` and `remove` are rare and may synchronise (`add` counts the slots that can be freed
+before it changes anything, so a prompt that does not fit raises `CapacityError` with nothing changed).
+
+Layers are independent: each has its own pools, digests and selection, since a layer's query is
+known only when the model reaches it.
 """
 
 from __future__ import annotations
@@ -26,20 +35,30 @@ import torch
 
 from ..errors import CapacityError
 from ..layout import KVLayout
-from ..ops.transfer import copy_slots
+from ..ops.staging import upload
+from ..ops.transfer import copy_rows_where
 from .attention import attend_pages
 from .budget import DecodeBudget, share
-from .selection import page_scores, select_pages
+from .residency import LRU, NEVER, SCORE, Residency
+from .selection import choose_pages, page_scores
 from .summaries import KeySummaries
 
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one `attend` call did: pages selected, fetched from the host, evicted, for the whole batch."""
+    """What one `attend` call did for the whole batch. `fetched`/`evicted` read device counters (they synchronise)."""
 
     selected: int
-    fetched: int
-    evicted: int
+    fetched_count: torch.Tensor  # 0-dim, on the device
+    evicted_count: torch.Tensor
+
+    @property
+    def fetched(self) -> int:
+        return int(self.fetched_count)
+
+    @property
+    def evicted(self) -> int:
+        return int(self.evicted_count)
 
 
 @dataclass
@@ -47,14 +66,31 @@ class _Layer:
     dev: torch.Tensor  # [device_pages, 1, 2, bt, H, D]
     host: torch.Tensor  # [host_pages, 1, 2, bt, H, D]
     digest: KeySummaries
-    host_slot: np.ndarray  # [max_seqs, max_pages] host row of each page, -1 none
-    dev_slot: np.ndarray  # [max_seqs, max_pages] device slot of each page, -1 not resident
-    last_used: np.ndarray  # [max_seqs, max_pages] step that last selected the page
-    score: np.ndarray  # [max_seqs, max_pages] its score then
-    free_dev: list[int]
+    res: Residency  # device slot of each page, page of each slot, last use, score: on the device
+    host_slot: np.ndarray  # [max_seqs, max_pages] host row of each page, -1 none (host decision)
+    host_slot_dev: torch.Tensor  # [max_seqs * max_pages] its device mirror
     free_host: list[int]
     tokens: np.ndarray  # [max_seqs] tokens written for each sequence in this layer
+    tokens_dev: torch.Tensor  # its device mirror, advanced on the device by append
     exact: bool  # one of the budget's dense layers: every page resident, no selection
+    budget_pages: np.ndarray | None = None  # the page counts `budgets` was computed for
+    budgets: np.ndarray | None = None  # [max_seqs] each sequence's share of the pool
+    budgets_dev: torch.Tensor | None = None
+
+    @property
+    def dev_slot(self) -> torch.Tensor:
+        """`[max_seqs, max_pages]` device slot of each page, -1 not resident (a device tensor)."""
+        return self.res.table
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A list of sequences as the step needs it on both sides; cached, so a steady step uploads nothing."""
+
+    rows: np.ndarray
+    rows_dev: torch.Tensor
+    classes: torch.Tensor  # [max_seqs] LRU for the batch's sequences, SCORE for the others
+    run: int | None  # first row when the rows are consecutive (digests are then read as views)
 
 
 def _pinned(shape: tuple[int, ...], dtype: torch.dtype, want: bool) -> torch.Tensor:
@@ -97,28 +133,39 @@ class PageManager:
                 dev=torch.zeros((pool, *shape), dtype=layout.dtype, device=self.device),
                 host=_pinned((host_pages, *shape), layout.dtype, self.device.type == "cuda"),
                 digest=KeySummaries(max_seqs, max_pages, layout.num_kv_heads, layout.head_dim, self.device),
+                res=Residency(max_seqs, max_pages, pool, self.device),
                 host_slot=np.full((max_seqs, max_pages), -1, np.int64),
-                dev_slot=np.full((max_seqs, max_pages), -1, np.int64),
-                last_used=np.zeros((max_seqs, max_pages), np.int64),
-                score=np.zeros((max_seqs, max_pages), np.float32),
-                free_dev=list(range(pool - 1, -1, -1)),
+                host_slot_dev=torch.full((max_seqs * max_pages,), -1, dtype=torch.int64, device=self.device),
                 free_host=list(range(host_pages - 1, -1, -1)),
                 tokens=np.zeros(max_seqs, np.int64),
+                tokens_dev=torch.zeros(max_seqs, dtype=torch.int64, device=self.device),
                 exact=i < budget.dense_layers,
             )
             for i, pool in enumerate(pools)
         ]
         self.active = np.zeros(max_seqs, bool)
         self.step = 0
-        self.fetched_pages = 0
-        self.evicted_pages = 0
+        self._fetched = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._evicted = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._batches: dict[tuple[int, ...], _Batch] = {}
+        self.last_step: StepStats | None = None
 
-    # -- sizes ---------------------------------------------------------------------------
+    # -- sizes and counters (reading them may synchronise) -------------------------------
 
     @property
     def page_bytes(self) -> int:
         """Bytes of one page of one layer (K and V)."""
         return self.page_layout.block_bytes
+
+    @property
+    def fetched_pages(self) -> int:
+        """Pages copied host -> device by `attend` so far (a device counter: reading it synchronises)."""
+        return int(self._fetched)
+
+    @property
+    def evicted_pages(self) -> int:
+        """Pages that gave up their device slot so far (synchronises when read)."""
+        return int(self._evicted)
 
     def device_bytes(self) -> int:
         """Bytes of the device pools (every layer): the GPU memory the KV of all sequences takes."""
@@ -133,18 +180,60 @@ class PageManager:
     def _num_pages(self, tokens: np.ndarray) -> np.ndarray:
         return -(-tokens // self.layout.block_tokens)
 
-    def _budgets(self, layer: _Layer) -> np.ndarray:
-        """Each active sequence's share of the layer's device pool (0 for inactive slots)."""
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+        """A small host array on the device: through pinned memory, non_blocking, on CUDA; a copy on CPU."""
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if self.device.type == "cuda":
+            return upload(t, torch.cuda.current_stream(self.device))
+        return t.clone().to(self.device)
+
+    def _minimum(self, pages: np.ndarray) -> np.ndarray:
+        return np.minimum(pages, self.budget.sink_pages + self.budget.window_pages)
+
+    def _budgets(self, layer: _Layer, tokens: np.ndarray | None = None) -> np.ndarray:
+        """Each active sequence's share of the layer's device pool (0 for inactive slots), for `tokens` (default: now).
+
+        Budgets depend on page counts only, so they are recomputed (and uploaded) only when a
+        page opens or a sequence comes or goes: a steady step neither loops over the batch nor uploads.
+        """
+        pages = np.where(self.active, self._num_pages(layer.tokens if tokens is None else tokens), 0)
+        if layer.budgets is not None and layer.budget_pages is not None and np.array_equal(pages, layer.budget_pages):
+            return layer.budgets
         seqs = np.flatnonzero(self.active)
-        pages = self._num_pages(layer.tokens[seqs])
         out = np.zeros(self.max_seqs, np.int64)
         if layer.exact:
-            out[seqs] = pages
-            return out
-        wanted = [self.budget.wanted(int(n)) for n in pages]
-        minimum = [self.budget.minimum(int(n)) for n in pages]
-        out[seqs] = share(wanted, minimum, self.device_pages)
+            out[seqs] = pages[seqs]
+        else:
+            wanted = [self.budget.wanted(int(n)) for n in pages[seqs]]
+            try:
+                out[seqs] = share(wanted, self._minimum(pages[seqs]).tolist(), self.device_pages)
+            except ValueError as e:
+                raise CapacityError(f"the device pool cannot hold every sequence's sinks and window: {e}") from e
+        layer.budget_pages, layer.budgets, layer.budgets_dev = pages, out, self._to_device(out)
         return out
+
+    def _batch(self, seqs: list[int]) -> _Batch:
+        key = tuple(seqs)
+        b = self._batches.get(key)
+        if b is None:
+            rows = np.asarray(seqs, np.int64).reshape(-1)
+            if len(rows) == 0:
+                raise ValueError("a decode step needs at least one sequence")
+            if len(np.unique(rows)) != len(rows):
+                raise ValueError(f"sequences {seqs} name one sequence twice")
+            classes = np.full(self.max_seqs, SCORE, np.int64)
+            classes[rows[(rows >= 0) & (rows < self.max_seqs)]] = LRU
+            run = int(rows[0]) if np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))) else None
+            both = self._to_device(np.concatenate([np.clip(rows, 0, self.max_seqs - 1), classes]))
+            b = _Batch(rows, both[: len(rows)], both[len(rows):], run)
+            if len(self._batches) > 16:
+                self._batches.clear()
+            self._batches[key] = b
+        bad = (b.rows < 0) | (b.rows >= self.max_seqs)
+        if bad.any() or not self.active[b.rows].all():
+            seq = int(b.rows[bad][0]) if bad.any() else int(b.rows[~self.active[b.rows]][0])
+            raise KeyError(f"sequence {seq} is not held by this page manager")
+        return b
 
     def _protected(self, num_pages: int) -> np.ndarray:
         """Pages of a sequence of `num_pages` that never leave the device: sinks and the recent window."""
@@ -154,13 +243,18 @@ class PageManager:
         keep[max(0, num_pages - b.window_pages):] = True
         return keep
 
+    def _all_pages_dev(self, layer: _Layer) -> torch.Tensor:
+        bt = self.layout.block_tokens
+        return (layer.tokens_dev + bt - 1) // bt
+
     # -- sequences -----------------------------------------------------------------------
 
     def add(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> int:
         """A new sequence from its prompt's K and V, one `[tokens, kv_heads, head_dim]` per layer; its id.
 
         Every page goes to the host pool; its sinks and window also to the device, demoting
-        running sequences' pages by score if the pool is short. Nothing changes on `CapacityError`.
+        running sequences' unprotected pages, lowest score first, if the pool is short. Nothing
+        changes on `CapacityError`. May synchronise (it is not part of a steady decode step).
         """
         if len(keys) != self.layout.num_layers or len(values) != self.layout.num_layers:
             raise ValueError(f"add needs K and V for each of {self.layout.num_layers} layers, got {len(keys)} and {len(values)}")
@@ -181,43 +275,62 @@ class PageManager:
             raise CapacityError(
                 f"a prompt of {tokens} tokens needs {pages} pages; the manager holds {self.max_pages} per sequence"
             )
+        seq = int(free[0])
         keep = np.flatnonzero(self._protected(pages))
-        for layer in self.layers:
+        b = self.budget
+        classes = np.full(self.max_seqs, SCORE, np.int64)
+        classes[seq] = NEVER
+        classes_dev = self._to_device(classes)
+        for layer in self.layers:  # every check before anything moves
             if len(layer.free_host) < pages:
                 raise CapacityError(f"the host pool has {len(layer.free_host)} free pages, the prompt needs {pages}")
-        plans = [self._room(layer, len(keep), exclude=-1) for layer in self.layers]  # checks before anything moves
-        seq = int(free[0])
-        for layer, plan, k, v in zip(self.layers, plans, keys, values):
-            self._evict(layer, plan)
+            room = layer.res.victims_available(classes_dev, self._all_pages_dev(layer), b.sink_pages, b.window_pages,
+                                               self.step)
+            if room < len(keep):
+                raise CapacityError(
+                    f"the device pool of {layer.res.slots} pages per layer has {room} free or that can be demoted; "
+                    f"{len(keep)} are needed (every other page is a sink or in a recent window)"
+                )
+        mp = self.max_pages
+        for layer, k, v in zip(self.layers, keys, values):
             blocks = self._blocks(k, v)
-            hs = np.array([layer.free_host.pop() for _ in range(pages)], np.int64)
+            hs = np.array(layer.free_host[-pages:][::-1], np.int64)
+            del layer.free_host[-pages:]
             layer.host[torch.from_numpy(hs)] = blocks.to(layer.host.device)
             layer.host_slot[seq, :pages] = hs
-            ds = np.array([layer.free_dev.pop() for _ in keep], np.int64)
-            layer.dev[torch.from_numpy(ds).to(self.device)] = blocks[torch.from_numpy(keep).to(blocks.device)].to(self.device)
-            layer.dev_slot[seq, keep] = ds
-            layer.last_used[seq, :pages] = self.step
-            layer.score[seq, :pages] = 0.0
+            layer.host_slot_dev[seq * mp : seq * mp + pages] = self._to_device(hs)
+            res = layer.res
+            res.last_used[seq * mp : (seq + 1) * mp] = self.step
+            res.score[seq * mp : (seq + 1) * mp] = 0.0
+            rows = self._to_device(np.array([seq], np.int64))
+            keep_dev = self._to_device(keep[None])
+            mask = torch.ones(keep_dev.shape, dtype=torch.bool, device=self.device)
+            budget = torch.full((1,), len(keep), dtype=torch.int64, device=self.device)
+            slots, evicted = res.place(rows, keep_dev, mask, pages, budget, classes_dev, self._all_pages_dev(layer),
+                                       b.sink_pages, b.window_pages, self.step)
+            layer.dev[slots[0]] = blocks[keep_dev[0].to(blocks.device)].to(self.device)
+            self._evicted += evicted
             layer.digest.reset(seq)
             layer.digest.write(seq, k.to(self.device), self.layout.block_tokens)
             layer.tokens[seq] = tokens
+            layer.tokens_dev[seq] = tokens
         self.active[seq] = True
         return seq
 
     def remove(self, seq: int) -> None:
         """Forget a sequence: its device and host pages are free again."""
-        self._check_seq(seq)
-        for layer in self.layers:
-            for table, free in ((layer.dev_slot, layer.free_dev), (layer.host_slot, layer.free_host)):
-                rows = table[seq][table[seq] >= 0]
-                free.extend(rows.tolist())
-                table[seq] = -1
-            layer.tokens[seq] = 0
-        self.active[seq] = False
-
-    def _check_seq(self, seq: int) -> None:
         if not 0 <= seq < self.max_seqs or not self.active[seq]:
             raise KeyError(f"sequence {seq} is not held by this page manager")
+        mp = self.max_pages
+        for layer in self.layers:
+            rows = layer.host_slot[seq][layer.host_slot[seq] >= 0]
+            layer.free_host.extend(rows.tolist())
+            layer.host_slot[seq] = -1
+            layer.host_slot_dev[seq * mp : (seq + 1) * mp] = -1
+            layer.res.free_seq(seq)
+            layer.tokens[seq] = 0
+            layer.tokens_dev[seq] = 0
+        self.active[seq] = False
 
     def _blocks(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """`[pages, 1, 2, bt, H, D]` pages of K/V `[tokens, H, D]`, the last one zero-padded."""
@@ -228,159 +341,159 @@ class PageManager:
         kv[:n, 0], kv[:n, 1] = k, v
         return kv.view(pages, bt, 2, *k.shape[1:]).transpose(1, 2).unsqueeze(1).contiguous()
 
-    # -- eviction ------------------------------------------------------------------------
-
-    def _room(self, layer: _Layer, needed: int, exclude: int,
-              pinned: dict[int, np.ndarray] | None = None) -> list[tuple[int, int]]:
-        """Pages to demote so that `needed` device slots are free: other sequences' unprotected, lowest score first."""
-        short = needed - len(layer.free_dev)
-        if short <= 0:
-            return []
-        candidates: list[tuple[float, int, int, int]] = []
-        for s in np.flatnonzero(self.active):
-            if s == exclude:
-                continue
-            n = int(self._num_pages(np.array(layer.tokens[s])))
-            movable = np.flatnonzero((layer.dev_slot[s, :n] >= 0) & ~self._protected(n))
-            if pinned is not None and s in pinned:
-                movable = np.setdiff1d(movable, pinned[s])
-            candidates.extend((float(layer.score[s, p]), int(layer.last_used[s, p]), int(s), int(p)) for p in movable)
-        if len(candidates) < short:
-            raise CapacityError(
-                f"the device pool of {self.device_pages} pages per layer has {len(layer.free_dev)} free and "
-                f"{len(candidates)} that can be demoted; {needed} are needed (every other page is a sink, "
-                "in a recent window, or selected by this step)"
-            )
-        candidates.sort()
-        return [(s, p) for _, _, s, p in candidates[:short]]
-
-    def _evict(self, layer: _Layer, pages: list[tuple[int, int]]) -> None:
-        for s, p in pages:
-            slot = int(layer.dev_slot[s, p])
-            assert slot >= 0 and layer.host_slot[s, p] >= 0
-            layer.free_dev.append(slot)
-            layer.dev_slot[s, p] = -1
-        self.evicted_pages += len(pages)
-
     # -- decode --------------------------------------------------------------------------
 
     def append(self, layer_idx: int, seqs: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write one new token per sequence into layer `layer_idx`: `keys`/`values` `[n, kv_heads, head_dim]`."""
+        """Write one new token per sequence into layer `layer_idx`: `keys`/`values` `[n, kv_heads, head_dim]`.
+
+        A page that opens gets a host row (chosen here) and a device slot (`Residency.place`:
+        the sequence's own least recently selected unprotected page gives its slot when the
+        sequence is at its budget, else a free slot, else another sequence's lowest-scored
+        unprotected page). A page that fills is copied to its host row, on the device's queue.
+        """
         layer = self.layers[layer_idx]
-        for s in seqs:
-            self._check_seq(s)
-        bt = self.layout.block_tokens
-        rows = np.asarray(seqs, np.int64)
-        pos = layer.tokens[rows]
+        b = self._batch(seqs)
+        bt, mp = self.layout.block_tokens, self.max_pages
+        pos = layer.tokens[b.rows]
         page, off = pos // bt, pos % bt
-        if (page >= self.max_pages).any():
-            raise CapacityError(f"a sequence reached {self.max_pages} pages, the most this manager holds")
-        for s, p, o in zip(rows.tolist(), page.tolist(), off.tolist()):
-            if o:
-                continue
-            # A new page: a host row now, a device slot (the tail is always resident).
-            if not layer.free_host:
-                raise CapacityError(f"the host pool of {self.host_pages} pages per layer is full")
-            layer.host_slot[s, p] = layer.free_host.pop()
-            n = p + 1
-            resident = np.flatnonzero(layer.dev_slot[s, :n] >= 0)
-            budget = int(self._budgets_with(layer, s, n)[s])
-            if len(resident) + 1 > budget:  # the sequence's own least recently selected unprotected pages
-                keep = self._protected(n)
-                own = [q for q in resident.tolist() if not keep[q]]
-                own.sort(key=lambda q: (layer.last_used[s, q], layer.score[s, q]))
-                self._evict(layer, [(s, q) for q in own[: len(resident) + 1 - budget]])
-            self._evict(layer, self._room(layer, 1, exclude=s))
-            layer.dev_slot[s, p] = layer.free_dev.pop()
-            layer.last_used[s, p] = self.step
-            layer.score[s, p] = 1.0
-        slots = torch.from_numpy(layer.dev_slot[rows, page]).to(self.device)
-        offs = torch.from_numpy(off).to(self.device)
-        layer.dev[slots, 0, 0, offs] = keys.to(self.device, layer.dev.dtype)
-        layer.dev[slots, 0, 1, offs] = values.to(self.device, layer.dev.dtype)
-        sel = torch.from_numpy(rows).to(self.device)
-        layer.digest.append(sel, torch.from_numpy(page).to(self.device), keys.to(self.device), torch.from_numpy(off == 0))
-        layer.tokens[rows] += 1
-        full = np.flatnonzero(off == bt - 1)
-        if len(full):  # pages that just filled go home: later evictions of them copy nothing
-            copy_slots(layer.dev, layer.dev_slot[rows[full], page[full]], layer.host, layer.host_slot[rows[full], page[full]])
+        if (page >= mp).any():
+            raise CapacityError(f"a sequence reached {mp} pages, the most this manager holds")
+        opens = off == 0
+        if opens.any():
+            self._open(layer, b, opens, page)
+        pos_dev = layer.tokens_dev[b.rows_dev]
+        page_dev, off_dev = pos_dev // bt, pos_dev % bt
+        ids = b.rows_dev * mp + page_dev
+        slots = layer.res.slot[ids]
+        layer.dev[slots, 0, 0, off_dev] = keys.to(self.device, layer.dev.dtype)
+        layer.dev[slots, 0, 1, off_dev] = values.to(self.device, layer.dev.dtype)
+        layer.digest.append(b.rows_dev, page_dev, keys.to(self.device), off_dev == 0)
+        layer.tokens[b.rows] += 1
+        layer.tokens_dev[b.rows_dev] = pos_dev + 1
+        if (off == bt - 1).any():  # pages that just filled go home: later evictions of them copy nothing
+            src = torch.where(off_dev == bt - 1, slots, -1)
+            copy_rows_where(layer.dev, src, layer.host, layer.host_slot_dev[ids])
 
-    def _budgets_with(self, layer: _Layer, seq: int, pages: int) -> np.ndarray:
-        saved = layer.tokens[seq]
-        layer.tokens[seq] = max(int(saved), (pages - 1) * self.layout.block_tokens + 1)
-        try:
-            return self._budgets(layer)
-        finally:
-            layer.tokens[seq] = saved
+    def _open(self, layer: _Layer, b: _Batch, opens: np.ndarray, page: np.ndarray) -> None:
+        """New tail pages for the rows where `opens`: a host row each, then a device slot each."""
+        rows, pages = b.rows[opens], page[opens]
+        n = len(rows)
+        if len(layer.free_host) < n:
+            raise CapacityError(f"the host pool of {self.host_pages} pages per layer is full")
+        after = layer.tokens.copy()
+        after[b.rows] += 1
+        budgets = self._budgets(layer, after)
+        counts = self._num_pages(after)
+        others = self.active.copy()
+        others[rows] = False
+        if budgets[rows].sum() + self._minimum(counts[others]).sum() > layer.res.slots:
+            raise CapacityError(
+                f"the device pool of {layer.res.slots} pages cannot hold new pages for {n} sequences within their budgets"
+            )
+        hs = np.array(layer.free_host[-n:][::-1], np.int64)
+        del layer.free_host[-n:]
+        layer.host_slot[rows, pages] = hs
+        # The rows' protected pages after the new one: sinks, then the window ending at it (all but it resident).
+        s, w = self.budget.sink_pages, self.budget.window_pages
+        k = s + w
+        num = pages + 1
+        cols = np.arange(k)[None, :]
+        want = np.where(cols < s, cols, num[:, None] - k + cols)
+        mask = ((cols < s) & (cols < num[:, None])) | ((cols >= s) & (want >= s) & (want < num[:, None]))
+        want = np.clip(want, 0, (num - 1)[:, None])
+        classes = np.full(self.max_seqs, SCORE, np.int64)
+        classes[rows] = NEVER  # their own pages leave only through their budget
+        mp = self.max_pages
+        packed = self._to_device(np.concatenate([rows * mp + pages, hs, rows, classes, want.reshape(-1),
+                                                 mask.reshape(-1).astype(np.int64)]))
+        fid, host_rows, rows_dev = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
+        classes_dev = packed[3 * n : 3 * n + self.max_seqs]
+        rest = packed[3 * n + self.max_seqs:]
+        want_dev, mask_dev = rest[: n * k].view(n, k), rest[n * k:].view(n, k).bool()
+        layer.host_slot_dev[fid] = host_rows
+        assert layer.budgets_dev is not None
+        _, evicted = layer.res.place(rows_dev, want_dev, mask_dev, int(num.max()), layer.budgets_dev[rows_dev],
+                                     classes_dev, self._all_pages_dev(layer), s, w, self.step)
+        layer.res.last_used[fid] = self.step
+        layer.res.score[fid] = 1.0
+        self._evicted += evicted
 
-    def select(self, layer_idx: int, seqs: list[int], q: torch.Tensor, scale: float) -> list[np.ndarray]:
-        """The pages each sequence's query `q` `[n, q_heads, head_dim]` attends to in layer `layer_idx`."""
-        layer = self.layers[layer_idx]
-        rows = np.asarray(seqs, np.int64)
-        pages = self._num_pages(layer.tokens[rows])
-        budgets = self._budgets(layer)[rows]
-        scores = None
-        if self.budget.policy == "quest" and (budgets < pages).any():
-            width = int(pages.max())
-            first = int(rows[0])
-            if np.array_equal(rows, np.arange(first, first + len(rows))):  # a run of slots: views, not copies
-                kmin = layer.digest.kmin[first : first + len(rows), :width]
-                kmax = layer.digest.kmax[first : first + len(rows), :width]
+    def select(self, layer_idx: int, seqs: list[int], q: torch.Tensor, scale: float) -> torch.Tensor:
+        """The pages each sequence's query `q` `[n, q_heads, head_dim]` attends to in layer `layer_idx`.
+
+        A device tensor `[n, k]`: row i's page indices ascending, then -1 up to k (k is the
+        largest selection of the batch). Scores are kept for eviction under pressure.
+        """
+        pages, mask, _ = self._select(self.layers[layer_idx], self._batch(seqs), q, scale)
+        return torch.where(mask, pages, -1)
+
+    def _select(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(pages `[n, k]`, mask `[n, k]`, the host's count per row): see `selection.choose_pages`."""
+        bt = self.layout.block_tokens
+        tokens = layer.tokens[b.rows]
+        pages = self._num_pages(tokens)
+        counts = np.minimum(self._budgets(layer)[b.rows], pages)
+        width, k = int(pages.max()), int(counts.max())
+        assert layer.budgets_dev is not None
+        pages_dev = (layer.tokens_dev[b.rows_dev] + bt - 1) // bt
+        counts_dev = torch.minimum(layer.budgets_dev[b.rows_dev], pages_dev)
+        if (counts == pages).all():  # every row takes all its pages: no scores needed
+            return *choose_pages(None, pages_dev, counts_dev, k, 0, 0), counts
+        policy = self.budget.policy
+        if policy == "quest":
+            if b.run is not None:  # a run of slots: views of the digests, not copies
+                kmin = layer.digest.kmin[b.run : b.run + len(b.rows), :width]
+                kmax = layer.digest.kmax[b.run : b.run + len(b.rows), :width]
             else:
-                idx = torch.from_numpy(rows).to(self.device)
-                kmin, kmax = layer.digest.kmin[idx, :width], layer.digest.kmax[idx, :width]
-            scores = page_scores(q.to(self.device), kmin, kmax, torch.from_numpy(pages), scale, self.budget.aggregate)
-            host = scores.float().cpu().numpy()
-            for i, (s, n) in enumerate(zip(rows.tolist(), pages.tolist())):
-                layer.score[s, :n] = host[i, :n]
-        return select_pages(scores, pages, budgets, self.budget.sink_pages, self.budget.window_pages, self.budget.policy)
+                kmin, kmax = layer.digest.kmin[b.rows_dev, :width], layer.digest.kmax[b.rows_dev, :width]
+            top = k if self.budget.aggregate == "rank" else None
+            scores = page_scores(q.to(self.device), kmin, kmax, pages_dev, scale, self.budget.aggregate, top)
+            cols = torch.arange(width, device=self.device)
+            ids = layer.res.ids(b.rows_dev, cols.expand(len(b.rows), width))
+            layer.res.score[layer.res.masked(ids, cols < pages_dev[:, None])] = scores.float()
+        else:  # "recent": the most recent pages first
+            scores = torch.arange(width, device=self.device, dtype=torch.float32).expand(len(b.rows), width)
+        return *choose_pages(scores, pages_dev, counts_dev, k, self.budget.sink_pages, self.budget.window_pages), counts
 
     def attend(self, layer_idx: int, seqs: list[int], q: torch.Tensor, scale: float) -> torch.Tensor:
         """One decode step of layer `layer_idx`: select, fetch what is missing, attend. `[n, q_heads, head_dim]`.
 
         The sequences' newest tokens must already be appended (a token attends to itself).
         """
-        for s in seqs:
-            self._check_seq(s)
+        b = self._batch(seqs)
         if q.dim() != 3 or q.shape[0] != len(seqs):
             raise ValueError(f"q must be [{len(seqs)} sequences, q_heads, head_dim], got {tuple(q.shape)}")
-        self.step += 1
         layer = self.layers[layer_idx]
-        chosen = self.select(layer_idx, seqs, q, scale)
-        pinned = {s: c for s, c in zip(seqs, chosen)}
-        budgets = self._budgets(layer)
-        src: list[int] = []
-        dst: list[int] = []
-        evicted_before = self.evicted_pages
-        for s, sel in zip(seqs, chosen):
-            missing = sel[layer.dev_slot[s, sel] < 0]
-            if len(missing) == 0:
-                continue
-            resident = np.flatnonzero(layer.dev_slot[s] >= 0)
-            over = len(resident) + len(missing) - int(budgets[s])
-            if over > 0:  # the sequence's own least recently selected pages make room first
-                own = np.setdiff1d(resident, sel)
-                order = np.lexsort((layer.score[s, own], layer.last_used[s, own]))
-                self._evict(layer, [(s, int(p)) for p in own[order][:over]])
-            self._evict(layer, self._room(layer, len(missing), exclude=s, pinned=pinned))
-            for p in missing.tolist():
-                slot = layer.free_dev.pop()
-                layer.dev_slot[s, p] = slot
-                src.append(int(layer.host_slot[s, p]))
-                dst.append(slot)
-        if src:  # one batched host -> device copy for every sequence of the batch
-            copy_slots(layer.host, src, layer.dev, dst)
-            self.fetched_pages += len(src)
-        self.last_step = StepStats(sum(len(c) for c in chosen), len(src), self.evicted_pages - evicted_before)
         bt = self.layout.block_tokens
-        width = max(len(c) for c in chosen)
-        table = np.zeros((len(seqs), width), np.int64)
-        lens = np.zeros(len(seqs), np.int64)
-        for i, (s, sel) in enumerate(zip(seqs, chosen)):
-            table[i, : len(sel)] = layer.dev_slot[s, sel]
-            layer.last_used[s, sel] = self.step
-            tokens = int(layer.tokens[s])
-            # Every selected page is full but the last, the tail, which holds the tokens past the full pages.
-            lens[i] = (len(sel) - 1) * bt + tokens - (-(-tokens // bt) - 1) * bt
-        return attend_pages(q, layer.dev, self.page_layout, torch.from_numpy(table).to(self.device),
-                            torch.from_numpy(lens), scale)
+        pages, mask, counts = self._select(layer, b, q, scale)
+        others = self.active.copy()
+        others[b.rows] = False
+        tokens = layer.tokens[b.rows]
+        if counts.sum() + self._minimum(self._num_pages(layer.tokens[others])).sum() > layer.res.slots:
+            raise CapacityError(
+                f"the device pool of {layer.res.slots} pages cannot hold this step's {int(counts.sum())} selected "
+                "pages beside the other sequences' sinks and windows"
+            )
+        self.step += 1
+        res = layer.res
+        ids = res.ids(b.rows_dev, pages)
+        res.last_used[res.masked(ids, mask)] = self.step
+        assert layer.budgets_dev is not None
+        placed, evicted = res.place(b.rows_dev, pages, mask, int(self._num_pages(tokens).max()),
+                                    layer.budgets_dev[b.rows_dev], b.classes, self._all_pages_dev(layer),
+                                    self.budget.sink_pages, self.budget.window_pages, self.step)
+        # One launch for the whole batch: entries with nothing to fetch have source row -1.
+        src = torch.where(placed >= 0, layer.host_slot_dev[ids], -1)
+        copy_rows_where(layer.host, src, layer.dev, placed.clamp(min=0))
+        fetched = (placed >= 0).sum()
+        self._fetched += fetched
+        self._evicted += evicted
+        self.last_step = StepStats(int(counts.sum()), fetched, evicted)
+        table = res.slot[ids]
+        # Every selected page is full but the last, the tail, which holds the tokens past the full pages.
+        lens = (counts - 1) * bt + tokens - (self._num_pages(tokens) - 1) * bt
+        lens_t = torch.from_numpy(lens.astype(np.int32))
+        if self.device.type == "cuda":
+            lens_t = lens_t.pin_memory()  # paged_attention checks it here, then uploads it non_blocking
+        return attend_pages(q, layer.dev, self.page_layout, table, lens_t, scale)

@@ -1,11 +1,12 @@
 """Which pages a decode step attends to: sinks, the recent window, and the top pages by a query-aware score.
 
-The score of a page is an estimate of the attention mass it can hold: Quest's upper bound of
-q . k over the page (channel-wise min/max of K, `summaries`), scaled like the real logits and
-softmaxed over the sequence's pages for each query head, then the largest over the query heads
-(a page that one head needs is needed; GQA heads of a group read the same KV head). Masses of
-different sequences are comparable (each lies in [0, 1]), which is what demotion under pressure
-ranks by.
+The score of a page bounds the attention it can get: Quest's upper bound of q . k over the page
+(channel-wise min/max of K, `summaries`), one per query head, made one number per page by
+`aggregate` ("rank": the best rank over the heads; "mass": the largest softmaxed bound).
+
+`choose_pages` runs on the device with fixed shapes (one `topk` over `[n, pages]`), so a
+decode step never copies scores to the host; `select_pages` is the same selection in numpy,
+kept as the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import torch
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_pages: torch.Tensor,
-                scale: float, aggregate: str = "mass") -> torch.Tensor:
-    """Estimated attention mass per page `[n, pages]` of queries `q` `[n, q_heads, head_dim]`.
+                scale: float, aggregate: str = "mass", top: int | None = None) -> torch.Tensor:
+    """Score per page `[n, pages]` of queries `q` `[n, q_heads, head_dim]`; higher is more needed.
 
     kmin/kmax: `[n, pages, kv_heads, head_dim]` digests; pages at or past `num_pages[i]` score -inf.
     The bound splits q by sign: sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo, two matrix products.
+    `top` (rank only): rank just each head's `top` best pages (a `topk`, not a sort of every
+    page); a page in no head's top scores 0. With `top` >= the pages a row takes (protected ones
+    included) the pages chosen are the same as with full ranks (see below).
     """
     n, hq, d = q.shape
     hkv = kmin.shape[2]
@@ -36,11 +40,64 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_pag
         raise ValueError(f"aggregate must be 'rank' or 'mass', got {aggregate!r}")
     # Each query head ranks the pages by its own bound; a page scores by its best rank over the
     # heads (the union of every head's top pages, as Quest selects per head).
-    order = bound.flatten(1, 2).argsort(dim=-1, descending=True)  # [n, heads, pages]
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(pages, device=q.device).expand_as(order))
-    best = rank.amin(dim=1).float()
+    flat = bound.flatten(1, 2)  # [n, heads, pages]
+    if top is None or top >= pages:
+        order = flat.argsort(dim=-1, descending=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(pages, device=q.device).expand_as(order))
+        best = rank.amin(dim=1).float()
+    else:
+        # Why the top `top` of each head is enough: let a row take at most `top` pages, `prot`
+        # protected ones and `rest` chosen by score. Any page x whose best rank is >= top is
+        # beaten, in its best head h, by `top` pages, at least `rest` of them unprotected (at most
+        # `prot` are protected; pages past the row's end rank last); each of those has a
+        # best rank below x's, so x is never among the `rest` chosen. Every choosable page is
+        # thus in some head's top, and its best rank (the min over the heads that have it in their
+        # top) is exact. Pages in no head's top keep +inf, score 0, and are never chosen over one that is.
+        idx = flat.topk(top, dim=-1).indices  # [n, heads, top], best first
+        ranks = torch.arange(top, device=q.device, dtype=torch.float32).expand(idx.shape)
+        best = torch.full((n, pages), float("inf"), device=q.device)
+        best.scatter_reduce_(1, idx.flatten(1), ranks.flatten(1), "amin")
     return (1.0 / (1.0 + best)).masked_fill(~valid, float("-inf"))
+
+
+def _order_key(priority: torch.Tensor) -> torch.Tensor:
+    """Distinct int64 keys that order like `priority` `[n, pages]` (float32), ties to the lower page.
+
+    float32 bits as int32 order like the floats once the negative ones have their low 31 bits
+    flipped; times 2^32 plus (2^32 - 1 - page) makes every key of a row distinct, so `topk`'s
+    choice among equal scores is fixed (it is not, for equal floats).
+    """
+    bits = priority.contiguous().view(torch.int32)
+    mono = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    cols = torch.arange(priority.shape[1], device=priority.device)
+    return mono * (1 << 32) + ((1 << 32) - 1 - cols)
+
+
+def choose_pages(priority: torch.Tensor | None, num_pages: torch.Tensor, counts: torch.Tensor, k: int, sink_pages: int,
+                 window_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages each row attends to, on the device: `[n, k]` ascending page indices and a `[n, k]` mask.
+
+    priority: `[n, width]` float32 scores (None: every row takes all its pages, exact mode).
+    num_pages, counts: `[n]` device tensors, each row's pages and how many it takes
+    (`min(budget, pages)`, at most k, at least its sinks + window). Sinks and the last
+    `window_pages` pages are forced in (+inf), pages past a row's end out (-inf), then one `topk`
+    of k; row i keeps its first `counts[i]`. Masked entries hold the row's last page (the tail,
+    always resident), so they are valid indices everywhere the caller looks them up.
+    """
+    n = num_pages.shape[0]
+    tail = (num_pages - 1)[:, None]
+    cols = torch.arange(k, device=num_pages.device)[None, :]
+    mask = cols < counts[:, None]
+    if priority is None:
+        return torch.where(mask, cols.expand(n, k), tail), mask
+    width = priority.shape[1]
+    pages = torch.arange(width, device=priority.device)[None, :]
+    protected = (pages < sink_pages) | (pages >= num_pages[:, None] - window_pages)
+    prio = priority.float().masked_fill(protected, float("inf")).masked_fill(pages >= num_pages[:, None], float("-inf"))
+    top = _order_key(prio).topk(k, dim=1).indices
+    chosen = torch.where(mask, top, width).sort(dim=1).values
+    return torch.where(mask, chosen, tail), mask
 
 
 def select_pages(scores: torch.Tensor | None, num_pages: np.ndarray, budgets: np.ndarray, sink_pages: int,

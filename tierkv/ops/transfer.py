@@ -257,6 +257,33 @@ def copy_slots(src: torch.Tensor, src_rows: Rows, dst: torch.Tensor, dst_rows: R
     return _done(s)
 
 
+def copy_rows_where(src: torch.Tensor, src_rows: torch.Tensor, dst: torch.Tensor, dst_rows: torch.Tensor, *,
+                    stream: torch.cuda.Stream | None = None) -> None:
+    """`dst[dst_rows[j]] = src[src_rows[j]]` for every j with `src_rows[j] >= 0`; the others copy nothing.
+
+    For callers whose index lists are computed on the device (`tierkv.decode`): a fixed-length
+    list in which only some entries are real, so the host never needs to know how many. No
+    checks and no synchronisation: the rows are trusted (the caller built them), the source
+    rows of real entries must lie in `src`, their `dst_rows` in `dst` and be distinct. Where
+    a pool is on the GPU and the copy kernels are there, one launch of `copy_rows` (pinned host
+    memory over UVA); otherwise a masked torch index copy (which does synchronise on CUDA).
+    """
+    s_pool, d_pool = _as_rows(src, "src"), _as_rows(dst, "dst")
+    if s_pool.shape[1] != d_pool.shape[1]:
+        raise ValueError(f"src rows hold {s_pool.shape[1]} bytes, dst rows {d_pool.shape[1]}: pools must match")
+    if src_rows.numel() == 0 or s_pool.shape[1] == 0:
+        return
+    s = _stream_for(s_pool, d_pool, src_rows, dst_rows, stream=stream)
+    if s is not None and src_rows.is_cuda and dst_rows.is_cuda and cuda_kernels_available():
+        kernels.copy_rows(s_pool, src_rows.reshape(-1).contiguous(), d_pool, dst_rows.reshape(-1).contiguous(),
+                          s_pool.shape[1], s)
+        return
+    with _on(s):
+        ok = src_rows.reshape(-1) >= 0
+        rows = s_pool.index_select(0, src_rows.reshape(-1)[ok].to(s_pool.device))
+        d_pool.index_copy_(0, dst_rows.reshape(-1)[ok].to(d_pool.device), rows.to(d_pool.device))
+
+
 def gather_engine_blocks(engine: EngineKV, slots: torch.Tensor, dst: torch.Tensor, layout: KVLayout, rows: Rows | None = None, *,
                          stream: torch.cuda.Stream | None = None, path: str | None = None) -> torch.cuda.Event | None:
     """Copy engine pages into store blocks: row `rows[j]` of `dst` gets the tokens `slots[j]` names.
