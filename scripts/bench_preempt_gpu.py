@@ -11,7 +11,8 @@ K/V, then attention of one query per sequence:
     dense      every page on the GPU, tierkv's paged attention over all of them
     pages 1/8  `PageManager` with 1/8 of each sequence's pages on the GPU (1 sink page, 2-page
                window, the rest by Quest min/max score), misses fetched from pinned host memory
-               in one batched copy per layer
+               in one copy_rows launch per layer; selection, eviction and the block table are
+               computed on the device, so the step queues work without waiting for the GPU
     host-all   every page in pinned host memory, all of them copied to a one-layer GPU buffer
                every layer of every step, then the same attention
 
@@ -127,7 +128,7 @@ def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int
             m.append(layer, seqs, k, k)
             m.attend(layer, seqs, q, scale)
 
-    before = m.fetched_pages
+    before = m.fetched_pages  # a device counter: read outside the timed steps (reading it synchronises)
     ms = timed(step, steps, device)
     fetched = (m.fetched_pages - before) / (steps + 2) / s.layers
     return Row(f"pages 1/{round(1 / fraction)}", ctx, batch, ms, m.device_bytes(), fetched)
