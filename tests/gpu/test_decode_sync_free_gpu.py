@@ -112,3 +112,20 @@ def test_exact_mode_equals_dense_attention_without_synchronising() -> None:
     for layer, out in enumerate(outs):
         for i in range(BATCH):
             torch.testing.assert_close(out[i].float(), dense(q[i], kv[i][layer]), rtol=2e-2, atol=2e-2)
+
+
+def test_copy_rows_skips_entries_whose_source_row_is_negative() -> None:
+    """The kernel rule the fetch relies on: a skipped entry reads neither its source nor its destination row."""
+    from tierkv.ops.transfer import copy_rows_where
+
+    src = torch.randint(0, 256, (6, 4096), dtype=torch.uint8).pin_memory()
+    dst = torch.zeros((5, 4096), dtype=torch.uint8, device="cuda")
+    src_rows = torch.tensor([2, -1, 5, -1], device="cuda")
+    dst_rows = torch.tensor([0, 1 << 40, 3, -7], device="cuda")  # skipped entries hold rows that do not exist
+    copy_rows_where(src, src_rows, dst, dst_rows)  # compiles and loads the kernel
+    dst.zero_()
+    with no_sync():
+        copy_rows_where(src, src_rows, dst, dst_rows)
+    torch.cuda.synchronize()
+    assert torch.equal(dst[0].cpu(), src[2]) and torch.equal(dst[3].cpu(), src[5])
+    assert not dst[[1, 2, 4]].any()
