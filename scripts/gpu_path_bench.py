@@ -161,18 +161,31 @@ def save_load(lay: KVLayout) -> tuple[float, float]:
 
 
 def both_ways(lay: KVLayout) -> float:
-    """GB/s of a put and a get running at once, in two stores (each has its own lock)."""
+    """GB/s of a put and a get running at once, in two stores, two threads, each on its own stream.
+
+    Each thread has its own CUDA stream, as two engines' workers (or a connector's save stream
+    and its load path) would: work queued on one stream runs in order, so two threads on the
+    default stream could never overlap, whatever the store did.
+    """
     n = PROMPT // lay.block_tokens
     kv = torch.randn((n, *lay.block_shape), device="cuda").to(lay.dtype)
+    put_stream, get_stream = torch.cuda.Stream(), torch.cuda.Stream()
     with store(lay, 0) as a, store(lay, 0) as b:
         b.put(prompt(0), kv)
+        torch.cuda.synchronize()  # kv and b's blocks are ready for both streams
         counter = iter(range(1, 10**6))
 
+        def put() -> None:
+            with torch.cuda.stream(put_stream):
+                a.put(prompt(next(counter)), kv)
+            put_stream.synchronize()
+
         def once() -> None:
-            t = threading.Thread(target=lambda: (a.put(prompt(next(counter)), kv), torch.cuda.synchronize()))
+            t = threading.Thread(target=put)
             t.start()
-            b.get(prompt(0), device="cuda")
-            torch.cuda.synchronize()
+            with torch.cuda.stream(get_stream):
+                b.get(prompt(0), device="cuda")
+            get_stream.synchronize()
             t.join()
 
         return 2 * n * lay.block_bytes / gpu_time(once) / 1e9

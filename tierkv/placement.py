@@ -19,7 +19,7 @@ from .errors import CapacityError
 from .index import ABSENT, PENDING, Block, Index
 from .ops.checksum import block_checksums
 from .stats import StoreCounters
-from .tiers.base import Tier, TierRead
+from .tiers.base import Tier, TierRead, need_checksums, stamp_checksums
 from .tiers.host_rows import empty_rows
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .ops.engine_layout import EngineKV
 
 
+PUT_PIECE_BYTES = 32 << 20  # a long put is placed and written this much at a time (`add_chain`)
 LOAD_PIECE_BYTES = 256 << 20  # GPU rows a verified load into an engine's GPU pages stages at a time
 
 # How a chain's new blocks reach their tier: (tier position, slots, positions in the chain, blocks).
@@ -54,6 +55,31 @@ class Verified:
 
     corrupt: list[tuple[Block, int]] = field(default_factory=list)
     checked: set[int] = field(default_factory=set)  # id() of blocks whose bytes were verified by this call
+
+
+class GpuChecksums:
+    """Checksums of a put's GPU rows, hashed once on the GPU for all the new blocks of the put.
+
+    A put is written in pieces (`add_chain`); hashing each piece as it is written would wait
+    for the GPU once per piece, behind the previous piece's copy. Instead the first write hashes
+    every row from its block on (one kernel pass at device-memory speed, one wait) and each
+    piece stamps its blocks from that. Rows in host memory are left to the tiers, which hash
+    them where they land.
+    """
+
+    def __init__(self, rows: torch.Tensor, first_block: int) -> None:
+        self.rows, self.first_block = rows, first_block
+        self.start = 0  # chain position of sums[0]
+        self.sums: list[int] | None = None
+
+    def stamp(self, blocks: Sequence[Block], span: slice) -> None:
+        """Give `blocks` (chain positions `span`) their checksums, if the rows are on a GPU and they have none."""
+        if not self.rows.is_cuda or not need_checksums(blocks):
+            return
+        if self.sums is None or span.start < self.start:
+            self.start = span.start
+            self.sums = block_checksums(self.rows[span.start - self.first_block :])
+        stamp_checksums(blocks, self.sums[span.start - self.start : span.stop - self.start])
 
 
 class Placement:
@@ -118,12 +144,35 @@ class Placement:
 
         Refused with `CapacityError` before anything is evicted when leases leave too little
         room; if a write fails, every new block is taken out again (children first) and the
-        error propagates.
+        error propagates. Long chains are placed, indexed and written `PUT_PIECE_BYTES` at a
+        time, so the first piece's copy (asynchronous when it involves a GPU) runs while the
+        next piece's eviction and bookkeeping are done on the host; earlier pieces are leased
+        meanwhile, so making room for a later one never evicts them.
         """
         m = len(chain)
         movable = self.movable_slots()
         if m > movable:
             raise CapacityError(self.capacity_message(m, max(movable, 0)))
+        per = max(1, PUT_PIECE_BYTES // max(self.tiers[0].slot_bytes, 1))
+        added: list[Block] = []
+        try:
+            for a in range(0, m, per):
+                piece = self._add_piece(parent, chain[a : a + per], start + a, write)
+                self.index.acquire(piece)
+                added += piece
+                parent = piece[-1]
+        except BaseException:
+            self.index.release(added)
+            self._take_out(added)
+            raise
+        self.index.release(added)
+        self.write_through(added)
+        return added
+
+    def _add_piece(self, parent: Block | None, chain: list[tuple[bytes, bytes]], start: int,
+                   write: Writer) -> list[Block]:
+        """Place, index and write one piece of `add_chain`; on a failed write its blocks are taken out again."""
+        m = len(chain)
         spots = self.place(m)
         tick = self.index.tick()
         added: list[Block] = []
@@ -135,13 +184,16 @@ class Placement:
                 span = slice(positions[0], positions[-1] + 1)  # positions are consecutive
                 write(t, spots.slots[span], slice(start + span.start, start + span.stop), added[span])
         except BaseException:
-            for b in reversed(added):  # children first: nothing is ever stranded
-                for t in range(len(self.tiers)):
-                    if b.slots[t] != ABSENT:
-                        self.tiers[t].free([self.index.clear_slot(b, t)])
+            self._take_out(added)
             raise
-        self.write_through(added)
         return added
+
+    def _take_out(self, blocks: list[Block]) -> None:
+        """Drop new blocks again, children first (nothing is ever stranded), freeing their slots."""
+        for b in reversed(blocks):
+            for t in range(len(self.tiers)):
+                if b.slots[t] != ABSENT:
+                    self.tiers[t].free([self.index.clear_slot(b, t)])
 
     def write_through(self, blocks: list[Block]) -> None:
         """Copy new blocks into each write-through tier as they are stored, so that its other readers see them at once."""

@@ -25,7 +25,7 @@ from .leases import Lease, LeaseBook
 from .metrics import Exporter, OperationLatency, render, store_families
 from .namespace import Namespace
 from .ops.engine_layout import EngineKV, chunk_slots
-from .placement import Placement, Verified, Writer
+from .placement import GpuChecksums, Placement, Verified, Writer
 from .shared_tiers import SharedTiers
 from .stats import StoreCounters
 from .tiers import StoreAccess, Tier, TierAgent, TierSpec, build_tiers, close_tiers
@@ -170,8 +170,10 @@ class BlockStore:
         """
         arr = as_token_array(tokens)
         rows = kv_rows(self.layout, kv, len(arr), first_block)  # checked before placement evicts anything for it
+        sums = GpuChecksums(rows, first_block)
 
         def write(t: int, slots: list[int], span: slice, blocks: list[Block]) -> None:
+            sums.stamp(blocks, span)
             self.placement.write(t, slots, rows[span.start - first_block : span.stop - first_block], blocks, "put")
 
         return self._store_chain(block_chunks(arr, self.layout.block_tokens), tenant, first_block, write)

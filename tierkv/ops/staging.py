@@ -79,9 +79,10 @@ class StagingPlan:
     buffer_rows: torch.Tensor  # 0..rows-1 of a buffer, on the device
 
     @classmethod
-    def make(cls, items: torch.Tensor, host_rows: torch.Tensor, row_bytes: int, s: torch.cuda.Stream) -> StagingPlan:
+    def make(cls, items: torch.Tensor, host_rows: torch.Tensor, row_bytes: int, s: torch.cuda.Stream,
+             to_device: bool) -> StagingPlan:
         order, sorted_rows = _host_order(host_rows)
-        fs, cs = _fill_stream(s.device), dma.copy_stream(s.device)
+        fs, cs = _fill_stream(s.device), dma.copy_stream(s.device, to_device)
         fs.wait_stream(s)
         cs.wait_stream(s)
         dev_items = upload(items[order], fs)
@@ -97,7 +98,7 @@ def staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Ten
     Fills run on a high-priority stream `fs`, DMA on the copy stream `cs`; a buffer is refilled
     only after its DMA's event. Both streams start after `s` and `s` continues after both.
     """
-    plan = StagingPlan.make(items, host_rows, row_bytes, s)
+    plan = StagingPlan.make(items, host_rows, row_bytes, s, to_device=False)
     fs, cs, bufs = plan.fill, plan.copy, plan.buffers
     dev_items, buf_rows, sorted_rows = plan.items, plan.buffer_rows, plan.host_rows
     freed: list[torch.cuda.Event | None] = [None] * len(bufs)
@@ -122,7 +123,7 @@ def staged_to_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Ten
 def staged_from_host(items: torch.Tensor, host_rows: torch.Tensor, host: torch.Tensor, row_bytes: int,
                       drain: Kernel, s: torch.cuda.Stream) -> None:
     """The copy engines fill staging buffers from host rows (ascending), device kernels scatter them."""
-    plan = StagingPlan.make(items, host_rows, row_bytes, s)
+    plan = StagingPlan.make(items, host_rows, row_bytes, s, to_device=True)
     fs, cs, bufs = plan.fill, plan.copy, plan.buffers
     dev_items, buf_rows, sorted_rows = plan.items, plan.buffer_rows, plan.host_rows
     freed: list[torch.cuda.Event | None] = [None] * len(bufs)

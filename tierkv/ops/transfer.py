@@ -242,7 +242,8 @@ def copy_slots(src: torch.Tensor, src_rows: Rows, dst: torch.Tensor, dst_rows: R
         kernels.copy_rows(s_pool, idx[0], d_pool, idx[1], row_bytes, s)
         return _done(s)
     if chosen == "dma":
-        _dma(dma.entries(d_pool.data_ptr(), dr, s_pool.data_ptr(), sr, row_bytes), s)
+        entries = dma.entries(d_pool.data_ptr(), dr, s_pool.data_ptr(), sr, row_bytes)
+        _dma(entries, s, to_device=direction == "host->device")
         return _done(s)
     if s_pool.is_cuda:  # staged device -> host
         def fill(buf: torch.Tensor, items: torch.Tensor, buf_rows: torch.Tensor, fs: torch.cuda.Stream) -> None:
@@ -357,9 +358,9 @@ def _on(s: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
     return torch.cuda.stream(s) if s is not None else contextlib.nullcontext()
 
 
-def _dma(entries: tuple[list[int], list[int], list[int]], s: torch.cuda.Stream) -> None:
-    """Queue DMA entries on the copy stream, ordered after everything on `s` and before what follows on it."""
-    cs = dma.copy_stream(s.device)
+def _dma(entries: tuple[list[int], list[int], list[int]], s: torch.cuda.Stream, to_device: bool) -> None:
+    """Queue DMA entries on the copy stream of their direction, ordered after everything on `s` and before what follows on it."""
+    cs = dma.copy_stream(s.device, to_device)
     cs.wait_stream(s)
     dma.memcpy_batch(*entries, cs)
     s.wait_stream(cs)

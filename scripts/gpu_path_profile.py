@@ -1,0 +1,101 @@
+"""Where the time of the store's GPU data path goes: host time vs GPU time of put/get/save_from/load_into.
+
+For each operation of `gpu_path_bench.py` (2048-token prompts, Llama-3-8B KV, host-only store):
+the median time until the call returns and until its GPU work is done, then cProfile's top
+functions (host work) and torch.profiler's top CUDA activities of a few calls.
+
+    PYTHONUNBUFFERED=1 python scripts/gpu_path_profile.py [--block-tokens 16] [--top 18]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_path_bench import PROMPT, layout, prompt, store, vllm_engine  # noqa: E402
+
+
+def split_times(fn: Callable[[], object], reps: int = 7) -> tuple[float, float]:
+    """Median ms until `fn` returns, and until the GPU work it queued is done."""
+    fn()
+    torch.cuda.synchronize()
+    ret, done = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ret.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        done.append(time.perf_counter() - t)
+    return statistics.median(ret) * 1e3, statistics.median(done) * 1e3
+
+
+def host_profile(fn: Callable[[], object], top: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3):
+        fn()
+        torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return "\n".join(line for line in text.getvalue().splitlines() if line.strip())[-6000:]
+
+
+def gpu_profile(fn: Callable[[], object], top: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+            torch.cuda.synchronize()
+    return str(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--block-tokens", type=int, default=16)
+    ap.add_argument("--top", type=int, default=18)
+    args = ap.parse_args()
+    lay = layout(args.block_tokens)
+    n = PROMPT // lay.block_tokens
+    kv = torch.randn((n, *lay.block_shape), device="cuda").to(lay.dtype)
+    pages = PROMPT // 16
+    engine, _ = vllm_engine(lay, 2 * pages)
+    table = torch.randperm(2 * pages)[:pages].tolist()
+    nbytes = n * lay.block_bytes
+    with store(lay, 0) as s:
+        counter = iter(range(1, 10**6))
+        ops: dict[str, Callable[[], object]] = {
+            "put": lambda: s.put(prompt(next(counter)), kv),
+            "get": lambda: s.get(prompt(0), device="cuda"),
+            "save_from": lambda: s.save_from(engine, table, prompt(next(counter))),
+            "load_into": lambda: s.load_into(engine, table, prompt(10**5)),
+        }
+
+        def stored() -> None:  # what get and load_into read, stored again (the timed puts evict it)
+            s.put(prompt(0), kv)
+            s.save_from(engine, table, prompt(10**5))
+
+        print(f"{nbytes >> 20} MiB per call, {n} blocks of {lay.block_bytes >> 20} MiB; at 55 GB/s: {nbytes / 55e6:.2f} ms")
+        for name, fn in ops.items():
+            stored()
+            ret, done = split_times(fn)
+            print(f"== {name}: returns after {ret:.2f} ms, GPU done after {done:.2f} ms ({nbytes / done / 1e6:.1f} GB/s)")
+        for name, fn in ops.items():
+            stored()
+            print(f"\n==== {name}: host (cProfile, 3 calls)\n{host_profile(fn, args.top)}")
+            stored()
+            print(f"\n==== {name}: torch.profiler (3 calls)\n{gpu_profile(fn, args.top)}")
+
+if __name__ == "__main__":
+    main()
