@@ -8,7 +8,7 @@ its lock around every call.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,6 +18,7 @@ import torch
 from .errors import CapacityError
 from .index import ABSENT, PENDING, Block, Index
 from .ops.checksum import block_checksums
+from .ops.streams import side_stream
 from .stats import StoreCounters
 from .tiers.base import Tier, TierRead, need_checksums, stamp_checksums
 from .tiers.host_rows import empty_rows
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 
 PUT_PIECE_BYTES = 32 << 20  # a long put is placed and written this much at a time (`add_chain`)
-LOAD_PIECE_BYTES = 256 << 20  # GPU rows a verified load into an engine's GPU pages stages at a time
+LOAD_PIECE_BYTES = 32 << 20  # GPU rows a verified load into an engine's GPU pages stages at a time
+READ_AHEAD = 4  # pieces of a verified load in flight: copied while earlier ones are verified and scattered
 
 # How a chain's new blocks reach their tier: (tier position, slots, positions in the chain, blocks).
 Writer = Callable[[int, list[int], slice, list[Block]], None]
@@ -55,6 +57,49 @@ class Verified:
 
     corrupt: list[tuple[Block, int]] = field(default_factory=list)
     checked: set[int] = field(default_factory=set)  # id() of blocks whose bytes were verified by this call
+
+
+class ReadAhead:
+    """Pieces of a tier's slots copied to a GPU ahead of their use, on a side stream.
+
+    A verified load copies a piece into GPU rows, waits for its checksums, then scatters it.
+    Were the copies queued on the caller's stream, each would start only once the previous
+    piece was verified; here up to `READ_AHEAD` pieces are in flight on the side stream while
+    the caller's stream verifies and scatters earlier ones. `next()` hands the pieces out in
+    order, each ordered before what follows on the caller's stream.
+    """
+
+    def __init__(self, tier: Tier, pieces: list[list[int]], device: torch.device) -> None:
+        self.tier, self.device = tier, device
+        self.pieces = iter(pieces)
+        self.queued: deque[tuple[TierRead, torch.cuda.Event | None]] = deque()
+        self.side = side_stream(device, "read-ahead") if pieces and device.type == "cuda" else None
+        if self.side is not None:
+            self.side.wait_stream(torch.cuda.current_stream(device))  # rows reuse memory the caller's stream freed
+        for _ in range(READ_AHEAD):
+            self._queue()
+
+    def _queue(self) -> None:
+        slots = next(self.pieces, None)
+        if slots is None:
+            return
+        if self.side is None:
+            self.queued.append((self.tier.read_to(slots, self.device), None))
+            return
+        with torch.cuda.stream(self.side):
+            read = self.tier.read_to(slots, self.device)
+            done = torch.cuda.Event()
+            done.record(self.side)
+        self.queued.append((read, done))
+
+    def next(self) -> TierRead:
+        read, done = self.queued.popleft()
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            read.rows.record_stream(stream)  # allocated on the side stream, used and freed on this one
+        self._queue()
+        return read
 
 
 class GpuChecksums:
@@ -479,12 +524,14 @@ class Placement:
             tier = self.tiers[t]
             staged = engine.device.type == "cuda" and tier.device.type != "cuda" and tier.verify_reads
             step = max(1, LOAD_PIECE_BYTES // max(layout.block_bytes, 1)) if staged else max(len(picks), 1)
-            for a in range(0, len(picks), step):
-                part = picks[a : a + step]
-                group = [blocks[i] for i in part]
+            parts = [picks[a : a + step] for a in range(0, len(picks), step)]
+            groups = [[blocks[i] for i in part] for part in parts]
+            fresh = [staged and any(id(b) not in verified.checked for b in group) for group in groups]
+            ahead = ReadAhead(tier, [[b.slots[t] for b in g] for g, f in zip(groups, fresh) if f], engine.device)
+            for part, group, read_first in zip(parts, groups, fresh):
                 slots = [b.slots[t] for b in group]
-                if staged and any(id(b) not in verified.checked for b in group):
-                    read: TierRead | None = tier.read_to(slots, engine.device)
+                if read_first:
+                    read: TierRead | None = ahead.next()
                 else:
                     read = tier.read_some(slots) if tier.verify_reads and not tier.hashes_in_place else None
                 if not self._check_group(t, group, read, verified):

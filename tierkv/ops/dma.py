@@ -8,33 +8,26 @@ stream on entry and before it on exit (see `transfer.py`).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import torch
 
 from .cuda_build import KernelError, check_cuda, cuda_driver
+from .streams import side_stream
 
 BATCH_ENTRIES = 1024  # queue in slices so the copy engines start while later entries are built
 
-_streams: dict[tuple[int, bool], torch.cuda.Stream] = {}
-_lock = threading.Lock()
 _attrs: object | None = None
 
 
 def copy_stream(device: torch.device, to_device: bool = False) -> torch.cuda.Stream:
-    """The per-device stream the DMA batches of one direction run on (created once).
+    """The per-device stream the DMA batches of one direction run on.
 
     Uploads (`to_device`: host -> device) and downloads (device -> host, device -> device) have
     a stream each: a GPU has a copy engine per direction, and batches of both directions on one
     stream would run one after the other (a put and a get at once took 1.03x one's time on an H200).
     """
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _lock:
-        s = _streams.get((index, to_device))
-        if s is None:
-            s = _streams[(index, to_device)] = torch.cuda.Stream(device=index)
-        return s
+    return side_stream(device, "dma-h2d" if to_device else "dma-d2h")
 
 
 def runs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

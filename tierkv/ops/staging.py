@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import dma
+from .streams import side_stream
 
 STAGING_BYTES = 32 << 20  # per staging buffer
 # Buffers filled ahead of the copy engines: 4 x 32 MiB is 2.4 ms of PCIe traffic, longer than a
@@ -39,17 +40,11 @@ def device_arange(n: int, s: torch.cuda.Stream) -> torch.Tensor:
 
 # (staging buffer, this chunk's device items, rows 0..m-1 of the buffer, stream to launch on)
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.Stream], None]
-_fill_streams: dict[int, torch.cuda.Stream] = {}
-
-
 def _fill_stream(device: torch.device) -> torch.cuda.Stream:
     """A highest-priority stream for the staging kernels: when the model's kernels hold every SM,
     the block scheduler gives the next free SM to these short fills first, so the copy engines
     are not left waiting behind the model's queue."""
-    s = _fill_streams.get(device.index)
-    if s is None:
-        s = _fill_streams[device.index] = torch.cuda.Stream(device=device, priority=-100)
-    return s
+    return side_stream(device, "staging", priority=-100)
 
 
 def _chunks(n: int, row_bytes: int) -> list[tuple[int, int]]:

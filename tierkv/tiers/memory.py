@@ -26,6 +26,7 @@ import torch
 
 from ..integrity import checksum_block_slots
 from ..ops.checksum import block_checksums
+from ..ops.streams import side_stream
 from ..ops.transfer import copy_slots, gather_engine_blocks, scatter_engine_blocks
 from .base import Tier, TierRead, need_checksums, stamp_checksums
 from .host_rows import empty_rows
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from ..ops.engine_layout import EngineKV
 
 
-SAVE_PIECE_BYTES = 256 << 20  # GPU rows a hashed save gathers into at a time
+SAVE_PIECE_BYTES = 32 << 20  # GPU rows a hashed save gathers into at a time
 
 
 def _contiguous_run(slots: Sequence[int]) -> tuple[int, int] | None:
@@ -86,9 +87,17 @@ class PoolTier(Tier):
         self._held.clear()
 
     def _before_copy(self, other_on_gpu: bool) -> None:
-        """A CPU pool waits for pending GPU copies unless the next copy is itself a GPU one on pinned memory."""
+        """A CPU pool waits for pending GPU copies unless the next copy is itself a GPU one on pinned memory.
+
+        That one is ordered after them on the GPU instead: copies of these slots may run on other
+        streams (a hashed save's copy runs beside the engine's stream), so the current stream
+        waits for the last one's event. Each copy waits for the one before, so the last event
+        stands for all of them.
+        """
         if self._device.type == "cpu" and not (other_on_gpu and self.pinned):
             self._cpu_access()
+        elif self._gpu_event is not None and other_on_gpu:
+            torch.cuda.current_stream().wait_event(self._gpu_event)
 
     def _after_gpu_copy(self, event: torch.cuda.Event | None, keep: torch.Tensor | None = None) -> None:
         if event is None:
@@ -176,19 +185,27 @@ class PoolTier(Tier):
                      blocks: Sequence[Block]) -> None:
         """Engine pages -> GPU rows (gather) -> checksums on the GPU -> one copy into our host slots.
 
-        In pieces of at most `SAVE_PIECE_BYTES` of GPU rows; everything is queued on the engine
-        device's current stream, and only the checksums are waited for (the copies stay async).
+        In pieces of at most `SAVE_PIECE_BYTES` of GPU rows. The gather and the hash run on the
+        engine device's current stream (so the engine may reuse its pages once that stream has
+        passed them); the copy to host runs on a side stream, so the next piece's gather and
+        hash, and the next call's, overlap it instead of queueing behind it. Only the
+        checksums are waited for.
         """
         bb = self.slot_bytes
         per = max(1, SAVE_PIECE_BYTES // max(bb, 1))
+        stream = torch.cuda.current_stream(engine.device)
+        side = side_stream(engine.device, "hashed-save")
         sums: list[int] = []
         for a in range(0, len(slots), per):
             b = min(a + per, len(slots))
             rows = torch.empty((b - a, bb), dtype=torch.uint8, device=engine.device)
             gather_engine_blocks(engine, engine_slots[a:b], rows, layout)
             sums += block_checksums(rows)
-            self._before_copy(True)
-            self._after_gpu_copy(copy_slots(rows, range(b - a), self.storage, list(slots[a:b])))
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):
+                self._before_copy(True)
+                self._after_gpu_copy(copy_slots(rows, range(b - a), self.storage, list(slots[a:b])))
+            rows.record_stream(side)  # the allocator hands the rows out again only after the copy
         stamp_checksums(blocks, sums)
 
     def read_to(self, slots: Sequence[int], device: torch.device) -> TierRead:
