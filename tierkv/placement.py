@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from .ops.engine_layout import EngineKV
 
 
-PUT_PIECE_BYTES = 32 << 20  # a long put is placed and written this much at a time (`add_chain`)
-LOAD_PIECE_BYTES = 32 << 20  # GPU rows a verified load into an engine's GPU pages stages at a time
-READ_AHEAD = 4  # pieces of a verified load in flight: copied while earlier ones are verified and scattered
+PUT_PIECE_BYTES = 128 << 20  # a long put is placed and written this much at a time (`add_chain`)
+LOAD_PIECE_BYTES = 128 << 20  # GPU rows a verified load into an engine's GPU pages stages at a time
+READ_AHEAD = 2  # pieces of a verified load in flight: copied while earlier ones are verified and scattered
 
 # How a chain's new blocks reach their tier: (tier position, slots, positions in the chain, blocks).
 Writer = Callable[[int, list[int], slice, list[Block]], None]

@@ -110,7 +110,7 @@ class Residency:
         missing = mask & (cur < 0)
         evicted = self._trim(rows, want, mask, missing, width, budgets, step)
         keep = torch.zeros(self.slots + 1, dtype=torch.bool, device=cur.device)
-        keep[torch.where(mask & (cur >= 0), cur, self.trash_slot)] = True
+        keep.index_fill_(0, (torch.where(mask & (cur >= 0), cur, self.trash_slot)).reshape(-1), True)
         order = self.victim_keys(keep[:-1], seq_class, num_pages, sink_pages, window_pages, step).argsort(stable=True)
         flat = missing.reshape(-1)
         k = (flat.cumsum(0) - 1).clamp(0, self.slots - 1)
@@ -118,7 +118,7 @@ class Residency:
         to = torch.where(flat, victim, self.trash_slot)
         old = self.occupant[to]
         gone = flat & (old >= 0)
-        self.slot[torch.where(gone, old, self.trash_page)] = -1
+        self.slot.index_fill_(0, (torch.where(gone, old, self.trash_page)).reshape(-1), -1)
         fids = ids.reshape(-1)
         self.slot[self.masked(fids, flat)] = victim
         self.occupant[to] = torch.where(flat, fids, -1)
@@ -139,14 +139,14 @@ class Residency:
         order = torch.where(cand, key, _NEVER_KEY).argsort(dim=1, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, cols.expand(n, width))
         trim = cand & (rank < over[:, None])
-        self.occupant[torch.where(trim, slot, self.trash_slot)] = -1
-        self.slot[self.masked(grid, trim)] = -1
+        self.occupant.index_fill_(0, (torch.where(trim, slot, self.trash_slot)).reshape(-1), -1)
+        self.slot.index_fill_(0, (self.masked(grid, trim)).reshape(-1), -1)
         return trim.sum()
 
     def free_seq(self, seq: int) -> None:
         """A removed sequence's slots are free again."""
         mine = self.slot[seq * self.max_pages : (seq + 1) * self.max_pages]
-        self.occupant[torch.where(mine >= 0, mine, self.trash_slot)] = -1
+        self.occupant.index_fill_(0, (torch.where(mine >= 0, mine, self.trash_slot)).reshape(-1), -1)
         mine.fill_(-1)
 
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ..ops.engine_layout import EngineKV
 
 
-SAVE_PIECE_BYTES = 32 << 20  # GPU rows a hashed save gathers into at a time
+SAVE_PIECE_BYTES = 128 << 20  # GPU rows a hashed save gathers into at a time
 
 
 def _contiguous_run(slots: Sequence[int]) -> tuple[int, int] | None:
