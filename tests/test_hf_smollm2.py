@@ -14,7 +14,7 @@ the number of rows, so on this model plain transformers itself gives KV for the 
 that differs by one bfloat16 step between a 224- and a 233-token pass, and its own cache
 continued with the rest of a prompt gives logits 0.5 apart from one pass; greedy decoding then
 flips at near-ties (one word in four answers, measured). With oneDNN off, continuing a cache is
-bit-exact (`test_bfloat16_cache_continuation_is_exact_without_onednn`, no tierkv involved), and
+bit-exact (the `bf16_continuation_gap` fixture measures it, no tierkv involved; where a CPU is not exact even so, the bfloat16 tests are skipped with the gap), and
 so is reuse.
 """
 
@@ -87,6 +87,10 @@ def model_and_tokenizer(request, smollm2):
     if request.param == torch.float32:
         yield model, tokenizer
         return
+    gap = request.getfixturevalue("bf16_continuation_gap")
+    if gap != 0.0:
+        pytest.skip(f"this CPU's bfloat16 kernels are not shape-independent even with oneDNN off: plain transformers' "
+                    f"own cache, continued, is {gap:.3g} apart from one pass, so no cache can be token-identical here")
     with torch.backends.mkldnn.flags(enabled=False):  # shape-independent bfloat16 kernels (module docstring)
         yield copy.deepcopy(model).to(request.param), tokenizer
 
@@ -171,10 +175,23 @@ def _continuation_gap(model, ids: torch.Tensor, prefix: int) -> float:
     return (whole - continued).abs().max().item()
 
 
-def test_bfloat16_cache_continuation_is_exact_without_onednn(smollm2) -> None:
-    """No tierkv here: transformers' own cache, continued, against one pass (0.5 apart with oneDNN on, measured)."""
+@pytest.fixture(scope="session")
+def bf16_continuation_gap(smollm2) -> float:
+    """Plain transformers on this CPU, no tierkv: its own bfloat16 cache continued vs one pass, oneDNN off.
+
+    0 on the machines where the bfloat16 tests were written; not 0 on CPUs whose bfloat16 matrix
+    kernels (without oneDNN) still depend on the row count (seen on an AMD EPYC host: transformers
+    alone then differs, and the bfloat16 token-identity tests are skipped with the gap as reason).
+    """
     model, tokenizer = smollm2
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     ids = torch.tensor([chat(tokenizer, QUESTIONS[2])])
     with torch.backends.mkldnn.flags(enabled=False):
-        assert _continuation_gap(bf16, ids, 208) == 0.0
+        return _continuation_gap(bf16, ids, 208)
+
+
+def test_float32_cache_continuation_is_exact(smollm2) -> None:
+    """No tierkv here: transformers' own float32 cache, continued, against one pass (what the float32 tests rest on)."""
+    model, tokenizer = smollm2
+    ids = torch.tensor([chat(tokenizer, QUESTIONS[2])])
+    assert _continuation_gap(model, ids, 208) < 1e-3
