@@ -14,8 +14,8 @@ the number of rows, so on this model plain transformers itself gives KV for the 
 that differs by one bfloat16 step between a 224- and a 233-token pass, and its own cache
 continued with the rest of a prompt gives logits 0.5 apart from one pass; greedy decoding then
 flips at near-ties (one word in four answers, measured). With oneDNN off, continuing a cache is
-bit-exact (the `bf16_continuation_gap` fixture measures it, no tierkv involved; where a CPU is not exact even so, the bfloat16 tests are skipped with the gap), and
-so is reuse.
+bit-exact (the `bf16_continuation_gap` fixture measures it, no tierkv involved; where a CPU is not
+exact even so, the bfloat16 tests are skipped with the gap), and so is reuse.
 """
 
 from __future__ import annotations
