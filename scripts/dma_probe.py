@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -13,23 +12,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_path_bench import PROMPT, layout, prompt, store, vllm_engine  # noqa: E402
+from gpu_path_bench import PROMPT, gpu_time, layout, prompt, store, vllm_engine  # noqa: E402
 
 from tierkv.ops import dma  # noqa: E402
 
 MiB = 1 << 20
 
 
-def timed(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out) * 1e3
+def timed(fn) -> float:
+    """Median ms of `fn` with its GPU work (the path bench's `gpu_time`)."""
+    return gpu_time(fn) * 1e3
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The device-side pieces of the page manager against plain references, on CPU.
 
-`Residency.place` (victims and pairing) against `residency.reference_place` on random states;
+`Residency.place` (victims and pairing) against `reference_place` (below) on random states;
 `selection.choose_pages` against the numpy `select_pages`; the rank score's per-head top-k
 against full ranks; `copy_rows_where`; CapacityError paths; exact mode for a batch with pages
 opening and filling, in a row order that is not a run.
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tierkv import CapacityError, DecodeBudget, KVLayout, PageManager
-from tierkv.decode.residency import LRU, NEVER, SCORE, Residency, reference_place
+from tierkv.decode.residency import LRU, NEVER, SCORE, Residency
 from tierkv.decode.selection import choose_pages, page_scores, select_pages
 from tierkv.ops.transfer import copy_rows_where
 
@@ -194,3 +194,54 @@ def test_capacity_errors_come_before_anything_changes() -> None:
         m.attend(0, [a, 2], torch.randn(2, HQ, D), 1.0)
     with pytest.raises(ValueError, match="twice"):
         m.attend(0, [a, a], torch.randn(2, HQ, D), 1.0)
+
+
+def reference_place(slot: list[int], occupant: list[int], last_used: list[int], score: list[float], max_pages: int,
+                    rows: list[int], want: list[list[int]], budgets: list[int], seq_class: list[int],
+                    num_pages: list[int], sink_pages: int, window_pages: int) -> tuple[list[list[int]], int]:
+    """`Residency.place` as a Python loop over lists (changed in place): the rule the device code must follow.
+
+    want[i]: the pages row i wants, ascending. Returns each wanted page's new slot (-1 if it was
+    resident) and the pages evicted.
+    """
+    evicted = 0
+    missing = [[p for p in w if slot[r * max_pages + p] < 0] for r, w in zip(rows, want)]
+    for r, w, miss, b in zip(rows, want, missing, budgets):
+        own = [p for p in range(num_pages[r]) if slot[r * max_pages + p] >= 0 and p not in w]
+        resident = sum(slot[r * max_pages + p] >= 0 for p in range(num_pages[r]))
+        own.sort(key=lambda p: (last_used[r * max_pages + p], score[r * max_pages + p], p))
+        for p in own[: max(0, resident + len(miss) - b)]:
+            occupant[slot[r * max_pages + p]] = -1
+            slot[r * max_pages + p] = -1
+            evicted += 1
+    keep = {slot[r * max_pages + p] for r, w in zip(rows, want) for p in w if slot[r * max_pages + p] >= 0}
+    order: list[tuple[tuple[int | float, ...], int]] = []
+    for j, o in enumerate(occupant):
+        if o < 0:
+            order.append(((0, j), j))
+            continue
+        s, p = divmod(o, max_pages)
+        if j in keep or p < sink_pages or p >= num_pages[s] - window_pages:
+            continue
+        if seq_class[s] == LRU:
+            order.append(((1, last_used[o], score[o], j), j))
+        elif seq_class[s] == SCORE:
+            order.append(((2, score[o], last_used[o], j), j))
+    victims = [j for _, j in sorted(order)]
+    out, k = [], 0
+    for r, w, miss in zip(rows, want, missing):
+        got = []
+        for p in w:
+            if p not in miss:
+                got.append(-1)
+                continue
+            j = victims[k]
+            k += 1
+            if occupant[j] >= 0:
+                slot[occupant[j]] = -1
+                evicted += 1
+            slot[r * max_pages + p] = j
+            occupant[j] = r * max_pages + p
+            got.append(j)
+        out.append(got)
+    return out, evicted

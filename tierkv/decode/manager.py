@@ -414,8 +414,8 @@ class PageManager:
         assert layer.budgets_dev is not None
         _, evicted = layer.res.place(rows_dev, want_dev, mask_dev, int(num.max()), layer.budgets_dev[rows_dev],
                                      classes_dev, self._all_pages_dev(layer), s, w, self.step)
-        layer.res.last_used.index_fill_(0, (fid).reshape(-1), self.step)
-        layer.res.score.index_fill_(0, (fid).reshape(-1), 1.0)
+        layer.res.last_used.index_fill_(0, fid.reshape(-1), self.step)
+        layer.res.score.index_fill_(0, fid.reshape(-1), 1.0)
         self._evicted += evicted
 
     def select(self, layer_idx: int, seqs: list[int], q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ Room for the pages a step wants (`place`) is made in two moves, both fixed-shape
    over the request) takes the k-th slot of that order (a cumsum gives k). The caller has
    checked on the host that enough victims exist (`PageManager` does before anything is queued).
 
-`reference_place` is the same rule written as a plain Python loop, for the tests.
+`tests/test_decode_residency.py` holds the same rule written as a plain Python loop.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Residency:
         missing = mask & (cur < 0)
         evicted = self._trim(rows, want, mask, missing, width, budgets, step)
         keep = torch.zeros(self.slots + 1, dtype=torch.bool, device=cur.device)
-        keep.index_fill_(0, (torch.where(mask & (cur >= 0), cur, self.trash_slot)).reshape(-1), True)
+        keep.index_fill_(0, torch.where(mask & (cur >= 0), cur, self.trash_slot).reshape(-1), True)
         order = self.victim_keys(keep[:-1], seq_class, num_pages, sink_pages, window_pages, step).argsort(stable=True)
         flat = missing.reshape(-1)
         k = (flat.cumsum(0) - 1).clamp(0, self.slots - 1)
@@ -118,7 +118,7 @@ class Residency:
         to = torch.where(flat, victim, self.trash_slot)
         old = self.occupant[to]
         gone = flat & (old >= 0)
-        self.slot.index_fill_(0, (torch.where(gone, old, self.trash_page)).reshape(-1), -1)
+        self.slot.index_fill_(0, torch.where(gone, old, self.trash_page).reshape(-1), -1)
         fids = ids.reshape(-1)
         self.slot[self.masked(fids, flat)] = victim
         self.occupant[to] = torch.where(flat, fids, -1)
@@ -139,63 +139,12 @@ class Residency:
         order = torch.where(cand, key, _NEVER_KEY).argsort(dim=1, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, cols.expand(n, width))
         trim = cand & (rank < over[:, None])
-        self.occupant.index_fill_(0, (torch.where(trim, slot, self.trash_slot)).reshape(-1), -1)
-        self.slot.index_fill_(0, (self.masked(grid, trim)).reshape(-1), -1)
+        self.occupant.index_fill_(0, torch.where(trim, slot, self.trash_slot).reshape(-1), -1)
+        self.slot.index_fill_(0, self.masked(grid, trim).reshape(-1), -1)
         return trim.sum()
 
     def free_seq(self, seq: int) -> None:
         """A removed sequence's slots are free again."""
         mine = self.slot[seq * self.max_pages : (seq + 1) * self.max_pages]
-        self.occupant.index_fill_(0, (torch.where(mine >= 0, mine, self.trash_slot)).reshape(-1), -1)
+        self.occupant.index_fill_(0, torch.where(mine >= 0, mine, self.trash_slot).reshape(-1), -1)
         mine.fill_(-1)
-
-
-def reference_place(slot: list[int], occupant: list[int], last_used: list[int], score: list[float], max_pages: int,
-                    rows: list[int], want: list[list[int]], budgets: list[int], seq_class: list[int],
-                    num_pages: list[int], sink_pages: int, window_pages: int) -> tuple[list[list[int]], int]:
-    """`Residency.place` as a Python loop over lists (changed in place): the rule, for the tests.
-
-    want[i]: the pages row i wants, ascending. Returns each wanted page's new slot (-1 if it was
-    resident) and the pages evicted.
-    """
-    evicted = 0
-    missing = [[p for p in w if slot[r * max_pages + p] < 0] for r, w in zip(rows, want)]
-    for r, w, miss, b in zip(rows, want, missing, budgets):
-        own = [p for p in range(num_pages[r]) if slot[r * max_pages + p] >= 0 and p not in w]
-        resident = sum(slot[r * max_pages + p] >= 0 for p in range(num_pages[r]))
-        own.sort(key=lambda p: (last_used[r * max_pages + p], score[r * max_pages + p], p))
-        for p in own[: max(0, resident + len(miss) - b)]:
-            occupant[slot[r * max_pages + p]] = -1
-            slot[r * max_pages + p] = -1
-            evicted += 1
-    keep = {slot[r * max_pages + p] for r, w in zip(rows, want) for p in w if slot[r * max_pages + p] >= 0}
-    order: list[tuple[tuple[int | float, ...], int]] = []
-    for j, o in enumerate(occupant):
-        if o < 0:
-            order.append(((0, j), j))
-            continue
-        s, p = divmod(o, max_pages)
-        if j in keep or p < sink_pages or p >= num_pages[s] - window_pages:
-            continue
-        if seq_class[s] == LRU:
-            order.append(((1, last_used[o], score[o], j), j))
-        elif seq_class[s] == SCORE:
-            order.append(((2, score[o], last_used[o], j), j))
-    victims = [j for _, j in sorted(order)]
-    out, k = [], 0
-    for r, w, miss in zip(rows, want, missing):
-        got = []
-        for p in w:
-            if p not in miss:
-                got.append(-1)
-                continue
-            j = victims[k]
-            k += 1
-            if occupant[j] >= 0:
-                slot[occupant[j]] = -1
-                evicted += 1
-            slot[r * max_pages + p] = j
-            occupant[j] = r * max_pages + p
-            got.append(j)
-        out.append(got)
-    return out, evicted

@@ -2,8 +2,9 @@
 
 DMA copies use no SMs, so they do not slow the model's kernels the way a copy kernel that
 streams over PCIe does. The driver's batch call needs a stream other than the legacy default
-stream, so DMA always runs on a per-device copy stream that is ordered after the caller's
-stream on entry and before it on exit (see `transfer.py`).
+stream, so DMA always runs on a per-device copy stream of its direction (host -> device, or
+device -> host/device) that is ordered after the caller's stream on entry and before it on
+exit (see `transfer.py`).
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ def device_arange(n: int, s: torch.cuda.Stream) -> torch.Tensor:
 
 # (staging buffer, this chunk's device items, rows 0..m-1 of the buffer, stream to launch on)
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.Stream], None]
+
+
 def _fill_stream(device: torch.device) -> torch.cuda.Stream:
     """A highest-priority stream for the staging kernels: when the model's kernels hold every SM,
     the block scheduler gives the next free SM to these short fills first, so the copy engines
