@@ -3,22 +3,27 @@
     python3 scripts/bench_preempt_gpu.py [OUT.md] [--layers 4] [--contexts 32768 131072] [--batches 1 16]
     python3 scripts/bench_preempt_gpu.py --cpu-smoke          # tiny shapes on CPU: checks the script runs
 
-Attention-level, Llama-3-8B shapes (8 KV heads, 32 query heads, head_dim 128, bf16, random
-values), `--layers` of the 32 (every layer does the same work, so the time and bytes per step
-scale by 32 / layers; the table gives both). One step = for every layer: append the new token's
-K/V, then attention of one query per sequence:
+Llama-3-8B shapes (hidden 4096, 8 KV heads, 32 query heads, head_dim 128, MLP 14336, bf16,
+random values), `--layers` of the 32 (every layer does the same work, so the time and bytes
+per step scale by 32 / layers; the table gives both). One step = for every layer: the layer's
+projections and MLP on the batch's hidden state (`--attention-only` leaves them out), the new
+token's K/V appended, attention of one query per sequence:
 
-    dense      every page on the GPU, tierkv's paged attention over all of them
-    pages 1/8  `PageManager` with 1/8 of each sequence's pages on the GPU (1 sink page, 2-page
-               window, the rest by Quest min/max score), misses fetched from pinned host memory
-               in one copy_rows launch per layer; selection, eviction and the block table are
-               computed on the device, so the step queues work without waiting for the GPU
+    dense      every page on the GPU, tierkv's paged attention over all of them; the whole
+               step is one CUDA graph (as an engine runs decode)
+    pages 1/8  `PageManager(cuda_graphs=True)` with 1/8 of each sequence's pages on the GPU (1
+               sink page, 2-page window, the rest by Quest min/max score), misses fetched from
+               pinned host memory in one copy_rows launch per layer; selection, eviction and the
+               block table are computed on the device and each layer's append and attention
+               are replayed from the manager's graphs; the matmuls from graphs of their own
     host-all   every page in pinned host memory, all of them copied to a one-layer GPU buffer
                every layer of every step, then the same attention
 
-Queries drift slowly between steps (q_t = q_0 + 0.3 * noise): a decode step's selection mostly
-repeats the last one, as in real decoding, while some pages change every step. A configuration
-whose KV does not fit the GPU (or the host: `--host-gib`) is skipped with the reason.
+The queries drift between steps (q_t = q_0 + drift * noise). `--drift` 0.12 changes about a
+quarter of the selection per step ("selection churn" column: 24-25% on the H200), a little
+more than SmolLM2-135M-Instruct does on ordinary text at 1/8 (`scripts/decode_churn.py`: 21%
+at 4k tokens). A configuration whose KV
+does not fit the GPU (or the host: `--host-gib`) is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import torch
 from tierkv import DecodeBudget, KVLayout, PageManager
 from tierkv.decode.attention import attend_pages
 from tierkv.ops.transfer import copy_slots
+
+HIDDEN, MLP = 4096, 14336
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,57 @@ class Row:
     step_ms: float | None
     gpu_kv_bytes: int
     fetched_per_step: float
+    churn: float | None = None  # fetched / selected pages per layer and step
     note: str = ""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One layer's projections and MLP (random): the work of a decode step besides attention."""
+
+    qkv: torch.Tensor  # [hidden, (q_heads + 2 kv_heads) head_dim]
+    o: torch.Tensor  # [q_heads head_dim, hidden]
+    gate_up: torch.Tensor  # [hidden, 2 mlp]
+    down: torch.Tensor  # [mlp, hidden]
+
+
+def weights(s: Shape, device: torch.device, hidden: int, mlp: int) -> list[Weights]:
+    def w(a: int, b: int) -> torch.Tensor:
+        return (torch.randn(a, b, device=device) / math.sqrt(a)).to(s.dtype)
+
+    qkv = (s.q_heads + 2 * s.kv_heads) * s.head_dim
+    return [Weights(w(hidden, qkv), w(s.q_heads * s.head_dim, hidden), w(hidden, 2 * mlp), w(mlp, hidden))
+            for _ in range(s.layers)]
+
+
+def before_attention(x: torch.Tensor, w: Weights) -> torch.Tensor:
+    return x @ w.qkv
+
+
+def after_attention(a: torch.Tensor, w: Weights) -> torch.Tensor:
+    h = a.flatten(1) @ w.o
+    gate, up = (h @ w.gate_up).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ w.down
+
+
+class Graphed:
+    """`fn(*args)` from a CUDA graph on CUDA (captured after one eager run), plainly on CPU."""
+
+    def __init__(self, fn, *args: torch.Tensor) -> None:
+        self.fn, self.args = fn, args
+        self.out = fn(*args)
+        self.graph = None
+        if args[0].is_cuda:
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = fn(*args)
+
+    def __call__(self):
+        if self.graph is None:
+            return self.fn(*self.args)
+        self.graph.replay()
+        return self.out
 
 
 def token_bytes(s: Shape) -> int:
@@ -83,58 +140,84 @@ def queries(s: Shape, batch: int, device: torch.device, seed: int) -> tuple[torc
     return torch.randn(batch, s.q_heads, s.head_dim, generator=g, device=device, dtype=torch.float32), g
 
 
-def bench_dense(s: Shape, ctx: int, batch: int, device: torch.device, steps: int) -> Row:
+def bench_dense(s: Shape, ctx: int, batch: int, device: torch.device, steps: int, ws: list[Weights] | None,
+                drift: float) -> Row:
     layout = KVLayout(1, 2, s.kv_heads, s.head_dim, s.dtype, s.block_tokens)
-    pages = -(-(ctx + steps + 2) // s.block_tokens)
+    pages = -(-(ctx + steps + 4) // s.block_tokens)
     pools = [torch.randn((batch * pages, *layout.block_shape), device=device).to(s.dtype) for _ in range(s.layers)]
     table = torch.arange(batch * pages, device=device).view(batch, pages)
-    lens = torch.full((batch,), ctx, dtype=torch.int64)
+    lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
     q0, g = queries(s, batch, device, 1)
+    q = q0.to(s.dtype)
+    k = torch.randn(batch, s.kv_heads, s.head_dim, device=device, dtype=s.dtype)
+    x = torch.randn(batch, HIDDEN if ws is None else ws[0].qkv.shape[0], device=device, dtype=s.dtype)
     scale = 1 / math.sqrt(s.head_dim)
 
-    def step() -> None:
+    def layers(lens: torch.Tensor) -> None:  # device work only (no host reads of lens): captured as one graph
         lens.add_(1)
-        q = (q0 + 0.3 * torch.randn(q0.shape, generator=g, device=device)).to(s.dtype)
-        pos = int(lens[0]) - 1
-        for pool in pools:
-            k = torch.randn(batch, s.kv_heads, s.head_dim, device=device, dtype=s.dtype)
-            rows = table[:, pos // s.block_tokens]
-            pool[rows, 0, 0, pos % s.block_tokens] = k
-            pool[rows, 0, 1, pos % s.block_tokens] = k
-            attend_pages(q, pool, layout, table, lens, scale)
+        pos = (lens[:1] - 1).expand(batch)
+        rows, off = table.gather(1, (pos // s.block_tokens)[:, None])[:, 0], pos % s.block_tokens
+        for i, pool in enumerate(pools):
+            if ws is not None:
+                before_attention(x, ws[i])
+            pool[rows, 0, 0, off] = k
+            pool[rows, 0, 1, off] = k
+            a = attend_pages(q, pool, layout, table, lens, scale)
+            if ws is not None:
+                after_attention(a, ws[i])
+
+    graphed = Graphed(layers, lens)
+
+    def step() -> None:
+        q.copy_(q0 + drift * torch.randn(q0.shape, generator=g, device=device))
+        graphed()
 
     ms = timed(step, steps, device)
     return Row("dense", ctx, batch, ms, batch * ctx * token_bytes(s) * s.layers, 0.0)
 
 
-def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int, fraction: float) -> Row:
+def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int, fraction: float,
+                ws: list[Weights] | None, drift: float) -> Row:
     layout = KVLayout(s.layers, 2, s.kv_heads, s.head_dim, s.dtype, s.block_tokens)
     pages = -(-(ctx + 2 * steps + 8) // s.block_tokens)
     budget = DecodeBudget(fraction=fraction, sink_pages=1, window_pages=2)
     m = PageManager(layout, budget, device_pages=batch * budget.wanted(pages), host_pages=batch * pages, max_seqs=batch,
-                    max_pages=pages, device=device)
+                    max_pages=pages, device=device, cuda_graphs=device.type == "cuda")
     for _ in range(batch):
         kv = [torch.randn(ctx, s.kv_heads, s.head_dim, device=device).to(s.dtype) for _ in range(s.layers)]
         m.add(kv, kv)
         del kv
     seqs = list(range(batch))
     q0, g = queries(s, batch, device, 2)
+    k = torch.randn(batch, s.kv_heads, s.head_dim, device=device, dtype=s.dtype)
+    x = torch.randn(batch, HIDDEN if ws is None else ws[0].qkv.shape[0], device=device, dtype=s.dtype)
+    a = torch.zeros(batch, s.q_heads, s.head_dim, device=device, dtype=s.dtype)
+    pre = [Graphed(before_attention, x, w) for w in ws] if ws is not None else None
+    post = [Graphed(after_attention, a, w) for w in ws] if ws is not None else None
     scale = 1 / math.sqrt(s.head_dim)
+    selected = []
 
     def step() -> None:
-        q = (q0 + 0.3 * torch.randn(q0.shape, generator=g, device=device)).to(s.dtype)
+        q = (q0 + drift * torch.randn(q0.shape, generator=g, device=device)).to(s.dtype)
         for layer in range(s.layers):
-            k = torch.randn(batch, s.kv_heads, s.head_dim, device=device, dtype=s.dtype)
+            if pre is not None:
+                pre[layer]()
             m.append(layer, seqs, k, k)
-            m.attend(layer, seqs, q, scale)
+            a.copy_(m.attend(layer, seqs, q, scale))
+            if post is not None:
+                post[layer]()
+        assert m.last_step is not None
+        selected.append(m.last_step.selected)
 
     before = m.fetched_pages  # a device counter: read outside the timed steps (reading it synchronises)
     ms = timed(step, steps, device)
     fetched = (m.fetched_pages - before) / (steps + 2) / s.layers
-    return Row(f"pages 1/{round(1 / fraction)}", ctx, batch, ms, m.device_bytes(), fetched)
+    churn = fetched / (sum(selected) / len(selected))
+    return Row(f"pages 1/{round(1 / fraction)}", ctx, batch, ms, m.device_bytes(), fetched, churn)
 
 
-def bench_host_all(s: Shape, ctx: int, batch: int, device: torch.device, steps: int) -> Row:
+def bench_host_all(s: Shape, ctx: int, batch: int, device: torch.device, steps: int, ws: list[Weights] | None,
+                   drift: float) -> Row:
     layout = KVLayout(1, 2, s.kv_heads, s.head_dim, s.dtype, s.block_tokens)
     pages = -(-(ctx + steps + 2) // s.block_tokens)
     pin = device.type == "cuda"
@@ -147,14 +230,22 @@ def bench_host_all(s: Shape, ctx: int, batch: int, device: torch.device, steps: 
     table = rows.to(device).view(batch, pages)
     lens = torch.full((batch,), ctx, dtype=torch.int64)
     q0, g = queries(s, batch, device, 3)
+    x = torch.randn(batch, HIDDEN if ws is None else ws[0].qkv.shape[0], device=device, dtype=s.dtype)
+    a = torch.zeros(batch, s.q_heads, s.head_dim, device=device, dtype=s.dtype)
+    pre = [Graphed(before_attention, x, w) for w in ws] if ws is not None else None
+    post = [Graphed(after_attention, a, w) for w in ws] if ws is not None else None
     scale = 1 / math.sqrt(s.head_dim)
 
     def step() -> None:
         lens.add_(1)
-        q = (q0 + 0.3 * torch.randn(q0.shape, generator=g, device=device)).to(s.dtype)
-        for host in hosts:
+        q = (q0 + drift * torch.randn(q0.shape, generator=g, device=device)).to(s.dtype)
+        for i, host in enumerate(hosts):
+            if pre is not None:
+                pre[i]()
             copy_slots(host, rows, buf, rows)
-            attend_pages(q, buf, layout, table, lens, scale)
+            a.copy_(attend_pages(q, buf, layout, table, lens, scale))
+            if post is not None:
+                post[i]()
 
     ms = timed(step, steps, device)
     return Row("host-all", ctx, batch, ms, buf.numel() * buf.element_size(), float(batch * pages))
@@ -164,8 +255,9 @@ def table(rows: list[Row], s: Shape, title: str) -> str:
     scale = s.full_layers / s.layers
     out = [title, "",
            f"| context | batch | mode | step ms ({s.layers} layers) | step ms x{s.full_layers}/{s.layers} | "
-           f"GPU KV MiB ({s.layers} layers) | GPU KV GiB ({s.full_layers} layers) | pages fetched / layer / step | vs dense |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           f"GPU KV MiB ({s.layers} layers) | GPU KV GiB ({s.full_layers} layers) | pages fetched / layer / step | "
+           "selection churn | vs dense |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     dense = {(r.context, r.batch): r.step_ms for r in rows if r.mode == "dense" and r.step_ms is not None}
     for r in rows:
         base = dense.get((r.context, r.batch))
@@ -173,7 +265,8 @@ def table(rows: list[Row], s: Shape, title: str) -> str:
         scaled = "—" if r.step_ms is None else f"{r.step_ms * scale:.1f}"
         vs = f"{r.step_ms / base:.2f}x" if r.step_ms is not None and base else ""
         out.append(f"| {r.context} | {r.batch} | {r.mode} | {ms} | {scaled} | {r.gpu_kv_bytes / 2**20:.1f} | "
-                   f"{r.gpu_kv_bytes * scale / 2**30:.2f} | {r.fetched_per_step:.1f} | {vs} {r.note} |")
+                   f"{r.gpu_kv_bytes * scale / 2**30:.2f} | {r.fetched_per_step:.1f} | "
+                   f"{'' if r.churn is None else f'{r.churn:.0%}'} | {vs} {r.note} |")
     return "\n".join(out)
 
 
@@ -186,6 +279,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--fraction", type=float, default=0.125)
+    ap.add_argument("--drift", type=float, default=0.12, help="query noise per step (selection churn, see above)")
+    ap.add_argument("--attention-only", action="store_true", help="leave out the layers' projections and MLP")
     ap.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan with (default: the device's, less 8 GiB)")
     ap.add_argument("--host-gib", type=float, default=80.0, help="pinned host memory to plan with")
     args = ap.parse_args()
@@ -194,6 +289,7 @@ def main() -> None:
         s = Shape(2, 2, 8, 64, torch.float32, 16, 32)
         contexts, batches, steps = [512, 2048], [1, 2], 3
         gpu_gib = 4.0
+        hidden, mlp = 256, 512
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --cpu-smoke for the CPU check")
@@ -202,6 +298,10 @@ def main() -> None:
         contexts, batches, steps = args.contexts, args.batches, args.steps
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         gpu_gib = args.gpu_gib if args.gpu_gib is not None else total - 8
+        hidden, mlp = HIDDEN, MLP
+    ws = None if args.attention_only else weights(s, device, hidden, mlp)
+    if ws is not None:
+        gpu_gib -= sum(t.numel() * t.element_size() for w in ws for t in vars(w).values()) / 2**30
     rows: list[Row] = []
     for ctx in contexts:
         for batch in batches:
@@ -209,14 +309,14 @@ def main() -> None:
             if kv / 2**30 > gpu_gib:
                 rows.append(Row("dense", ctx, batch, None, kv, 0.0, f"does not fit: {kv / 2**30:.0f} GiB > {gpu_gib:.0f}"))
             else:
-                rows.append(bench_dense(s, ctx, batch, device, steps))
+                rows.append(bench_dense(s, ctx, batch, device, steps, ws, args.drift))
             if kv / 2**30 > args.host_gib:
                 rows.append(Row(f"pages 1/{round(1 / args.fraction)}", ctx, batch, None, kv // 8, 0.0,
                                 f"host pool {kv / 2**30:.0f} GiB > --host-gib {args.host_gib:.0f}"))
                 rows.append(Row("host-all", ctx, batch, None, kv // s.layers, 0.0, "host pool too large"))
                 continue
-            rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction))
-            rows.append(bench_host_all(s, ctx, batch, device, steps))
+            rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction, ws, args.drift))
+            rows.append(bench_host_all(s, ctx, batch, device, steps, ws, args.drift))
             print(rows[-3], rows[-2], rows[-1], sep="\n", flush=True)
             if args.out is not None:  # the rows so far, in case a time limit stops the larger shapes
                 args.out.write_text(table(rows, s, "Decode step (partial: the run was stopped here)") + "\n")
@@ -226,8 +326,10 @@ def main() -> None:
                 if release is not None:
                     release()
     name = "CPU smoke (tiny shapes, float32)" if args.cpu_smoke else torch.cuda.get_device_name(device)
+    work = "attention only" if ws is None else f"with projections and MLP (hidden {hidden}, MLP {mlp})"
     title = (f"Decode step, {name}: {s.kv_heads} KV heads, {s.q_heads} query heads, head_dim {s.head_dim}, "
-             f"{str(s.dtype).removeprefix('torch.')}, pages of {s.block_tokens} tokens, {s.layers} layers measured")
+             f"{str(s.dtype).removeprefix('torch.')}, pages of {s.block_tokens} tokens, {s.layers} layers measured, "
+             f"{work}, query drift {args.drift}")
     report = table(rows, s, title)
     print(report)
     if args.out is not None:

@@ -36,7 +36,7 @@ step() {  # step NAME DEFAULT_SECONDS COMMAND...: run it under its limit, keep i
 step pytest_gpu 170 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE
 step path 130 python3 scripts/gpu_path_bench.py "$out/path.md" "$out/path.png"
 step hf_ttft 150 python3 scripts/gpu_hf_ttft_bench.py "$out/hf_ttft.md" --trials 2
-step preempt 120 python3 scripts/bench_preempt_gpu.py "$out/preempt.md"
+step preempt 180 python3 scripts/bench_preempt_gpu.py "$out/preempt.md"
 step checksum 40 python3 scripts/bench_checksum_gpu.py
 step store 60 python3 scripts/gpu_store_bench.py "$out/store.md" /tmp/tierkv-bench
 step elastic 40 python3 scripts/bench_elastic_gpu.py "$out/elastic.json"

@@ -162,7 +162,7 @@ def test_incremental_summaries_equal_summaries_of_all_keys() -> None:
     for t in range(10, 23):
         digest.append(torch.tensor([0]), torch.tensor([t // BT]), keys[t : t + 1], torch.tensor([t % BT == 0]))
     lo, hi = page_minmax(keys, BT)
-    assert torch.equal(digest.kmin[0, :6], lo) and torch.equal(digest.kmax[0, :6], hi)
+    assert torch.equal(digest.kmin[0, :, :6], lo.transpose(0, 1)) and torch.equal(digest.kmax[0, :, :6], hi.transpose(0, 1))
 
 
 def test_the_score_bounds_every_key_of_its_page() -> None:
@@ -175,13 +175,15 @@ def test_the_score_bounds_every_key_of_its_page() -> None:
     real = torch.einsum("hgd,thd->hgt", qg, keys).view(H, HQ // H, 8, BT).amax(-1)
     assert (bound >= real - 1e-5).all()
     for aggregate in ("mass", "rank"):
-        scores = page_scores(q, lo[None], hi[None], torch.tensor([6]), 1.0, aggregate)
+        scores = page_scores(q, lo.transpose(0, 1)[None], hi.transpose(0, 1)[None], torch.tensor([6]), 1.0, aggregate)
         assert scores.shape == (1, 8) and torch.isinf(scores[0, 6:]).all() and (scores[0, :6] > 0).all()
-    ranked = page_scores(q, lo[None], hi[None], torch.tensor([6]), 1.0, "rank")[0, :6]
+    ranked = page_scores(q, lo.transpose(0, 1)[None], hi.transpose(0, 1)[None], torch.tensor([6]), 1.0, "rank")[0, :6]
     assert sorted(ranked.tolist(), reverse=True)[0] == 1.0  # some head's first page
 
 
 def test_bad_arguments_are_refused_with_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        PageManager(layout(), DecodeBudget(), device_pages=4, host_pages=4, max_seqs=1, max_pages=4, cuda_graphs=True)
     with pytest.raises(ValueError, match="pages or fraction"):
         DecodeBudget(pages=4, fraction=0.5)
     with pytest.raises(ValueError, match="fraction must lie"):

@@ -125,8 +125,11 @@ class PagedDecodeCache(TierKVCache):
         for layer in self.layers:
             assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
             dense.append((layer.keys, layer.values))
+        # On a GPU each layer's decode step is replayed from CUDA graphs (the same results, without
+        # the Python launch cost of its few hundred small kernels).
         self.manager = PageManager(layout, self.budget, device_pages=device_pages, host_pages=len(lengths) * max_pages,
-                                   max_seqs=len(lengths), max_pages=max_pages, device=home)
+                                   max_seqs=len(lengths), max_pages=max_pages, device=home,
+                                   cuda_graphs=torch.device(home).type == "cuda")
         for row, (pad, _) in enumerate(self._rows):
             keys = [k[row, :, pad:].transpose(0, 1).to(home) for k, _ in dense]
             values = [v[row, :, pad:].transpose(0, 1).to(home) for _, v in dense]

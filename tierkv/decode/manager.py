@@ -15,9 +15,15 @@ without looking: token counts, budgets, the host pool's free rows, context lengt
   and fetches them with one `copy_rows` launch over fixed-length index lists in which entries
   with nothing to copy are -1 (`tierkv.ops.transfer.copy_rows_where`): the host never learns
   how many pages came up;
-- a step in which no page opens copies nothing host -> device but the attention's context
-  lengths (`paged_attention` checks them on the host, then uploads them from pinned memory);
-  one in which pages open uploads their host rows (small, pinned, non_blocking).
+- a step in which no page opens copies nothing host -> device (the attention's context
+  lengths are computed on the device); one in which pages open uploads their host rows
+  (small, pinned, non_blocking).
+
+Each of `append` and `attend` is a host half (checks, token counts, budgets, the step's padded
+shape `_Shape`) and a device half (`_write_token`, `_attend_device`) that reads nothing from the
+host but that shape. With `cuda_graphs=True` the device halves are replayed from CUDA graphs
+(`graphs.StepGraphs`), one per layer, batch and shape: the step's few hundred small kernels
+then cost their GPU time, not their Python launch time.
 
 `add` and `remove` are rare and may synchronise (`add` counts the slots that can be freed
 before it changes anything, so a prompt that does not fit raises `CapacityError` with nothing changed).
@@ -39,6 +45,7 @@ from ..ops.staging import upload
 from ..ops.transfer import copy_rows_where
 from .attention import attend_pages
 from .budget import DecodeBudget, share
+from .graphs import StepGraphs
 from .residency import LRU, NEVER, SCORE, Residency
 from .selection import choose_pages, page_scores
 from .summaries import KeySummaries
@@ -46,7 +53,8 @@ from .summaries import KeySummaries
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one `attend` call did for the whole batch. `fetched`/`evicted` read device counters (they synchronise)."""
+    """What the latest `attend` call did for the whole batch. `fetched`/`evicted` read device counters
+    (they synchronise; the next `attend` overwrites them)."""
 
     selected: int
     fetched_count: torch.Tensor  # 0-dim, on the device
@@ -73,9 +81,9 @@ class _Layer:
     tokens: np.ndarray  # [max_seqs] tokens written for each sequence in this layer
     tokens_dev: torch.Tensor  # its device mirror, advanced on the device by append
     exact: bool  # one of the budget's dense layers: every page resident, no selection
+    budgets_dev: torch.Tensor  # [max_seqs] each sequence's share of the pool, updated in place (graphs read it)
     budget_pages: np.ndarray | None = None  # the page counts `budgets` was computed for
     budgets: np.ndarray | None = None  # [max_seqs] each sequence's share of the pool
-    budgets_dev: torch.Tensor | None = None
 
     @property
     def dev_slot(self) -> torch.Tensor:
@@ -92,6 +100,26 @@ class _Batch:
     classes: torch.Tensor  # [max_seqs] LRU for the batch's sequences, SCORE for the others
     run: int | None  # first row when the rows are consecutive (digests are then read as views)
 
+    @property
+    def key(self) -> tuple[int, ...]:
+        return tuple(self.rows.tolist())
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What fixes a step's device work besides the batch: padded selection and page widths (`_padded`)."""
+
+    k: int  # selected pages per row, padded
+    width: int  # pages scored per row, padded
+    exact: bool  # every row takes all its pages: no scores
+
+
+def _padded(n: int, cap: int) -> int:
+    """`n` rounded up to one of a few sizes per octave (at most 1/8 more, at most `cap`): shapes stay
+    the same for many steps, so a captured step is replayed, not captured again, as sequences grow."""
+    grain = max(16, 1 << max(0, n.bit_length() - 4))
+    return min(cap, -(-n // grain) * grain)
+
 
 def _pinned(shape: tuple[int, ...], dtype: torch.dtype, want: bool) -> torch.Tensor:
     if want and torch.cuda.is_available():
@@ -104,10 +132,13 @@ class PageManager:
 
     `device_pages` is the device pool of each layer (shared by all sequences); `host_pages` the
     host pool of each layer, the home of every page. `layout.block_tokens` is the page size.
+    `cuda_graphs` (CUDA only): replay each layer's steady `append` and `attend` from CUDA graphs
+    (`graphs.StepGraphs`), which takes the Python launch cost out of the step; results are the
+    same as without.
     """
 
     def __init__(self, layout: KVLayout, budget: DecodeBudget, *, device_pages: int, host_pages: int, max_seqs: int,
-                 max_pages: int, device: torch.device | str = "cpu") -> None:
+                 max_pages: int, device: torch.device | str = "cpu", cuda_graphs: bool = False) -> None:
         if layout.kv_factor != 2:
             raise ValueError("decode paging needs separate K and V (kv_factor 2)")
         for name, value in (("device_pages", device_pages), ("host_pages", host_pages), ("max_seqs", max_seqs),
@@ -140,13 +171,20 @@ class PageManager:
                 tokens=np.zeros(max_seqs, np.int64),
                 tokens_dev=torch.zeros(max_seqs, dtype=torch.int64, device=self.device),
                 exact=i < budget.dense_layers,
+                budgets_dev=torch.zeros(max_seqs, dtype=torch.int64, device=self.device),
             )
             for i, pool in enumerate(pools)
         ]
         self.active = np.zeros(max_seqs, bool)
-        self.step = 0
+        self.step = 0  # attention steps so far; `_step_dev` is its device copy, which device work reads
+        self._step_dev = torch.zeros((), dtype=torch.int64, device=self.device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, the page manager is on {self.device}")
+        self.graphs = StepGraphs(self.device) if cuda_graphs else None
         self._fetched = torch.zeros((), dtype=torch.int64, device=self.device)
         self._evicted = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._last_fetched = torch.zeros((), dtype=torch.int64, device=self.device)  # the latest attend's counts
+        self._last_evicted = torch.zeros((), dtype=torch.int64, device=self.device)
         self._batches: dict[tuple[int, ...], _Batch] = {}
         self.last_step: StepStats | None = None
 
@@ -209,7 +247,8 @@ class PageManager:
                 out[seqs] = share(wanted, self._minimum(pages[seqs]).tolist(), self.device_pages)
             except ValueError as e:
                 raise CapacityError(f"the device pool cannot hold every sequence's sinks and window: {e}") from e
-        layer.budget_pages, layer.budgets, layer.budgets_dev = pages, out, self._to_device(out)
+        layer.budget_pages, layer.budgets = pages, out
+        layer.budgets_dev.copy_(self._to_device(out), non_blocking=True)
         return out
 
     def _batch(self, seqs: list[int]) -> _Batch:
@@ -285,7 +324,7 @@ class PageManager:
             if len(layer.free_host) < pages:
                 raise CapacityError(f"the host pool has {len(layer.free_host)} free pages, the prompt needs {pages}")
             room = layer.res.victims_available(classes_dev, self._all_pages_dev(layer), b.sink_pages, b.window_pages,
-                                               self.step)
+                                               self._step_dev)
             if room < len(keep):
                 raise CapacityError(
                     f"the device pool of {layer.res.slots} pages per layer has {room} free or that can be demoted; "
@@ -300,14 +339,14 @@ class PageManager:
             layer.host_slot[seq, :pages] = hs
             layer.host_slot_dev[seq * mp : seq * mp + pages] = self._to_device(hs)
             res = layer.res
-            res.last_used[seq * mp : (seq + 1) * mp] = self.step
+            res.last_used[seq * mp : (seq + 1) * mp] = self._step_dev
             res.score[seq * mp : (seq + 1) * mp] = 0.0
             rows = self._to_device(np.array([seq], np.int64))
             keep_dev = self._to_device(keep[None])
             mask = torch.ones(keep_dev.shape, dtype=torch.bool, device=self.device)
             budget = torch.full((1,), len(keep), dtype=torch.int64, device=self.device)
             slots, evicted = res.place(rows, keep_dev, mask, pages, budget, classes_dev, self._all_pages_dev(layer),
-                                       b.sink_pages, b.window_pages, self.step)
+                                       b.sink_pages, b.window_pages, self._step_dev)
             layer.dev[slots[0]] = blocks[keep_dev[0].to(blocks.device)].to(self.device)
             self._evicted += evicted
             layer.digest.reset(seq)
@@ -358,19 +397,37 @@ class PageManager:
         page, off = pos // bt, pos % bt
         if (page >= mp).any():
             raise CapacityError(f"a sequence reached {mp} pages, the most this manager holds")
+        want = (len(b.rows), self.layout.num_kv_heads, self.layout.head_dim)
+        if tuple(keys.shape) != want or tuple(values.shape) != want:
+            raise ValueError(f"append needs keys and values of shape {want}, got {tuple(keys.shape)} and {tuple(values.shape)}")
         opens = off == 0
         if opens.any():
             self._open(layer, b, opens, page)
+        layer.tokens[b.rows] += 1
+        keys = keys.to(self.device, layer.dev.dtype)
+        values = values.to(self.device, layer.dev.dtype)
+        if self.graphs is None:
+            self._write_token(layer, b, keys, values, bool((off == bt - 1).any()))
+        else:
+            self.graphs.run(("append", layer_idx, b.key), lambda k, v: self._write_token(layer, b, k, v, True),
+                            (keys, values), keep=b)
+
+    def _write_token(self, layer: _Layer, b: _Batch, keys: torch.Tensor, values: torch.Tensor, fills: bool) -> None:
+        """The device half of `append`: the token's K/V into its page's slot, the digest, the count; full pages home.
+
+        `fills`: whether some page fills (when False the home copy is skipped; a captured step
+        always queues it, with nothing to copy where no page filled).
+        """
+        bt, mp = self.layout.block_tokens, self.max_pages
         pos_dev = layer.tokens_dev[b.rows_dev]
         page_dev, off_dev = pos_dev // bt, pos_dev % bt
         ids = b.rows_dev * mp + page_dev
         slots = layer.res.slot[ids]
-        layer.dev[slots, 0, 0, off_dev] = keys.to(self.device, layer.dev.dtype)
-        layer.dev[slots, 0, 1, off_dev] = values.to(self.device, layer.dev.dtype)
-        layer.digest.append(b.rows_dev, page_dev, keys.to(self.device), off_dev == 0)
-        layer.tokens[b.rows] += 1
+        layer.dev[slots, 0, 0, off_dev] = keys
+        layer.dev[slots, 0, 1, off_dev] = values
+        layer.digest.append(b.rows_dev, page_dev, keys, off_dev == 0)
         layer.tokens_dev[b.rows_dev] = pos_dev + 1
-        if (off == bt - 1).any():  # pages that just filled go home: later evictions of them copy nothing
+        if fills:  # pages that just filled go home: later evictions of them copy nothing
             src = torch.where(off_dev == bt - 1, slots, -1)
             copy_rows_where(layer.dev, src, layer.host, layer.host_slot_dev[ids])
 
@@ -411,10 +468,9 @@ class PageManager:
         rest = packed[3 * n + self.max_seqs:]
         want_dev, mask_dev = rest[: n * k].view(n, k), rest[n * k:].view(n, k).bool()
         layer.host_slot_dev[fid] = host_rows
-        assert layer.budgets_dev is not None
         _, evicted = layer.res.place(rows_dev, want_dev, mask_dev, int(num.max()), layer.budgets_dev[rows_dev],
-                                     classes_dev, self._all_pages_dev(layer), s, w, self.step)
-        layer.res.last_used.index_fill_(0, fid.reshape(-1), self.step)
+                                     classes_dev, self._all_pages_dev(layer), s, w, self._step_dev)
+        layer.res.last_used[fid.reshape(-1)] = self._step_dev
         layer.res.score.index_fill_(0, fid.reshape(-1), 1.0)
         self._evicted += evicted
 
@@ -422,39 +478,38 @@ class PageManager:
         """The pages each sequence's query `q` `[n, q_heads, head_dim]` attends to in layer `layer_idx`.
 
         A device tensor `[n, k]`: row i's page indices ascending, then -1 up to k (k is the
-        largest selection of the batch). Scores are kept for eviction under pressure.
+        largest selection of the batch, padded). Scores are kept for eviction under pressure.
         """
-        pages, mask, _ = self._select(self.layers[layer_idx], self._batch(seqs), q, scale)
+        layer, b = self.layers[layer_idx], self._batch(seqs)
+        pages, mask = self._choose(layer, b, q.to(self.device), scale, self._shape(layer, b)[0])
         return torch.where(mask, pages, -1)
 
-    def _select(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """(pages `[n, k]`, mask `[n, k]`, the host's count per row): see `selection.choose_pages`."""
-        bt = self.layout.block_tokens
-        tokens = layer.tokens[b.rows]
-        pages = self._num_pages(tokens)
+    def _shape(self, layer: _Layer, b: _Batch) -> tuple[_Shape, np.ndarray]:
+        """The step's padded shape and each row's selected page count (host values: budgets, token counts)."""
+        pages = self._num_pages(layer.tokens[b.rows])
         counts = np.minimum(self._budgets(layer)[b.rows], pages)
-        width, k = int(pages.max()), int(counts.max())
-        assert layer.budgets_dev is not None
+        width = _padded(int(pages.max()), self.max_pages)
+        return _Shape(min(width, _padded(int(counts.max()), self.max_pages)), width, bool((counts == pages).all())), counts
+
+    def _choose(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pages `[n, k]`, mask `[n, k]`) on the device: see `selection.choose_pages`. Records the scores."""
+        bt = self.layout.block_tokens
         pages_dev = (layer.tokens_dev[b.rows_dev] + bt - 1) // bt
         counts_dev = torch.minimum(layer.budgets_dev[b.rows_dev], pages_dev)
-        if (counts == pages).all():  # every row takes all its pages: no scores needed
-            return *choose_pages(None, pages_dev, counts_dev, k, 0, 0), counts
-        policy = self.budget.policy
-        if policy == "quest":
-            if b.run is not None:  # a run of slots: views of the digests, not copies
-                kmin = layer.digest.kmin[b.run : b.run + len(b.rows), :width]
-                kmax = layer.digest.kmax[b.run : b.run + len(b.rows), :width]
-            else:
-                kmin, kmax = layer.digest.kmin[b.rows_dev, :width], layer.digest.kmax[b.rows_dev, :width]
-            top = k if self.budget.aggregate == "rank" else None
-            scores = page_scores(q.to(self.device), kmin, kmax, pages_dev, scale, self.budget.aggregate, top)
+        if shape.exact:  # every row takes all its pages: no scores needed
+            return choose_pages(None, pages_dev, counts_dev, shape.k, 0, 0)
+        width, n = shape.width, len(b.rows)
+        if self.budget.policy == "quest":
+            kmin, kmax = layer.digest.pages(b.rows_dev, b.run, width)
+            top = shape.k if self.budget.aggregate == "rank" else None
+            scores = page_scores(q, kmin, kmax, pages_dev, scale, self.budget.aggregate, top)
             cols = torch.arange(width, device=self.device)
-            ids = layer.res.ids(b.rows_dev, cols.expand(len(b.rows), width))
+            ids = layer.res.ids(b.rows_dev, cols.expand(n, width))
             layer.res.score[layer.res.masked(ids, cols < pages_dev[:, None])] = scores.float()
         else:  # "recent": the most recent pages first
-            scores = torch.arange(width, device=self.device, dtype=torch.float32).expand(len(b.rows), width)
-        return *choose_pages(scores, pages_dev, counts_dev, k, self.budget.sink_pages, self.budget.window_pages), counts
+            scores = torch.arange(width, device=self.device, dtype=torch.float32).expand(n, width)
+        return choose_pages(scores, pages_dev, counts_dev, shape.k, self.budget.sink_pages, self.budget.window_pages)
 
     def attend(self, layer_idx: int, seqs: list[int], q: torch.Tensor, scale: float) -> torch.Tensor:
         """One decode step of layer `layer_idx`: select, fetch what is missing, attend. `[n, q_heads, head_dim]`.
@@ -465,35 +520,48 @@ class PageManager:
         if q.dim() != 3 or q.shape[0] != len(seqs):
             raise ValueError(f"q must be [{len(seqs)} sequences, q_heads, head_dim], got {tuple(q.shape)}")
         layer = self.layers[layer_idx]
-        bt = self.layout.block_tokens
-        pages, mask, counts = self._select(layer, b, q, scale)
+        shape, counts = self._shape(layer, b)
         others = self.active.copy()
         others[b.rows] = False
-        tokens = layer.tokens[b.rows]
         if counts.sum() + self._minimum(self._num_pages(layer.tokens[others])).sum() > layer.res.slots:
             raise CapacityError(
                 f"the device pool of {layer.res.slots} pages cannot hold this step's {int(counts.sum())} selected "
                 "pages beside the other sequences' sinks and windows"
             )
         self.step += 1
+        q = q.to(self.device)
+        out: torch.Tensor | None
+        if self.graphs is None:
+            out = self._attend_device(layer, b, q, scale, shape)
+        else:
+            key = ("attend", layer_idx, b.key, shape, float(scale), q.dtype, tuple(q.shape))
+            out = self.graphs.run(key, lambda qq: self._attend_device(layer, b, qq, scale, shape), (q,), keep=b)
+        assert out is not None
+        self.last_step = StepStats(int(counts.sum()), self._last_fetched, self._last_evicted)
+        return out
+
+    def _attend_device(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape) -> torch.Tensor:
+        """The device half of `attend` (no host values but `shape`'s): what a captured step replays."""
+        bt = self.layout.block_tokens
+        self._step_dev += 1
+        pages, mask = self._choose(layer, b, q, scale, shape)
         res = layer.res
         ids = res.ids(b.rows_dev, pages)
-        res.last_used.index_fill_(0, res.masked(ids, mask).reshape(-1), self.step)  # a scalar fill: no upload
-        assert layer.budgets_dev is not None
-        placed, evicted = res.place(b.rows_dev, pages, mask, int(self._num_pages(tokens).max()),
-                                    layer.budgets_dev[b.rows_dev], b.classes, self._all_pages_dev(layer),
-                                    self.budget.sink_pages, self.budget.window_pages, self.step)
+        res.last_used[res.masked(ids, mask).reshape(-1)] = self._step_dev
+        tokens = layer.tokens_dev[b.rows_dev]
+        num_pages = (tokens + bt - 1) // bt
+        placed, evicted = res.place(b.rows_dev, pages, mask, shape.width, layer.budgets_dev[b.rows_dev], b.classes,
+                                    self._all_pages_dev(layer), self.budget.sink_pages, self.budget.window_pages,
+                                    self._step_dev)
         # One launch for the whole batch: entries with nothing to fetch have source row -1.
         src = torch.where(placed >= 0, layer.host_slot_dev[ids], -1)
         copy_rows_where(layer.host, src, layer.dev, placed.clamp(min=0))
         fetched = (placed >= 0).sum()
         self._fetched += fetched
         self._evicted += evicted
-        self.last_step = StepStats(int(counts.sum()), fetched, evicted)
+        self._last_fetched.copy_(fetched)
+        self._last_evicted.copy_(evicted)
         table = res.slot[ids]
         # Every selected page is full but the last, the tail, which holds the tokens past the full pages.
-        lens = (counts - 1) * bt + tokens - (self._num_pages(tokens) - 1) * bt
-        lens_t = torch.from_numpy(lens.astype(np.int32))
-        if self.device.type == "cuda":
-            lens_t = lens_t.pin_memory()  # paged_attention checks it here, then uploads it non_blocking
-        return attend_pages(q, layer.dev, self.page_layout, table, lens_t, scale)
+        lens = mask.sum(1) * bt - (num_pages * bt - tokens)
+        return attend_pages(q, layer.dev, self.page_layout, table, lens, scale)

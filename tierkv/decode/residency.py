@@ -36,7 +36,7 @@ def _score_bits(score: torch.Tensor) -> torch.Tensor:
     return score.clamp(min=0).view(torch.int32).to(torch.int64) & 0x7FFFFFFF
 
 
-def _recency(last_used: torch.Tensor, step: int) -> torch.Tensor:
+def _recency(last_used: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """30 bits that grow with `last_used`: older pages (selected longer ago) first. Ages past 2^30 steps tie."""
     cap = (1 << _AGE_BITS) - 1
     return cap - (step - last_used).clamp(0, cap)
@@ -69,7 +69,7 @@ class Residency:
         return torch.where(mask, ids, self.trash_page)
 
     def victim_keys(self, keep: torch.Tensor, seq_class: torch.Tensor, num_pages: torch.Tensor, sink_pages: int,
-                    window_pages: int, step: int) -> torch.Tensor:
+                    window_pages: int, step: torch.Tensor) -> torch.Tensor:
         """`[slots]` int64 priority of each slot as a victim, lowest first; `>= NEVER << 61` means never.
 
         keep: `[slots]` bool, slots holding a page the step wants. seq_class: `[max_seqs]` LRU,
@@ -88,7 +88,7 @@ class Residency:
         return torch.where(occ < 0, 0, key)
 
     def victims_available(self, seq_class: torch.Tensor, num_pages: torch.Tensor, sink_pages: int, window_pages: int,
-                          step: int) -> int:
+                          step: torch.Tensor) -> int:
         """How many slots could be given up now, nothing wanted (synchronises: for `add`, which is rare)."""
         keep = torch.zeros(self.slots, dtype=torch.bool, device=self.slot.device)
         keys = self.victim_keys(keep, seq_class, num_pages, sink_pages, window_pages, step)
@@ -96,13 +96,14 @@ class Residency:
 
     def place(self, rows: torch.Tensor, want: torch.Tensor, mask: torch.Tensor, width: int, budgets: torch.Tensor,
               seq_class: torch.Tensor, num_pages: torch.Tensor, sink_pages: int, window_pages: int,
-              step: int) -> tuple[torch.Tensor, torch.Tensor]:
+              step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Make pages `want[i, j]` (where `mask[i, j]`) of sequence `rows[i]` resident; nothing leaves the device.
 
         want: `[n, k]` page indices below `width` (the rows' largest page count), valid even where
         masked. budgets: `[n]` device pages each row may hold after the call. Returns the slot each
         newly placed page got (`[n, k]`, -1 where the page was resident or masked; its contents are
-        the caller's to fill) and the number of pages evicted (a 0-dim device tensor).
+        the caller's to fill) and the number of pages evicted (a 0-dim device tensor). `step`: the
+        manager's step counter, a 0-dim device tensor (so a captured step reads it when replayed).
         """
         n = rows.shape[0]
         ids = self.ids(rows, want)
@@ -125,7 +126,7 @@ class Residency:
         return victim.view(n, -1), evicted + gone.sum()
 
     def _trim(self, rows: torch.Tensor, want: torch.Tensor, mask: torch.Tensor, missing: torch.Tensor, width: int,
-              budgets: torch.Tensor, step: int) -> torch.Tensor:
+              budgets: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """Move 1: each row's unwanted resident pages beyond its budget leave, least recently selected first."""
         n = rows.shape[0]
         cols = self._cols[:width]

@@ -19,19 +19,21 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_pag
                 scale: float, aggregate: str = "mass", top: int | None = None) -> torch.Tensor:
     """Score per page `[n, pages]` of queries `q` `[n, q_heads, head_dim]`; higher is more needed.
 
-    kmin/kmax: `[n, pages, kv_heads, head_dim]` digests; pages at or past `num_pages[i]` score -inf.
-    The bound splits q by sign: sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo, two matrix products.
+    kmin/kmax: `[n, kv_heads, pages, head_dim]` digests (`KeySummaries.pages`); pages at or past
+    `num_pages[i]` score -inf. The bound splits q by sign: sum_d max(q_d lo_d, q_d hi_d) =
+    q+ . hi + q- . lo, two batched matrix products that read the digests in place.
     `top` (rank only): rank just each head's `top` best pages (a `topk`, not a sort of every
     page); a page in no head's top scores 0. With `top` >= the pages a row takes (protected ones
     included) the pages chosen are the same as with full ranks (see below).
     """
     n, hq, d = q.shape
-    hkv = kmin.shape[2]
+    hkv = kmin.shape[1]
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     qg = q.float().reshape(n, hkv, hq // hkv, d)
-    bound = torch.einsum("nhgd,nphd->nhgp", qg.clamp(min=0), kmax) + torch.einsum("nhgd,nphd->nhgp", qg.clamp(max=0), kmin)
-    pages = kmin.shape[1]
+    bound = torch.matmul(qg.clamp(min=0), kmax.transpose(-1, -2))  # [n, kv_heads, group, pages]
+    bound.add_(torch.matmul(qg.clamp(max=0), kmin.transpose(-1, -2)))
+    pages = kmin.shape[2]
     valid = torch.arange(pages, device=q.device)[None, :] < num_pages.to(q.device)[:, None]
     bound = (bound * scale).masked_fill(~valid[:, None, None, :], float("-inf"))
     if aggregate == "mass":

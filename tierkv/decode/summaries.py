@@ -28,10 +28,15 @@ def page_minmax(keys: torch.Tensor, block_tokens: int) -> tuple[torch.Tensor, to
 
 
 class KeySummaries:
-    """min/max of K for up to `max_pages` pages of each of `max_seqs` sequences of one layer (float32)."""
+    """min/max of K for up to `max_pages` pages of each of `max_seqs` sequences of one layer (float32).
+
+    Stored `[max_seqs, kv_heads, max_pages, head_dim]`: a batch's digests for its first `width`
+    pages are then a view that a batched matrix product reads as it is (head by head, pages as
+    rows), with no copy into another order first (`pages`).
+    """
 
     def __init__(self, max_seqs: int, max_pages: int, num_kv_heads: int, head_dim: int, device: torch.device) -> None:
-        shape = (max_seqs, max_pages, num_kv_heads, head_dim)
+        shape = (max_seqs, num_kv_heads, max_pages, head_dim)
         # Zeros, not infinities, past a sequence's pages: the score's matrix products multiply them
         # (0 * inf is NaN) and then mask them out.
         self.kmin = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -44,8 +49,15 @@ class KeySummaries:
     def write(self, seq: int, keys: torch.Tensor, block_tokens: int) -> None:
         """The digests of a sequence's first pages from its keys `[tokens, heads, head_dim]` (prefill)."""
         lo, hi = page_minmax(keys, block_tokens)
-        self.kmin[seq, : lo.shape[0]] = lo
-        self.kmax[seq, : hi.shape[0]] = hi
+        self.kmin[seq, :, : lo.shape[0]] = lo.transpose(0, 1)
+        self.kmax[seq, :, : hi.shape[0]] = hi.transpose(0, 1)
+
+    def pages(self, rows: torch.Tensor, run: int | None, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kmin, kmax) `[n, kv_heads, width, head_dim]` of sequences `rows`; views when they are the run `run, run+1, ...`."""
+        if run is not None:
+            n = rows.shape[0]
+            return self.kmin[run : run + n, :, :width], self.kmax[run : run + n, :, :width]
+        return self.kmin[rows, :, :width], self.kmax[rows, :, :width]
 
     def append(self, seqs: torch.Tensor, pages: torch.Tensor, keys: torch.Tensor, fresh: torch.Tensor) -> None:
         """Fold one new token per sequence into its page's digest: `keys` `[n, heads, head_dim]`.
@@ -54,5 +66,7 @@ class KeySummaries:
         """
         k = keys.float()
         f = fresh.to(k.device)[:, None, None]
-        self.kmin[seqs, pages] = torch.where(f, k, torch.minimum(self.kmin[seqs, pages], k))
-        self.kmax[seqs, pages] = torch.where(f, k, torch.maximum(self.kmax[seqs, pages], k))
+        heads = torch.arange(k.shape[1], device=k.device)[None, :]
+        at = (seqs[:, None], heads, pages[:, None])  # [n, heads] entries of [n, heads, head_dim]
+        self.kmin[at] = torch.where(f, k, torch.minimum(self.kmin[at], k))
+        self.kmax[at] = torch.where(f, k, torch.maximum(self.kmax[at], k))

@@ -1,0 +1,117 @@
+"""The page manager's decode step replayed from CUDA graphs gives what the eager step gives, bit for bit.
+
+Two managers hold the same prompts; one runs `cuda_graphs=True`. Both get the same tokens and
+queries, through steps where pages open and fill at different steps for each sequence, a
+sequence that arrives under pressure (demoting pages of the others) and one that leaves: every
+attention output, residency table and counter must be equal. Replayed steps must not
+synchronise either.
+
+Run on the GPU machine: `python -m pytest -m gpu tests/gpu -q`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from tierkv import DecodeBudget, KVLayout, PageManager
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+H, HQ, D, BT, LAYERS = 8, 32, 128, 16, 2
+
+
+@contextlib.contextmanager
+def no_sync() -> Iterator[None]:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def pair(budget: DecodeBudget, lengths: list[int], device_pages: int, max_seqs: int) -> list[PageManager]:
+    layout = KVLayout(LAYERS, 2, H, D, torch.bfloat16, BT)
+    pages = -(-(max(lengths) + 128) // BT)
+    out = []
+    for graphs in (False, True):
+        m = PageManager(layout, budget, device_pages=device_pages, host_pages=max_seqs * pages, max_seqs=max_seqs,
+                        max_pages=pages, device="cuda", cuda_graphs=graphs)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for n in lengths:
+            k = [torch.randn(n, H, D, generator=g, device="cuda").to(torch.bfloat16) for _ in range(LAYERS)]
+            m.add(k, k)
+        out.append(m)
+    return out
+
+
+def step(ms: list[PageManager], seqs: list[int], seed: int) -> None:
+    """One decode step of every layer on both managers with the same inputs; their outputs must be equal."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(len(seqs), HQ, D, generator=g, device="cuda").to(torch.bfloat16)
+    for layer in range(LAYERS):
+        k = torch.randn(len(seqs), H, D, generator=g, device="cuda").to(torch.bfloat16)
+        outs = []
+        for m in ms:
+            m.append(layer, seqs, k, k)
+            outs.append(m.attend(layer, seqs, q, 1 / math.sqrt(D)))
+        assert torch.equal(outs[0], outs[1]), f"layer {layer}: graph output differs from eager"
+
+
+def same_state(ms: list[PageManager]) -> None:
+    a, b = ms
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.res.slot, lb.res.slot) and torch.equal(la.res.occupant, lb.res.occupant)
+        assert torch.equal(la.res.last_used, lb.res.last_used) and torch.equal(la.res.score, lb.res.score)
+        assert torch.equal(la.dev, lb.dev) and torch.equal(la.host, lb.host)
+        assert torch.equal(la.digest.kmin, lb.digest.kmin) and torch.equal(la.tokens_dev, lb.tokens_dev)
+    assert a.fetched_pages == b.fetched_pages and a.evicted_pages == b.evicted_pages
+
+
+def test_replayed_steps_equal_eager_steps_through_opens_fills_arrivals_and_departures() -> None:
+    budget = DecodeBudget(fraction=0.125)
+    lengths = [1500 + 5 * i for i in range(3)]
+    wanted = budget.wanted(-(-1700 // BT))
+    ms = pair(budget, lengths, device_pages=3 * wanted + 8, max_seqs=4)
+    for t in range(40):  # every sequence opens and fills pages, at different steps
+        step(ms, [0, 1, 2], 100 + t)
+    same_state(ms)
+    graphs = ms[1].graphs
+    assert graphs is not None and graphs.captures > 0 and graphs.replays > 0
+    g = torch.Generator(device="cuda").manual_seed(7)
+    k = [torch.randn(1200, H, D, generator=g, device="cuda").to(torch.bfloat16) for _ in range(LAYERS)]
+    for m in ms:  # a fourth sequence under pressure: pages of the others are demoted
+        assert m.add(k, k) == 3
+    for t in range(20):
+        step(ms, [0, 1, 2, 3], 200 + t)
+    for m in ms:
+        m.remove(1)
+    for t in range(20):
+        step(ms, [0, 2, 3], 300 + t)
+    same_state(ms)
+    assert ms[0].evicted_pages > 0
+
+
+def test_replayed_steady_steps_do_not_synchronise() -> None:
+    ms = pair(DecodeBudget(fraction=0.125), [2049, 2049], device_pages=2 * 20, max_seqs=2)
+    m = ms[1]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(2, HQ, D, generator=g, device="cuda").to(torch.bfloat16)
+    k = torch.randn(2, H, D, generator=g, device="cuda").to(torch.bfloat16)
+    for _ in range(3):  # eager, then captured
+        for layer in range(LAYERS):
+            m.append(layer, [0, 1], k, k)
+            m.attend(layer, [0, 1], q, 0.1)
+    with no_sync():  # offsets 4..11 of the tail page: replays only
+        for _ in range(8):
+            for layer in range(LAYERS):
+                m.append(layer, [0, 1], k, k)
+                m.attend(layer, [0, 1], q, 0.1)
+    torch.cuda.synchronize()
+    assert m.graphs is not None and m.graphs.replays >= 16
+
