@@ -73,6 +73,12 @@ def test_exact_mode_is_token_identical_to_dense_decode(arch: str) -> None:
     assert model.config._attn_implementation == "sdpa"  # restored after generate
 
 
+def test_decode_cuda_graphs_must_be_a_bool() -> None:
+    model = build("llama")
+    with pytest.raises(TypeError, match="decode_cuda_graphs must be a bool"):
+        TierKV(model, store_config(model), block_tokens=BT, decode_budget=0.5, decode_cuda_graphs="yes")  # type: ignore[arg-type]
+
+
 def test_exact_mode_left_padded_batch_and_prefix_reuse_are_token_identical() -> None:
     model = build("llama")
     shared = tokens(2, 48)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from .config import StoreConfig, parse_bool, parse_bytes, parse_float, parse_int
     from .decode.budget import DecodeBudget
     from .decode.manager import PageManager
-    from .errors import CapacityError, ConfigError, LayoutMismatchError, StorageError, TierKVError
+    from .errors import CapacityError, ConfigError, GraphCaptureError, LayoutMismatchError, StorageError, TierKVError
     from .keys import KeyChain, chain_keys
     from .layout import KVLayout, dtype_name
     from .namespace import Namespace
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 # --help) does not pay for torch; `from tierkv import BlockStore` works as usual.
 _HOME = {
     "StoreConfig": "config", "parse_bool": "config", "parse_bytes": "config", "parse_float": "config",
-    "parse_int": "config", "CapacityError": "errors", "ConfigError": "errors", "LayoutMismatchError": "errors",
+    "parse_int": "config", "CapacityError": "errors", "ConfigError": "errors", "GraphCaptureError": "errors",
+    "LayoutMismatchError": "errors",
     "StorageError": "errors", "TierKVError": "errors", "KeyChain": "keys", "chain_keys": "keys", "KVLayout": "layout",
     "dtype_name": "layout",
     "Namespace": "namespace", "DimOrder": "ops.engine_layout", "EngineKV": "ops.engine_layout",
@@ -54,6 +55,7 @@ __all__ = [
     "DimOrder",
     "EngineKV",
     "EngineKVLayout",
+    "GraphCaptureError",
     "KVLayout",
     "KeyChain",
     "LayoutMismatchError",

@@ -30,3 +30,7 @@ class StorageError(TierKVError):
     manifest commit stays pending and is retried; it is raised where nothing else can be done
     (a data file that cannot be created at open).
     """
+
+
+class GraphCaptureError(TierKVError):
+    """A decode step could not be captured as a CUDA graph; the message says how to run it eagerly."""

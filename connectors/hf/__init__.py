@@ -85,7 +85,8 @@ class TierKV:
     `decode_budget` (a `DecodeBudget`, an int of pages or a float fraction of each sequence's
     pages) decodes with token-level preemption: only that many pages of each row's KV stay on
     the device, the rest in host memory, fetched when a query selects them (docs/preemption.md).
-    `1.0` is exact mode (every page, the same tokens as dense decode).
+    `1.0` is exact mode (every page, the same tokens as dense decode). On a GPU each layer's
+    decode step is replayed from CUDA graphs; `decode_cuda_graphs=False` runs it eagerly.
     """
 
     def __init__(
@@ -98,8 +99,12 @@ class TierKV:
         weights_fingerprint: str | None = None,
         adapter: str = "",
         decode_budget: DecodeBudget | int | float | None = None,
+        decode_cuda_graphs: bool = True,
     ) -> None:
+        if not isinstance(decode_cuda_graphs, bool):
+            raise TypeError(f"decode_cuda_graphs must be a bool, got {decode_cuda_graphs!r}")
         self.model = model
+        self.decode_cuda_graphs = decode_cuda_graphs
         self.model_kv: ModelKV = describe_model(model)
         self.decode_budget = DecodeBudget.parse(decode_budget)
         if self.decode_budget is not None:
@@ -139,7 +144,8 @@ class TierKV:
         if self.decode_budget is not None:
             reply = max_new_tokens if max_new_tokens is not None else _reply_tokens(self.model.generation_config, input_ids)
             paged = PagedDecodeCache(self.store, self.model_kv, input_ids, attention_mask, budget=self.decode_budget,
-                                     max_new_tokens=reply, tenant=tenant, save_prompt=save_prompt, load=load)
+                                     max_new_tokens=reply, tenant=tenant, save_prompt=save_prompt, load=load,
+                                     cuda_graphs=self.decode_cuda_graphs)
             paged._watch = self.watch
             return paged
         cache = TierKVCache(

@@ -70,14 +70,16 @@ class PagedLayer(CacheLayerMixin):
 class PagedDecodeCache(TierKVCache):
     """A `TierKVCache` whose decode steps attend over a page budget (`DecodeBudget`) instead of every token.
 
-    `max_new_tokens` sizes the page tables (prompt + reply). The reply's KV is not stored:
+    `max_new_tokens` sizes the page tables (prompt + reply). `cuda_graphs`: on a GPU, replay each
+    layer's decode step from CUDA graphs (`PageManager`'s option). The reply's KV is not stored:
     `save_sequences` refuses. `manager` is None until prefill has run; then it holds one
     sequence per row (its tokens without padding).
     """
 
     def __init__(self, store: BlockStore, model_kv: ModelKV, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, *, budget: DecodeBudget, max_new_tokens: int,
-                 tenant: str | None = None, save_prompt: bool = True, load: bool = True) -> None:
+                 tenant: str | None = None, save_prompt: bool = True, load: bool = True,
+                 cuda_graphs: bool = True) -> None:
         if model_kv.sliding:
             raise UnsupportedModelError(
                 "decode_budget pages full-attention layers only; this model has sliding-window or chunked layers "
@@ -88,6 +90,7 @@ class PagedDecodeCache(TierKVCache):
         super().__init__(store, model_kv, input_ids, attention_mask, tenant=tenant, save_prompt=save_prompt, load=load,
                          record_reply=False)
         self.budget = budget
+        self.cuda_graphs = cuda_graphs
         self.max_new_tokens = max_new_tokens
         self.manager: PageManager | None = None
         self._seqs: list[int] = []
@@ -129,7 +132,7 @@ class PagedDecodeCache(TierKVCache):
         # the Python launch cost of its few hundred small kernels).
         self.manager = PageManager(layout, self.budget, device_pages=device_pages, host_pages=len(lengths) * max_pages,
                                    max_seqs=len(lengths), max_pages=max_pages, device=home,
-                                   cuda_graphs=torch.device(home).type == "cuda")
+                                   cuda_graphs=self.cuda_graphs and torch.device(home).type == "cuda")
         for row, (pad, _) in enumerate(self._rows):
             keys = [k[row, :, pad:].transpose(0, 1).to(home) for k, _ in dense]
             values = [v[row, :, pad:].transpose(0, 1).to(home) for _, v in dense]

@@ -115,3 +115,26 @@ def test_replayed_steady_steps_do_not_synchronise() -> None:
     torch.cuda.synchronize()
     assert m.graphs is not None and m.graphs.replays >= 16
 
+
+
+def test_a_step_that_cannot_be_captured_raises_and_says_how_to_run_eagerly() -> None:
+    """In a child process: a failed capture may leave torch's CUDA state unusable for what follows."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from tierkv import GraphCaptureError\n"
+        "from tierkv.decode.graphs import StepGraphs\n"
+        "g = StepGraphs(torch.device('cuda'))\n"
+        "x = torch.ones(4, device='cuda')\n"
+        "fn = lambda t: t * float(t.sum())\n"  # .item(): a synchronisation, which a capture cannot hold
+        "print(g.run('k', fn, (x,)).sum().item())\n"
+        "try:\n"
+        "    g.run('k', fn, (x,))\n"
+        "except GraphCaptureError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "16.0" in out.stdout, out.stderr
+    assert "refused:" in out.stdout and "cuda_graphs=False" in out.stdout, out.stdout + out.stderr

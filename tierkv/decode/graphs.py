@@ -11,18 +11,17 @@ pools and tables are allocated once and updated in place, the inputs are copied 
 graph's own buffers before each replay, and the output is copied out after it (graphs share
 one memory pool and are replayed one at a time on one stream, so one graph's scratch memory
 is another's). The first time a key comes it runs eagerly: Triton's compilation and cuBLAS's
-set-up must not happen during a capture.
+set-up must not happen during a capture. A capture that fails raises `GraphCaptureError`.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 
-log = logging.getLogger(__name__)
+from ..errors import GraphCaptureError
 
 MAX_GRAPHS = 512  # beyond this many shapes (batches that keep changing) every graph is dropped and captured anew
 
@@ -66,8 +65,6 @@ class StepGraphs:
                 self._seen.add(key)
                 return fn(*inputs)
             captured = self._capture(key, fn, inputs, keep)
-            if captured is None:
-                return fn(*inputs)
         else:
             for buf, t in zip(captured.inputs, inputs):
                 buf.copy_(t)
@@ -76,7 +73,7 @@ class StepGraphs:
         return None if captured.output is None else captured.output.clone()
 
     def _capture(self, key: Hashable, fn: Callable[..., torch.Tensor | None], inputs: tuple[torch.Tensor, ...],
-                 keep: object) -> _Captured | None:
+                 keep: object) -> _Captured:
         if len(self._graphs) >= MAX_GRAPHS:
             self.clear()
         static = tuple(t.clone() for t in inputs)  # outside the pool: they outlive every replay
@@ -84,10 +81,14 @@ class StepGraphs:
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = fn(*static)
-        except RuntimeError as e:  # capture runs nothing, so the state is as before: go on eagerly
-            log.warning("tierkv: a decode step could not be captured as a CUDA graph (%s); running it eagerly from now on", e)
+        except RuntimeError as e:
+            # Not an eager fallback: a capture that fails midway can leave torch's CUDA state
+            # (its RNG's capture bookkeeping, for one) unusable for later work, so say so and stop.
             self.enabled = False
-            return None
+            raise GraphCaptureError(
+                f"a decode step could not be captured as a CUDA graph ({e}); run it eagerly: "
+                "PageManager(..., cuda_graphs=False), or TierKV(..., decode_cuda_graphs=False) in transformers"
+            ) from e
         captured = _Captured(graph, static, out, keep)
         self._graphs[key] = captured
         self.captures += 1

@@ -67,13 +67,14 @@ def _order_key(priority: torch.Tensor) -> torch.Tensor:
     """Distinct int64 keys that order like `priority` `[n, pages]` (float32), ties to the lower page.
 
     float32 bits as int32 order like the floats once the negative ones have their low 31 bits
-    flipped; times 2^32 plus (2^32 - 1 - page) makes every key of a row distinct, so `topk`'s
-    choice among equal scores is fixed (it is not, for equal floats).
+    flipped; times 2^32 plus (2^31 - 1 - page) makes every key of a row distinct, so `topk`'s
+    choice among equal scores is fixed (it is not, for equal floats). (2^31 - 1, not 2^32 - 1:
+    the constant then fits the 32-bit index arithmetic a compiler may generate for `page`.)
     """
     bits = priority.contiguous().view(torch.int32)
     mono = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
     cols = torch.arange(priority.shape[1], device=priority.device)
-    return mono * (1 << 32) + ((1 << 32) - 1 - cols)
+    return mono * (1 << 32) + ((1 << 31) - 1 - cols)
 
 
 def choose_pages(priority: torch.Tensor | None, num_pages: torch.Tensor, counts: torch.Tensor, k: int, sink_pages: int,
