@@ -11,28 +11,17 @@ Run on the GPU machine: `python -m pytest -m gpu tests/gpu -q`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
+from test_decode_sync_free_gpu import no_sync
 
 from tierkv import DecodeBudget, KVLayout, PageManager
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 H, HQ, D, BT, LAYERS = 8, 32, 128, 16, 2
-
-
-@contextlib.contextmanager
-def no_sync() -> Iterator[None]:
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 def pair(budget: DecodeBudget, lengths: list[int], device_pages: int, max_seqs: int) -> list[PageManager]:
