@@ -181,6 +181,23 @@ def test_the_score_bounds_every_key_of_its_page() -> None:
     assert sorted(ranked.tolist(), reverse=True)[0] == 1.0  # some head's first page
 
 
+def test_box_scale_moves_the_score_from_the_bound_to_the_box_centre() -> None:
+    keys = torch.randn(32, H, D, generator=torch.Generator().manual_seed(22))
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(23))
+    lo, hi = (t.transpose(0, 1)[None] for t in page_minmax(keys, BT))  # [1, H, pages, D]
+    qg = q.view(1, H, HQ // H, D)
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    for a in (1.0, 0.25, 0.0):
+        want = torch.einsum("nhgd,nhpd->nhgp", qg, mid) + a * torch.einsum("nhgd,nhpd->nhgp", qg.abs(), half)
+        # "mass" softmaxes the scaled estimate: compare through the same softmax
+        got = page_scores(q, lo, hi, torch.tensor([8]), 1.0, "mass", box_scale=a)
+        assert torch.allclose(got[0], want.softmax(-1).amax(dim=(1, 2))[0], atol=1e-5), a
+    with pytest.raises(ValueError, match="box_scale"):
+        DecodeBudget(box_scale=1.5)
+    with pytest.raises(ValueError, match="box_scale"):
+        DecodeBudget(box_scale=float("nan"))
+
+
 def test_bad_arguments_are_refused_with_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
         PageManager(layout(), DecodeBudget(), device_pages=4, host_pages=4, max_seqs=1, max_pages=4, cuda_graphs=True)

@@ -27,7 +27,9 @@ class DecodeBudget:
     SmolLM2 passkey prompts "rank" found keys "mass" missed (docs/preemption.md).
     `dense_layers` first layers keep every page on the device and attend to all (Quest leaves
     the first two layers dense: their attention is not sparse, and their errors feed every
-    later layer).
+    later layer). `box_scale` in [0, 1]: how far from the centre of each page's min/max box of
+    K its keys are taken to reach when scoring (`selection.page_scores`): 1 is Quest's upper
+    bound; smaller estimates the page's largest logit (docs/preemption.md measures both).
     """
 
     pages: int | None = None
@@ -37,6 +39,7 @@ class DecodeBudget:
     policy: str = "quest"
     dense_layers: int = 0
     aggregate: str = "rank"
+    box_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.pages is not None and self.fraction is not None:
@@ -54,6 +57,9 @@ class DecodeBudget:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sink_pages" else 1):
                 raise ValueError(f"DecodeBudget.{name} must be an int >= {0 if name == 'sink_pages' else 1}, got {value!r}")
+        if (isinstance(self.box_scale, bool) or not isinstance(self.box_scale, (int, float))
+                or math.isnan(self.box_scale) or not 0 <= self.box_scale <= 1):
+            raise ValueError(f"DecodeBudget.box_scale must lie in [0, 1], got {self.box_scale!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"DecodeBudget.aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if self.policy not in POLICIES:

@@ -503,7 +503,7 @@ class PageManager:
         if self.budget.policy == "quest":
             kmin, kmax = layer.digest.pages(b.rows_dev, b.run, width)
             top = shape.k if self.budget.aggregate == "rank" else None
-            scores = page_scores(q, kmin, kmax, pages_dev, scale, self.budget.aggregate, top)
+            scores = page_scores(q, kmin, kmax, pages_dev, scale, self.budget.aggregate, top, self.budget.box_scale)
             cols = torch.arange(width, device=self.device)
             ids = layer.res.ids(b.rows_dev, cols.expand(n, width))
             layer.res.score[layer.res.masked(ids, cols < pages_dev[:, None])] = scores.float()

@@ -16,12 +16,16 @@ import torch
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_pages: torch.Tensor,
-                scale: float, aggregate: str = "mass", top: int | None = None) -> torch.Tensor:
+                scale: float, aggregate: str = "mass", top: int | None = None, box_scale: float = 1.0) -> torch.Tensor:
     """Score per page `[n, pages]` of queries `q` `[n, q_heads, head_dim]`; higher is more needed.
 
     kmin/kmax: `[n, kv_heads, pages, head_dim]` digests (`KeySummaries.pages`); pages at or past
     `num_pages[i]` score -inf. The bound splits q by sign: sum_d max(q_d lo_d, q_d hi_d) =
     q+ . hi + q- . lo, two batched matrix products that read the digests in place.
+    `box_scale` a < 1 scores the box `mid -+ a half` of each page's min/max box (centre `mid`,
+    half-width `half`) instead: `q . mid + a |q| . half`, an estimate of the page's largest logit
+    rather than a bound of it (Quest's bound, a = 1, is reached only by a token at every channel's
+    extreme at once). The same two products: u . max + v . min with u, v = (q +- a |q|) / 2.
     `top` (rank only): rank just each head's `top` best pages (a `topk`, not a sort of every
     page); a page in no head's top scores 0. With `top` >= the pages a row takes (protected ones
     included) the pages chosen are the same as with full ranks (see below).
@@ -31,8 +35,13 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_pag
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     qg = q.float().reshape(n, hkv, hq // hkv, d)
-    bound = torch.matmul(qg.clamp(min=0), kmax.transpose(-1, -2))  # [n, kv_heads, group, pages]
-    bound.add_(torch.matmul(qg.clamp(max=0), kmin.transpose(-1, -2)))
+    if box_scale == 1.0:
+        hi, lo = qg.clamp(min=0), qg.clamp(max=0)
+    else:
+        wide = qg.abs() * box_scale
+        hi, lo = (qg + wide) * 0.5, (qg - wide) * 0.5
+    bound = torch.matmul(hi, kmax.transpose(-1, -2))  # [n, kv_heads, group, pages]
+    bound.add_(torch.matmul(lo, kmin.transpose(-1, -2)))
     pages = kmin.shape[2]
     valid = torch.arange(pages, device=q.device)[None, :] < num_pages.to(q.device)[:, None]
     bound = (bound * scale).masked_fill(~valid[:, None, None, :], float("-inf"))
