@@ -48,9 +48,6 @@ class StepGraphs:
         self.captures = 0
         self.replays = 0
 
-    def __len__(self) -> int:
-        return len(self._graphs)
-
     def run(self, key: Hashable, fn: Callable[..., torch.Tensor | None], inputs: tuple[torch.Tensor, ...],
             keep: object = None) -> torch.Tensor | None:
         """`fn(*inputs)`: eagerly the first time `key` comes, from a graph captured the second time, replayed after.

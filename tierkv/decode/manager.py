@@ -35,6 +35,7 @@ known only when the model reaches it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ from .graphs import StepGraphs
 from .residency import LRU, NEVER, SCORE, Residency
 from .selection import choose_pages, page_scores
 from .summaries import KeySummaries
+
+NDArrayOrTensor = TypeVar("NDArrayOrTensor", np.ndarray, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,7 @@ class _Batch:
     rows_dev: torch.Tensor
     classes: torch.Tensor  # [max_seqs] LRU for the batch's sequences, SCORE for the others
     run: int | None  # first row when the rows are consecutive (digests are then read as views)
-
-    @property
-    def key(self) -> tuple[int, ...]:
-        return tuple(self.rows.tolist())
+    key: tuple[int, ...]  # the sequence list it was made for (its cache key, and its graphs')
 
 
 @dataclass(frozen=True)
@@ -215,8 +215,9 @@ class PageManager:
     def num_tokens(self, seq: int, layer: int = 0) -> int:
         return int(self.layers[layer].tokens[seq])
 
-    def _num_pages(self, tokens: np.ndarray) -> np.ndarray:
-        return -(-tokens // self.layout.block_tokens)
+    def _num_pages(self, tokens: NDArrayOrTensor) -> NDArrayOrTensor:
+        """Page counts of token counts: numpy on the host, tensors on the device, the same formula."""
+        return (tokens + self.layout.block_tokens - 1) // self.layout.block_tokens
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         """A small host array on the device: through pinned memory, non_blocking, on CUDA; a copy on CPU."""
@@ -264,7 +265,7 @@ class PageManager:
             classes[rows[(rows >= 0) & (rows < self.max_seqs)]] = LRU
             run = int(rows[0]) if np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))) else None
             both = self._to_device(np.concatenate([np.clip(rows, 0, self.max_seqs - 1), classes]))
-            b = _Batch(rows, both[: len(rows)], both[len(rows):], run)
+            b = _Batch(rows, both[: len(rows)], both[len(rows):], run, key)
             if len(self._batches) > 16:
                 self._batches.clear()
             self._batches[key] = b
@@ -283,8 +284,7 @@ class PageManager:
         return keep
 
     def _all_pages_dev(self, layer: _Layer) -> torch.Tensor:
-        bt = self.layout.block_tokens
-        return (layer.tokens_dev + bt - 1) // bt
+        return self._num_pages(layer.tokens_dev)
 
     # -- sequences -----------------------------------------------------------------------
 
@@ -481,7 +481,8 @@ class PageManager:
         largest selection of the batch, padded). Scores are kept for eviction under pressure.
         """
         layer, b = self.layers[layer_idx], self._batch(seqs)
-        pages, mask = self._choose(layer, b, q.to(self.device), scale, self._shape(layer, b)[0])
+        pages_dev = self._num_pages(layer.tokens_dev[b.rows_dev])
+        pages, mask = self._choose(layer, b, q.to(self.device), scale, self._shape(layer, b)[0], pages_dev)
         return torch.where(mask, pages, -1)
 
     def _shape(self, layer: _Layer, b: _Batch) -> tuple[_Shape, np.ndarray]:
@@ -491,11 +492,11 @@ class PageManager:
         width = _padded(int(pages.max()), self.max_pages)
         return _Shape(min(width, _padded(int(counts.max()), self.max_pages)), width, bool((counts == pages).all())), counts
 
-    def _choose(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape
+    def _choose(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape, pages_dev: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pages `[n, k]`, mask `[n, k]`) on the device: see `selection.choose_pages`. Records the scores."""
-        bt = self.layout.block_tokens
-        pages_dev = (layer.tokens_dev[b.rows_dev] + bt - 1) // bt
+        """(pages `[n, k]`, mask `[n, k]`) on the device: see `selection.choose_pages`. Records the scores.
+
+        pages_dev: `[n]` each row's page count (a device tensor)."""
         counts_dev = torch.minimum(layer.budgets_dev[b.rows_dev], pages_dev)
         if shape.exact:  # every row takes all its pages: no scores needed
             return choose_pages(None, pages_dev, counts_dev, shape.k, 0, 0)
@@ -544,12 +545,12 @@ class PageManager:
         """The device half of `attend` (no host values but `shape`'s): what a captured step replays."""
         bt = self.layout.block_tokens
         self._step_dev += 1
-        pages, mask = self._choose(layer, b, q, scale, shape)
+        tokens = layer.tokens_dev[b.rows_dev]
+        num_pages = self._num_pages(tokens)
+        pages, mask = self._choose(layer, b, q, scale, shape, num_pages)
         res = layer.res
         ids = res.ids(b.rows_dev, pages)
         res.last_used[res.masked(ids, mask).reshape(-1)] = self._step_dev
-        tokens = layer.tokens_dev[b.rows_dev]
-        num_pages = (tokens + bt - 1) // bt
         placed, evicted = res.place(b.rows_dev, pages, mask, shape.width, layer.budgets_dev[b.rows_dev], b.classes,
                                     self._all_pages_dev(layer), self.budget.sink_pages, self.budget.window_pages,
                                     self._step_dev)

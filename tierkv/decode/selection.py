@@ -35,11 +35,8 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_pag
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     qg = q.float().reshape(n, hkv, hq // hkv, d)
-    if box_scale == 1.0:
-        hi, lo = qg.clamp(min=0), qg.clamp(max=0)
-    else:
-        wide = qg.abs() * box_scale
-        hi, lo = (qg + wide) * 0.5, (qg - wide) * 0.5
+    wide = qg.abs() * box_scale
+    hi, lo = (qg + wide) * 0.5, (qg - wide) * 0.5  # a = 1: exactly q+ and q- (doubling and halving are exact)
     bound = torch.matmul(hi, kmax.transpose(-1, -2))  # [n, kv_heads, group, pages]
     bound.add_(torch.matmul(lo, kmin.transpose(-1, -2)))
     pages = kmin.shape[2]
