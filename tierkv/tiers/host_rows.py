@@ -13,9 +13,11 @@ pages off, the advice is a no-op and the tensor is ordinary memory.
 
 Mappings whose tensors are gone are reused (up to `KEEP_BYTES` of them, `_Mappings`): their
 pages are already faulted in, so the next `get` of that size copies at memory speed instead of
-paying the kernel's zeroing again (1000 x 64 KiB on the CI machine: ~18 ms into a fresh
-mapping, ~7 ms into a reused one). Like `torch.empty`, the rows come uninitialised: every
-caller overwrites each row before handing it on.
+paying the kernel's zeroing again (65.5 MB copied on the CI machine: 2.2 GB/s into a fresh
+mapping, 4.2 GB/s into a reused one; a CPU `get` of 1000 x 64 KiB went from 2.7 to 3.3-3.5 GB/s).
+Like `torch.empty`, the rows come uninitialised: every caller overwrites each row before handing
+it on. (The disk tier's `BufferPool` reuses its staging buffers explicitly; these are results
+handed to callers, which give nothing back, hence the reference count.)
 """
 
 from __future__ import annotations
