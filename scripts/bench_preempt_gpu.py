@@ -124,8 +124,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step, steps: int, device: torch.device) -> float:
-    for _ in range(2):
+def timed(step, steps: int, device: torch.device, warm: int = 2) -> float:
+    for _ in range(warm):
         step()
     sync(device)
     t = time.perf_counter()
@@ -177,10 +177,12 @@ def bench_dense(s: Shape, ctx: int, batch: int, device: torch.device, steps: int
 
 
 def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int, fraction: float,
-                ws: list[Weights] | None, drift: float) -> Row:
+                ws: list[Weights] | None, drift: float, select_every: int = 1) -> Row:
     layout = KVLayout(s.layers, 2, s.kv_heads, s.head_dim, s.dtype, s.block_tokens)
-    pages = -(-(ctx + 2 * steps + 8) // s.block_tokens)
-    budget = DecodeBudget(fraction=fraction, sink_pages=1, window_pages=2)
+    # Whole selection periods, after two of them (each shape's graph is captured the second time it runs).
+    warm, steps = 2 * select_every + 1, select_every * -(-steps // select_every)
+    pages = -(-(ctx + warm + steps + 8) // s.block_tokens)
+    budget = DecodeBudget(fraction=fraction, sink_pages=1, window_pages=2, select_every=select_every)
     m = PageManager(layout, budget, device_pages=batch * budget.wanted(pages), host_pages=batch * pages, max_seqs=batch,
                     max_pages=pages, device=device, cuda_graphs=device.type == "cuda")
     for _ in range(batch):
@@ -210,10 +212,11 @@ def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int
         selected.append(m.last_step.selected)
 
     before = m.fetched_pages  # a device counter: read outside the timed steps (reading it synchronises)
-    ms = timed(step, steps, device)
-    fetched = (m.fetched_pages - before) / (steps + 2) / s.layers
+    ms = timed(step, steps, device, warm)
+    fetched = (m.fetched_pages - before) / (warm + steps) / s.layers
     churn = fetched / (sum(selected) / len(selected))
-    return Row(f"pages 1/{round(1 / fraction)}", ctx, batch, ms, m.device_bytes(), fetched, churn)
+    mode = f"pages 1/{round(1 / fraction)}" + (f", select every {select_every}" if select_every > 1 else "")
+    return Row(mode, ctx, batch, ms, m.device_bytes(), fetched, churn)
 
 
 def bench_host_all(s: Shape, ctx: int, batch: int, device: torch.device, steps: int, ws: list[Weights] | None,
@@ -279,6 +282,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--fraction", type=float, default=0.125)
+    ap.add_argument("--select-every", type=int, nargs="+", default=[1, 8],
+                    help="DecodeBudget.select_every values to measure (a row each)")
     ap.add_argument("--drift", type=float, default=0.12, help="query noise per step (selection churn, see above)")
     ap.add_argument("--attention-only", action="store_true", help="leave out the layers' projections and MLP")
     ap.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan with (default: the device's, less 8 GiB)")
@@ -315,9 +320,11 @@ def main() -> None:
                                 f"host pool {kv / 2**30:.0f} GiB > --host-gib {args.host_gib:.0f}"))
                 rows.append(Row("host-all", ctx, batch, None, kv // s.layers, 0.0, "host pool too large"))
                 continue
-            rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction, ws, args.drift))
+            first = len(rows) - 1
+            for every in args.select_every:
+                rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction, ws, args.drift, every))
             rows.append(bench_host_all(s, ctx, batch, device, steps, ws, args.drift))
-            print(rows[-3], rows[-2], rows[-1], sep="\n", flush=True)
+            print(*rows[first:], sep="\n", flush=True)
             if args.out is not None:  # the rows so far, in case a time limit stops the larger shapes
                 args.out.write_text(table(rows, s, "Decode step (partial: the run was stopped here)") + "\n")
             if device.type == "cuda":

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/preempt_accuracy.py [--lengths 2048 4096] [--depths 0.1 0.3 0.5 0.7 0.9] [--out FILE.md]
         [--page-tokens 16] [--sink-pages 1] [--window-pages 2] [--dense-layers 0] [--box-scale 1]
-        [--fractions 0.25 0.125 0.0625] [--configs 1/8 ...] [--aggregate rank]
+        [--fractions 0.25 0.125 0.0625] [--configs 1/8 ...] [--aggregate rank] [--select-every 1]
 
 Passkey retrieval: a 5-digit number hidden at a depth of `--depths` in `--lengths` tokens of
 filler. The filler and the hidden line are prefilled (dense, shared by every configuration);
@@ -70,7 +70,7 @@ def layer_fraction(f: float, dense_layers: int, num_layers: int) -> float | None
 
 
 def configs(aggregate: str, fractions: tuple[float, ...] = FRACTIONS, *, sink_pages: int = 1, window_pages: int = 2,
-            dense_layers: int = 0, num_layers: int = 1, box_scale: float = 1.0) -> list[Config]:
+            dense_layers: int = 0, num_layers: int = 1, box_scale: float = 1.0, select_every: int = 1) -> list[Config]:
     out = [Config("dense", None)]
     for policy, prefix in (("quest", ""), ("recent", "drop ")):
         for f in fractions:
@@ -81,7 +81,7 @@ def configs(aggregate: str, fractions: tuple[float, ...] = FRACTIONS, *, sink_pa
                 continue
             out.append(Config(f"{prefix}1/{round(1 / f)}", DecodeBudget(
                 fraction=rest, sink_pages=sink_pages, window_pages=window_pages, policy=policy, dense_layers=dense_layers,
-                aggregate=aggregate, box_scale=box_scale)))
+                aggregate=aggregate, box_scale=box_scale, select_every=select_every)))
     return out
 
 
@@ -168,6 +168,8 @@ def main() -> None:
                     help="DecodeBudget.dense_layers; the other layers' fraction shrinks so that all layers hold the config's")
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="device fractions (of all layers)")
     ap.add_argument("--configs", nargs="+", default=None, help="run only these configs (names as in the table: dense 1/8 ...)")
+    ap.add_argument("--select-every", type=int, default=1,
+                    help="DecodeBudget.select_every of the page configs (1: select at every step)")
     ap.add_argument("--box-scale", type=float, default=1.0,
                     help="DecodeBudget.box_scale of the page configs (1: Quest's bound; smaller: the shrunk-box estimate)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown tables here (and .json beside)")
@@ -175,7 +177,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model, tok = load()
     cfgs = configs(args.aggregate, tuple(args.fractions), sink_pages=args.sink_pages, window_pages=args.window_pages,
-                   dense_layers=args.dense_layers, num_layers=model.config.num_hidden_layers, box_scale=args.box_scale)
+                   dense_layers=args.dense_layers, num_layers=model.config.num_hidden_layers, box_scale=args.box_scale,
+                   select_every=args.select_every)
     if args.configs is not None:
         cfgs = [c for c in cfgs if c.name in args.configs or c.name == "dense"]
     held: dict[tuple[int, str], list[float]] = {}
@@ -210,7 +213,7 @@ def main() -> None:
             rows = text_rows(model, tok, tkv, cfgs, args.text_tokens, args.steps)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     setup = (f"pages of {args.page_tokens} tokens, {args.sink_pages} sink page(s), a {args.window_pages}-page window, "
-             f"{args.dense_layers} dense layer(s), box_scale {args.box_scale}")
+             f"{args.dense_layers} dense layer(s), box_scale {args.box_scale}, select_every {args.select_every}")
     lines = [f"Passkey retrieval, SmolLM2-135M-Instruct (Q4_1 GGUF, float32, CPU), commit {commit}, aggregate={args.aggregate}, "
              f"{setup}, {len(args.depths) * args.keys} prompts per length (depths {args.depths}):", "",
              "| context | " + " | ".join(c.name for c in cfgs) + " |", "|---|" + "---|" * len(cfgs)]

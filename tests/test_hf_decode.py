@@ -93,6 +93,15 @@ def test_exact_mode_left_padded_batch_and_prefix_reuse_are_token_identical() -> 
         assert torch.equal(again.sequences, first.sequences)
 
 
+def test_exact_mode_reusing_selections_is_token_identical() -> None:
+    model = build("llama")
+    rows = [tokens(8, 70), tokens(9, 41)]
+    ids, mask = left_pad(rows)
+    greedy = transformers.GenerationConfig(do_sample=False, max_new_tokens=NEW, pad_token_id=0)
+    with TierKV(model, store_config(model), block_tokens=BT, decode_budget=DecodeBudget(select_every=4)) as tkv:
+        assert torch.equal(tkv.generate(ids, mask, generation_config=greedy).sequences, plain(model, ids, mask))
+
+
 def test_decode_steps_run_through_the_page_manager() -> None:
     model = build("llama")
     ids = tokens(6, 100)[None]  # 7 pages

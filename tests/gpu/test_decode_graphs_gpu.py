@@ -62,8 +62,9 @@ def same_state(ms: list[PageManager]) -> None:
     assert a.fetched_pages == b.fetched_pages and a.evicted_pages == b.evicted_pages
 
 
-def test_replayed_steps_equal_eager_steps_through_opens_fills_arrivals_and_departures() -> None:
-    budget = DecodeBudget(fraction=0.125)
+@pytest.mark.parametrize("every", [1, 4])
+def test_replayed_steps_equal_eager_steps_through_opens_fills_arrivals_and_departures(every: int) -> None:
+    budget = DecodeBudget(fraction=0.125, select_every=every)
     lengths = [1500 + 5 * i for i in range(3)]
     wanted = budget.wanted(-(-1700 // BT))
     ms = pair(budget, lengths, device_pages=3 * wanted + 8, max_seqs=4)
@@ -86,8 +87,9 @@ def test_replayed_steps_equal_eager_steps_through_opens_fills_arrivals_and_depar
     assert ms[0].evicted_pages > 0
 
 
-def test_replayed_steady_steps_do_not_synchronise() -> None:
-    ms = pair(DecodeBudget(fraction=0.125), [2049, 2049], device_pages=2 * 20, max_seqs=2)
+@pytest.mark.parametrize("every", [1, 4])
+def test_replayed_steady_steps_do_not_synchronise(every: int) -> None:
+    ms = pair(DecodeBudget(fraction=0.125, select_every=every), [2049, 2049], device_pages=2 * 20, max_seqs=2)
     m = ms[1]
     g = torch.Generator(device="cuda").manual_seed(3)
     q = torch.randn(2, HQ, D, generator=g, device="cuda").to(torch.bfloat16)

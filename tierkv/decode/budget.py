@@ -30,6 +30,11 @@ class DecodeBudget:
     later layer). `box_scale` in [0, 1]: how far from the centre of each page's min/max box of
     K its keys are taken to reach when scoring (`selection.page_scores`): 1 is Quest's upper
     bound; smaller estimates the page's largest logit (docs/preemption.md measures both).
+    `select_every` n > 1: each layer selects its pages (scores, residency, fetch) every n-th
+    step of a batch; the steps in between attend to the last selection's pages that are still
+    resident plus the current sinks and window, with no scoring and no copies (a step's
+    selection changes little from one token to the next, and the selection and the fetch are
+    most of a paged step's cost: docs/preemption.md). 1, the default, selects at every step.
     """
 
     pages: int | None = None
@@ -40,6 +45,7 @@ class DecodeBudget:
     dense_layers: int = 0
     aggregate: str = "rank"
     box_scale: float = 1.0
+    select_every: int = 1
 
     def __post_init__(self) -> None:
         if self.pages is not None and self.fraction is not None:
@@ -60,6 +66,8 @@ class DecodeBudget:
         if (isinstance(self.box_scale, bool) or not isinstance(self.box_scale, (int, float))
                 or math.isnan(self.box_scale) or not 0 <= self.box_scale <= 1):
             raise ValueError(f"DecodeBudget.box_scale must lie in [0, 1], got {self.box_scale!r}")
+        if isinstance(self.select_every, bool) or not isinstance(self.select_every, int) or self.select_every < 1:
+            raise ValueError(f"DecodeBudget.select_every must be an int >= 1, got {self.select_every!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"DecodeBudget.aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if self.policy not in POLICIES:

@@ -25,6 +25,10 @@ host but that shape. With `cuda_graphs=True` the device halves are replayed from
 (`graphs.StepGraphs`), one per layer, batch and shape: the step's few hundred small kernels
 then cost their GPU time, not their Python launch time.
 
+With `DecodeBudget.select_every` n > 1 only every n-th step of a layer and batch selects (and
+fetches); the steps between (`_attend_cached`) attend to the kept selection's pages that are
+still resident plus the current sinks and window: a handful of kernels and no copy.
+
 `add` and `remove` are rare and may synchronise (`add` counts the slots that can be freed
 before it changes anything, so a prompt that does not fit raises `CapacityError` with nothing changed).
 
@@ -34,7 +38,7 @@ known only when the model reaches it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -87,11 +91,33 @@ class _Layer:
     budgets_dev: torch.Tensor  # [max_seqs] each sequence's share of the pool, updated in place (graphs read it)
     budget_pages: np.ndarray | None = None  # the page counts `budgets` was computed for
     budgets: np.ndarray | None = None  # [max_seqs] each sequence's share of the pool
+    attends: int = 0  # attention steps of this layer so far
+    selection: _Selection | None = None  # its latest full selection (None: the next step selects)
+    chosen: dict[tuple[tuple[int, ...], int], _Chosen] = field(default_factory=dict)  # by (batch, k)
 
     @property
     def dev_slot(self) -> torch.Tensor:
         """`[max_seqs, max_pages]` device slot of each page, -1 not resident (a device tensor)."""
         return self.res.table
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """A layer's latest selection for one batch and width, kept on the device at fixed addresses
+    (a captured full step writes it, a captured cached step reads it): `[n, k]` pages and mask."""
+
+    pages: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """What the host knows of a layer's latest full selection: for which batch and width, at which
+    of the layer's steps, and each row's page count then (`DecodeBudget.select_every`)."""
+
+    key: tuple[tuple[int, ...], int]
+    at: int
+    pages: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -353,6 +379,7 @@ class PageManager:
             layer.digest.write(seq, k.to(self.device), self.layout.block_tokens)
             layer.tokens[seq] = tokens
             layer.tokens_dev[seq] = tokens
+            layer.selection = None
         self.active[seq] = True
         return seq
 
@@ -369,6 +396,7 @@ class PageManager:
             layer.res.free_seq(seq)
             layer.tokens[seq] = 0
             layer.tokens_dev[seq] = 0
+            layer.selection = None
         self.active[seq] = False
 
     def _blocks(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -531,23 +559,99 @@ class PageManager:
             )
         self.step += 1
         q = q.to(self.device)
+        chosen, cached = self._reuse(layer, b, shape)
+        layer.attends += 1
         out: torch.Tensor | None
-        if self.graphs is None:
-            out = self._attend_device(layer, b, q, scale, shape)
+        if cached:
+            assert chosen is not None
+            if self.graphs is None:
+                out = self._attend_cached(layer, b, q, scale, chosen)
+            else:
+                cached_key = ("cached", layer_idx, b.key, shape.k, float(scale), q.dtype, tuple(q.shape))
+                out = self.graphs.run(cached_key, lambda qq: self._attend_cached(layer, b, qq, scale, chosen), (q,),
+                                      keep=(b, chosen))
+        elif self.graphs is None:
+            out = self._attend_device(layer, b, q, scale, shape, chosen)
         else:
             key = ("attend", layer_idx, b.key, shape, float(scale), q.dtype, tuple(q.shape))
-            out = self.graphs.run(key, lambda qq: self._attend_device(layer, b, qq, scale, shape), (q,), keep=b)
+            out = self.graphs.run(key, lambda qq: self._attend_device(layer, b, qq, scale, shape, chosen), (q,),
+                                  keep=(b, chosen))
         assert out is not None
         self.last_step = StepStats(int(counts.sum()), self._last_fetched, self._last_evicted)
         return out
 
-    def _attend_device(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape) -> torch.Tensor:
-        """The device half of `attend` (no host values but `shape`'s): what a captured step replays."""
+    def _reuse(self, layer: _Layer, b: _Batch, shape: _Shape) -> tuple[_Chosen | None, bool]:
+        """(where this step's selection is kept, whether the step attends to the kept one instead of selecting).
+
+        With `select_every` n > 1 a layer's step reuses the selection of its batch made fewer
+        than n steps ago at the same width, provided no row opened more pages since than its
+        window holds (a page opened since is in the window, so the cached step finds it there).
+        """
+        every = self.budget.select_every
+        if every == 1:
+            return None, False
+        key = (b.key, shape.k)
+        chosen = layer.chosen.get(key)
+        if chosen is None:
+            if len(layer.chosen) >= 64:  # batches that keep changing: start over (graphs hold the old buffers)
+                layer.chosen.clear()
+                layer.selection = None
+                if self.graphs is not None:
+                    self.graphs.clear()
+            n = len(b.rows)
+            chosen = _Chosen(torch.zeros((n, shape.k), dtype=torch.int64, device=self.device),
+                             torch.zeros((n, shape.k), dtype=torch.bool, device=self.device))
+            layer.chosen[key] = chosen
+        pages = self._num_pages(layer.tokens[b.rows])
+        sel = layer.selection
+        if (sel is not None and sel.key == key and layer.attends - sel.at < every
+                and int((pages - sel.pages).max()) <= self.budget.window_pages):
+            return chosen, True
+        layer.selection = _Selection(key, layer.attends, pages)
+        return chosen, False
+
+    def _attend_cached(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, chosen: _Chosen) -> torch.Tensor:
+        """The device half of a step between selections: the kept pages still resident, plus sinks and window.
+
+        No scores, no residency change, no copy: the kept selection (sinks included) and the
+        current window are merged in position order, pages that lost their slot since (to
+        another sequence's new page, or to the row's own budget) are left out, and the
+        attention reads the rest where they are.
+        """
+        bt, w = self.layout.block_tokens, self.budget.window_pages
+        self._step_dev += 1
+        tokens = layer.tokens_dev[b.rows_dev]
+        num_pages = self._num_pages(tokens)
+        window = num_pages[:, None] - w + torch.arange(w, device=self.device)[None, :]
+        cand = torch.cat([torch.where(chosen.mask, chosen.pages, -1), window.clamp(min=-1)], dim=1).sort(dim=1).values
+        res = layer.res
+        slots = res.slot[res.ids(b.rows_dev, cand.clamp(min=0))]
+        first = torch.ones_like(cand, dtype=torch.bool)
+        first[:, 1:] = cand[:, 1:] != cand[:, :-1]
+        ok = first & (cand >= 0) & (slots >= 0)
+        n, width = cand.shape
+        # Compact the pages kept in order; the columns after them hold the tail's slot (never read).
+        at = torch.where(ok, ok.cumsum(1) - 1, width)
+        table = res.slot[res.ids(b.rows_dev, (num_pages - 1)[:, None])].expand(n, width + 1).clone()
+        table.scatter_(1, at, slots)
+        self._last_fetched.zero_()
+        self._last_evicted.zero_()
+        lens = ok.sum(1) * bt - (num_pages * bt - tokens)
+        return attend_pages(q, layer.dev, self.page_layout, table[:, :width], lens, scale)
+
+    def _attend_device(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape,
+                       chosen: _Chosen | None = None) -> torch.Tensor:
+        """The device half of `attend` (no host values but `shape`'s): what a captured step replays.
+
+        `chosen`: where to keep the selection for the steps that reuse it (`select_every`)."""
         bt = self.layout.block_tokens
         self._step_dev += 1
         tokens = layer.tokens_dev[b.rows_dev]
         num_pages = self._num_pages(tokens)
         pages, mask = self._choose(layer, b, q, scale, shape, num_pages)
+        if chosen is not None:
+            chosen.pages.copy_(pages)
+            chosen.mask.copy_(mask)
         res = layer.res
         ids = res.ids(b.rows_dev, pages)
         res.last_used[res.masked(ids, mask).reshape(-1)] = self._step_dev
