@@ -155,14 +155,25 @@ def test_remove_frees_every_page() -> None:
         m.remove(2)
 
 
-def test_incremental_summaries_equal_summaries_of_all_keys() -> None:
-    keys = torch.randn(23, H, D, generator=torch.Generator().manual_seed(19))
-    digest = KeySummaries(1, 8, H, D, torch.device("cpu"))
-    digest.write(0, keys[:10], BT)
-    for t in range(10, 23):
-        digest.append(torch.tensor([0]), torch.tensor([t // BT]), keys[t : t + 1], torch.tensor([t % BT == 0]))
-    lo, hi = page_minmax(keys, BT)
-    assert torch.equal(digest.kmin[0, :, :6], lo.transpose(0, 1)) and torch.equal(digest.kmax[0, :, :6], hi.transpose(0, 1))
+def test_digests_of_decoded_pages_equal_summaries_of_all_their_keys() -> None:
+    m = manager(DecodeBudget(pages=4, sink_pages=1, window_pages=1))
+    keys, values = kv(10, 19)  # the prompt ends inside page 2: its digest is redone when the page fills
+    seq = m.add(keys, values)
+    g = torch.Generator().manual_seed(20)
+    for _ in range(13):
+        for layer in range(2):
+            k = torch.randn(1, H, D, generator=g)
+            keys[layer] = torch.cat([keys[layer], k])
+            m.append(layer, [seq], k, k)
+    for layer in range(2):  # 23 tokens: pages 0-4 full
+        lo, hi = page_minmax(keys[layer][:20], BT)
+        digest = m.layers[layer].digest
+        assert torch.equal(digest.kmin[seq, :, :5], lo.transpose(0, 1))
+        assert torch.equal(digest.kmax[seq, :, :5], hi.transpose(0, 1))
+    other = KeySummaries(2, 4, H, D, torch.device("cpu"))  # rows not marked keep their digest
+    page = torch.randn(2, BT, H, D, generator=g)
+    other.write_pages(torch.tensor([0, 1]), torch.tensor([3, 3]), page, torch.tensor([True, False]))
+    assert torch.equal(other.kmin[0, :, 3], page[0].amin(0)) and not other.kmin[1].any()
 
 
 def test_the_score_bounds_every_key_of_its_page() -> None:

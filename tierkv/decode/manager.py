@@ -92,8 +92,10 @@ class _Layer:
     budget_pages: np.ndarray | None = None  # the page counts `budgets` was computed for
     budgets: np.ndarray | None = None  # [max_seqs] each sequence's share of the pool
     attends: int = 0  # attention steps of this layer so far
+    opens: int = 0  # placements so far (page opens, arrivals, departures): each may take a kept page's slot
     selection: _Selection | None = None  # its latest full selection (None: the next step selects)
     chosen: dict[tuple[tuple[int, ...], int], _Chosen] = field(default_factory=dict)  # by (batch, k)
+    table_for: tuple[tuple[tuple[int, ...], int], int] | None = None  # (chosen key, opens) its table is right for
 
     @property
     def dev_slot(self) -> torch.Tensor:
@@ -104,10 +106,14 @@ class _Layer:
 @dataclass(frozen=True)
 class _Chosen:
     """A layer's latest selection for one batch and width, kept on the device at fixed addresses
-    (a captured full step writes it, a captured cached step reads it): `[n, k]` pages and mask."""
+    (a captured full step writes it, a captured cached step reads it): `[n, k]` pages and mask,
+    and the block table the steps between selections attend over (`[n, k + window]` slots, the
+    first `count[i]` of row i in use) while no placement has moved a page."""
 
     pages: torch.Tensor
     mask: torch.Tensor
+    table: torch.Tensor
+    count: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -380,6 +386,7 @@ class PageManager:
             layer.tokens[seq] = tokens
             layer.tokens_dev[seq] = tokens
             layer.selection = None
+            layer.opens += 1
         self.active[seq] = True
         return seq
 
@@ -397,6 +404,7 @@ class PageManager:
             layer.tokens[seq] = 0
             layer.tokens_dev[seq] = 0
             layer.selection = None
+            layer.opens += 1
         self.active[seq] = False
 
     def _blocks(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -434,35 +442,37 @@ class PageManager:
         layer.tokens[b.rows] += 1
         keys = keys.to(self.device, layer.dev.dtype)
         values = values.to(self.device, layer.dev.dtype)
+        fills = bool((off == bt - 1).any())
         if self.graphs is None:
-            self._write_token(layer, b, keys, values, bool((off == bt - 1).any()))
+            self._write_token(layer, b, keys, values, fills)
         else:
-            self.graphs.run(("append", layer_idx, b.key), lambda k, v: self._write_token(layer, b, k, v, True),
+            self.graphs.run(("append", layer_idx, b.key, fills), lambda k, v: self._write_token(layer, b, k, v, fills),
                             (keys, values), keep=b)
 
     def _write_token(self, layer: _Layer, b: _Batch, keys: torch.Tensor, values: torch.Tensor, fills: bool) -> None:
-        """The device half of `append`: the token's K/V into its page's slot, the digest, the count; full pages home.
+        """The device half of `append`: the token's K/V into its page's slot, the count; full pages' digests and home copies.
 
-        `fills`: whether some page fills (when False the home copy is skipped; a captured step
-        always queues it, with nothing to copy where no page filled).
+        `fills`: whether some row's page fills with this token. Only then is there more to do:
+        the pages that filled get their digest (from the page on the device: a page is scored
+        only once it has left the window, when it is full) and are copied to their host rows.
         """
         bt, mp = self.layout.block_tokens, self.max_pages
         pos_dev = layer.tokens_dev[b.rows_dev]
         page_dev, off_dev = pos_dev // bt, pos_dev % bt
         ids = b.rows_dev * mp + page_dev
         slots = layer.res.slot[ids]
-        layer.dev[slots, 0, 0, off_dev] = keys
-        layer.dev[slots, 0, 1, off_dev] = values
-        layer.digest.append(b.rows_dev, page_dev, keys, off_dev == 0)
+        layer.dev[slots, 0, :, off_dev] = torch.stack([keys, values], dim=1)
         layer.tokens_dev[b.rows_dev] = pos_dev + 1
         if fills:  # pages that just filled go home: later evictions of them copy nothing
-            src = torch.where(off_dev == bt - 1, slots, -1)
-            copy_rows_where(layer.dev, src, layer.host, layer.host_slot_dev[ids])
+            full = off_dev == bt - 1
+            layer.digest.write_pages(b.rows_dev, page_dev, layer.dev[slots, 0, 0], full)
+            copy_rows_where(layer.dev, torch.where(full, slots, -1), layer.host, layer.host_slot_dev[ids])
 
     def _open(self, layer: _Layer, b: _Batch, opens: np.ndarray, page: np.ndarray) -> None:
         """New tail pages for the rows where `opens`: a host row each, then a device slot each."""
         rows, pages = b.rows[opens], page[opens]
         n = len(rows)
+        layer.opens += 1
         if len(layer.free_host) < n:
             raise CapacityError(f"the host pool of {self.host_pages} pages per layer is full")
         after = layer.tokens.copy()
@@ -559,17 +569,18 @@ class PageManager:
             )
         self.step += 1
         q = q.to(self.device)
-        chosen, cached = self._reuse(layer, b, shape)
+        chosen, mode = self._reuse(layer, b, shape)
         layer.attends += 1
         out: torch.Tensor | None
-        if cached:
+        if mode != "select":
             assert chosen is not None
+            merge = mode == "merge"
             if self.graphs is None:
-                out = self._attend_cached(layer, b, q, scale, chosen)
+                out = self._attend_cached(layer, b, q, scale, chosen, merge)
             else:
-                cached_key = ("cached", layer_idx, b.key, shape.k, float(scale), q.dtype, tuple(q.shape))
-                out = self.graphs.run(cached_key, lambda qq: self._attend_cached(layer, b, qq, scale, chosen), (q,),
-                                      keep=(b, chosen))
+                cached_key = ("cached", layer_idx, b.key, shape.k, merge, float(scale), q.dtype, tuple(q.shape))
+                out = self.graphs.run(cached_key, lambda qq: self._attend_cached(layer, b, qq, scale, chosen, merge),
+                                      (q,), keep=(b, chosen))
         elif self.graphs is None:
             out = self._attend_device(layer, b, q, scale, shape, chosen)
         else:
@@ -580,16 +591,18 @@ class PageManager:
         self.last_step = StepStats(int(counts.sum()), self._last_fetched, self._last_evicted)
         return out
 
-    def _reuse(self, layer: _Layer, b: _Batch, shape: _Shape) -> tuple[_Chosen | None, bool]:
-        """(where this step's selection is kept, whether the step attends to the kept one instead of selecting).
+    def _reuse(self, layer: _Layer, b: _Batch, shape: _Shape) -> tuple[_Chosen | None, str]:
+        """(where this step's selection is kept, how the step gets its pages): "select", "merge" or "same".
 
         With `select_every` n > 1 a layer's step reuses the selection of its batch made fewer
         than n steps ago at the same width, provided no row opened more pages since than its
-        window holds (a page opened since is in the window, so the cached step finds it there).
+        window holds (a page opened since is in the window, so the cached step finds it there):
+        "merge" rebuilds the block table from the kept pages and the window after a placement
+        may have moved pages, "same" attends over the kept table (only the lengths grow).
         """
         every = self.budget.select_every
         if every == 1:
-            return None, False
+            return None, "select"
         key = (b.key, shape.k)
         chosen = layer.chosen.get(key)
         if chosen is None:
@@ -598,30 +611,48 @@ class PageManager:
                 layer.selection = None
                 if self.graphs is not None:
                     self.graphs.clear()
-            n = len(b.rows)
-            chosen = _Chosen(torch.zeros((n, shape.k), dtype=torch.int64, device=self.device),
-                             torch.zeros((n, shape.k), dtype=torch.bool, device=self.device))
+            n, k = len(b.rows), shape.k
+            zeros = torch.zeros((n, k), dtype=torch.int64, device=self.device)
+            chosen = _Chosen(zeros, torch.zeros((n, k), dtype=torch.bool, device=self.device),
+                             torch.zeros((n, k + self.budget.window_pages), dtype=torch.int64, device=self.device),
+                             torch.zeros(n, dtype=torch.int64, device=self.device))
             layer.chosen[key] = chosen
         pages = self._num_pages(layer.tokens[b.rows])
         sel = layer.selection
+        now = (key, layer.opens)
         if (sel is not None and sel.key == key and layer.attends - sel.at < every
                 and int((pages - sel.pages).max()) <= self.budget.window_pages):
-            return chosen, True
-        layer.selection = _Selection(key, layer.attends, pages)
-        return chosen, False
+            mode = "same" if layer.table_for == now else "merge"
+        else:
+            layer.selection = _Selection(key, layer.attends, pages)
+            mode = "select"
+        layer.table_for = now  # the step writes the table it attends over into `chosen`
+        return chosen, mode
 
-    def _attend_cached(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, chosen: _Chosen) -> torch.Tensor:
+    def _attend_cached(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, chosen: _Chosen,
+                       merge: bool) -> torch.Tensor:
         """The device half of a step between selections: the kept pages still resident, plus sinks and window.
 
-        No scores, no residency change, no copy: the kept selection (sinks included) and the
-        current window are merged in position order, pages that lost their slot since (to
-        another sequence's new page, or to the row's own budget) are left out, and the
-        attention reads the rest where they are.
+        No scores, no residency change, no copy. With `merge` the kept selection (sinks
+        included) and the current window are merged in position order, pages that lost their
+        slot since (to another sequence's new page, or to the row's own budget) are left out,
+        and the result is kept as the table; without, the kept table is still right (nothing
+        was placed since) and only the lengths grow.
         """
-        bt, w = self.layout.block_tokens, self.budget.window_pages
+        bt = self.layout.block_tokens
         self._step_dev += 1
         tokens = layer.tokens_dev[b.rows_dev]
         num_pages = self._num_pages(tokens)
+        if merge:
+            self._merge_table(layer, b, chosen, num_pages)
+        self._last_fetched.zero_()
+        self._last_evicted.zero_()
+        lens = chosen.count * bt - (num_pages * bt - tokens)
+        return attend_pages(q, layer.dev, self.page_layout, chosen.table, lens, scale)
+
+    def _merge_table(self, layer: _Layer, b: _Batch, chosen: _Chosen, num_pages: torch.Tensor) -> None:
+        """`chosen.table`/`count`: the kept pages and the current window that are resident, in position order."""
+        w = self.budget.window_pages
         window = num_pages[:, None] - w + torch.arange(w, device=self.device)[None, :]
         cand = torch.cat([torch.where(chosen.mask, chosen.pages, -1), window.clamp(min=-1)], dim=1).sort(dim=1).values
         res = layer.res
@@ -634,10 +665,8 @@ class PageManager:
         at = torch.where(ok, ok.cumsum(1) - 1, width)
         table = res.slot[res.ids(b.rows_dev, (num_pages - 1)[:, None])].expand(n, width + 1).clone()
         table.scatter_(1, at, slots)
-        self._last_fetched.zero_()
-        self._last_evicted.zero_()
-        lens = ok.sum(1) * bt - (num_pages * bt - tokens)
-        return attend_pages(q, layer.dev, self.page_layout, table[:, :width], lens, scale)
+        chosen.table.copy_(table[:, :width])
+        chosen.count.copy_(ok.sum(1))
 
     def _attend_device(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape,
                        chosen: _Chosen | None = None) -> torch.Tensor:
@@ -667,6 +696,12 @@ class PageManager:
         self._last_fetched.copy_(fetched)
         self._last_evicted.copy_(evicted)
         table = res.slot[ids]
+        count = mask.sum(1)
+        if chosen is not None:  # the table the steps until the next placement attend over
+            k = table.shape[1]
+            chosen.table[:, :k] = table
+            chosen.table[:, k:] = table[:, -1:]
+            chosen.count.copy_(count)
         # Every selected page is full but the last, the tail, which holds the tokens past the full pages.
-        lens = mask.sum(1) * bt - (num_pages * bt - tokens)
+        lens = count * bt - (num_pages * bt - tokens)
         return attend_pages(q, layer.dev, self.page_layout, table, lens, scale)

@@ -2,8 +2,9 @@
 
 Quest's bound: for a query q and any key k of a page, q . k <= sum_d max(q_d * min_d, q_d * max_d).
 The digest is 2 * head_dim numbers per page and head, 1/block_tokens of the page's K, so it stays
-on the device for every page, resident or not. It is updated as tokens are appended: a page's
-min/max only tighten towards the new token's channels.
+on the device for every page, resident or not. A decoded page's digest is computed once, when
+the page fills (`write_pages`): until then the page is in the recent window, which is always
+attended, so its digest is never read.
 """
 
 from __future__ import annotations
@@ -59,14 +60,12 @@ class KeySummaries:
             return self.kmin[run : run + n, :, :width], self.kmax[run : run + n, :, :width]
         return self.kmin[rows, :, :width], self.kmax[rows, :, :width]
 
-    def append(self, seqs: torch.Tensor, pages: torch.Tensor, keys: torch.Tensor, fresh: torch.Tensor) -> None:
-        """Fold one new token per sequence into its page's digest: `keys` `[n, heads, head_dim]`.
-
-        `fresh[i]` says the token opens its page: the digest is then the token itself.
-        """
+    def write_pages(self, seqs: torch.Tensor, pages: torch.Tensor, keys: torch.Tensor, where: torch.Tensor) -> None:
+        """The digest of page `pages[i]` of sequence `seqs[i]` from its keys `keys[i]` `[tokens, heads, head_dim]`,
+        for the rows where `where[i]` (the others keep theirs: fixed shapes, no host decision)."""
         k = keys.float()
-        f = fresh.to(k.device)[:, None, None]
-        heads = torch.arange(k.shape[1], device=k.device)[None, :]
+        heads = torch.arange(k.shape[2], device=k.device)[None, :]
         at = (seqs[:, None], heads, pages[:, None])  # [n, heads] entries of [n, heads, head_dim]
-        self.kmin[at] = torch.where(f, k, torch.minimum(self.kmin[at], k))
-        self.kmax[at] = torch.where(f, k, torch.maximum(self.kmax[at], k))
+        w = where[:, None, None]
+        self.kmin[at] = torch.where(w, k.amin(1), self.kmin[at])
+        self.kmax[at] = torch.where(w, k.amax(1), self.kmax[at])
