@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-from tierkv import DecodeBudget, KVLayout, PageManager
+from tierkv import DecodeBudget, KVLayout, PageManager, StepPlan
 from tierkv.decode.attention import attend_pages
+from tierkv.decode.graphs import StepGraphs
 from tierkv.ops.transfer import copy_slots
 
 HIDDEN, MLP = 4096, 14336
@@ -177,14 +178,18 @@ def bench_dense(s: Shape, ctx: int, batch: int, device: torch.device, steps: int
 
 
 def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int, fraction: float,
-                ws: list[Weights] | None, drift: float, select_every: int = 1) -> Row:
+                ws: list[Weights] | None, drift: float, select_every: int = 1, whole: bool = False) -> Row:
+    """The page manager's step; `whole`: planned (`PageManager.plan_step`) and captured as one graph per plan key,
+    model included, as an engine captures its decode step (else each layer's halves are replayed from their own graphs)."""
     layout = KVLayout(s.layers, 2, s.kv_heads, s.head_dim, s.dtype, s.block_tokens)
-    # Whole selection periods, after two of them (each shape's graph is captured the second time it runs).
-    warm, steps = 2 * select_every + 1, select_every * -(-steps // select_every)
+    # Whole selection periods, after two of them (each shape's graph is captured the second time it runs; a
+    # whole-step graph's key also changes as pages open and fill: two pages' worth of steps first).
+    period = max(select_every, s.block_tokens) if whole else select_every
+    warm, steps = 2 * period + 1, select_every * -(-steps // select_every)
     pages = -(-(ctx + warm + steps + 8) // s.block_tokens)
     budget = DecodeBudget(fraction=fraction, sink_pages=1, window_pages=2, select_every=select_every)
     m = PageManager(layout, budget, device_pages=batch * budget.wanted(pages), host_pages=batch * pages, max_seqs=batch,
-                    max_pages=pages, device=device, cuda_graphs=device.type == "cuda")
+                    max_pages=pages, device=device, cuda_graphs=device.type == "cuda" and not whole)
     for _ in range(batch):
         kv = [torch.randn(ctx, s.kv_heads, s.head_dim, device=device).to(s.dtype) for _ in range(s.layers)]
         m.add(kv, kv)
@@ -198,9 +203,28 @@ def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int
     post = [Graphed(after_attention, a, w) for w in ws] if ws is not None else None
     scale = 1 / math.sqrt(s.head_dim)
     selected = []
+    graphs = StepGraphs(device) if whole and device.type == "cuda" else None
+
+    def planned(plan: StepPlan, q: torch.Tensor) -> None:  # device work only
+        for layer in range(s.layers):
+            if ws is not None:
+                before_attention(x, ws[layer])
+            m.append_planned(plan, layer, k, k)
+            out = m.attend_planned(plan, layer, q, scale)
+            if ws is not None:
+                after_attention(out, ws[layer])
 
     def step() -> None:
         q = (q0 + drift * torch.randn(q0.shape, generator=g, device=device)).to(s.dtype)
+        if whole:
+            plan = m.plan_step(seqs)
+            if graphs is None:
+                planned(plan, q)
+            else:
+                graphs.run(plan.key, lambda qq: planned(plan, qq), (q,), keep=plan)
+            assert m.last_step is not None
+            selected.append(m.last_step.selected)
+            return
         for layer in range(s.layers):
             if pre is not None:
                 pre[layer]()
@@ -215,7 +239,8 @@ def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int
     ms = timed(step, steps, device, warm)
     fetched = (m.fetched_pages - before) / (warm + steps) / s.layers
     churn = fetched / (sum(selected) / len(selected))
-    mode = f"pages 1/{round(1 / fraction)}" + (f", select every {select_every}" if select_every > 1 else "")
+    mode = (f"pages 1/{round(1 / fraction)}" + (f", select every {select_every}" if select_every > 1 else "")
+            + (", whole-step graph" if whole else ""))
     return Row(mode, ctx, batch, ms, m.device_bytes(), fetched, churn)
 
 
@@ -284,6 +309,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.125)
     ap.add_argument("--select-every", type=int, nargs="+", default=[1, 8],
                     help="DecodeBudget.select_every values to measure (a row each)")
+    ap.add_argument("--whole-step", type=int, nargs="*", default=[1, 16],
+                    help="select_every values to measure with the whole step planned and captured as one graph")
     ap.add_argument("--drift", type=float, default=0.12, help="query noise per step (selection churn, see above)")
     ap.add_argument("--attention-only", action="store_true", help="leave out the layers' projections and MLP")
     ap.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan with (default: the device's, less 8 GiB)")
@@ -323,6 +350,8 @@ def main() -> None:
             first = len(rows) - 1
             for every in args.select_every:
                 rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction, ws, args.drift, every))
+            for every in args.whole_step:
+                rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction, ws, args.drift, every, whole=True))
             rows.append(bench_host_all(s, ctx, batch, device, steps, ws, args.drift))
             print(*rows[first:], sep="\n", flush=True)
             if args.out is not None:  # the rows so far, in case a time limit stops the larger shapes

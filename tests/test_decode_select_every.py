@@ -128,3 +128,51 @@ def test_a_new_sequence_or_another_batch_makes_the_next_step_select() -> None:
 def test_select_every_must_be_a_positive_int(bad: object) -> None:
     with pytest.raises(ValueError, match="select_every must be an int >= 1"):
         DecodeBudget(select_every=bad)  # type: ignore[arg-type]
+
+
+def twins(budget: DecodeBudget, lengths: list[int]) -> list[PageManager]:
+    """Two identical managers of 2 layers holding the same sequences (for per-layer vs planned steps)."""
+    layout = KVLayout(num_layers=2, kv_factor=2, num_kv_heads=H, head_dim=D, dtype=torch.float32, block_tokens=BT)
+    ms = [PageManager(layout, budget, device_pages=16, host_pages=256, max_seqs=4, max_pages=64) for _ in range(2)]
+    g = torch.Generator().manual_seed(30)
+    for n in lengths:
+        kv = [torch.randn(n, H, D, generator=g) for _ in range(4)]
+        for m in ms:
+            m.add(kv[:2], kv[2:])
+    return ms
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_planned_step_equals_append_and_attend_layer_by_layer(every: int) -> None:
+    ms = twins(DecodeBudget(fraction=0.3, sink_pages=1, window_pages=1, select_every=every), [30, 37, 41])
+    a, b = ms
+    g = torch.Generator().manual_seed(31)
+    for t in range(14):  # pages open and fill, under pressure (16 slots, 3 sequences wanting ~3-4 pages each)
+        seqs = [0, 1, 2] if t < 10 else [2, 0]
+        n = len(seqs)
+        kv = [torch.randn(n, H, D, generator=g) for _ in range(4)]
+        qs = [torch.randn(n, HQ, D, generator=g) for _ in range(2)]
+        plan = b.plan_step(seqs)
+        for layer in range(2):
+            a.append(layer, seqs, kv[layer], kv[2 + layer])
+            b.append_planned(plan, layer, kv[layer], kv[2 + layer])
+            assert torch.equal(a.attend(layer, seqs, qs[layer], SCALE), b.attend_planned(plan, layer, qs[layer], SCALE))
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.dev, lb.dev) and torch.equal(la.res.slot, lb.res.slot)
+    assert a.fetched_pages == b.fetched_pages > 0 and a.evicted_pages == b.evicted_pages > 0
+
+
+def test_a_plan_runs_once_and_checks_its_inputs() -> None:
+    ms = twins(DecodeBudget(fraction=0.5), [20])
+    m = ms[0]
+    plan = m.plan_step([0])
+    again = m.plan_step([0])
+    assert plan.key == again.key  # the same work: a captured step replays for it
+    with pytest.raises(ValueError, match="not the latest"):
+        m.append_planned(plan, 0, torch.zeros(1, H, D), torch.zeros(1, H, D))
+    with pytest.raises(ValueError, match="append needs keys and values of shape"):
+        m.append_planned(again, 0, torch.zeros(2, H, D), torch.zeros(2, H, D))
+    with pytest.raises(ValueError, match="q must be"):
+        m.attend_planned(again, 0, torch.zeros(1, D), SCALE)
+    with pytest.raises(KeyError, match="sequence 3"):
+        m.plan_step([3])

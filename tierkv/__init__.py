@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import StoreConfig, parse_bool, parse_bytes, parse_float, parse_int
     from .decode.budget import DecodeBudget
-    from .decode.manager import PageManager
+    from .decode.manager import PageManager, StepPlan
     from .errors import CapacityError, ConfigError, GraphCaptureError, LayoutMismatchError, StorageError, TierKVError
     from .keys import KeyChain, chain_keys
     from .layout import KVLayout, dtype_name
@@ -28,7 +28,7 @@ _HOME = {
     "dtype_name": "layout",
     "Namespace": "namespace", "DimOrder": "ops.engine_layout", "EngineKV": "ops.engine_layout",
     "EngineKVLayout": "ops.engine_layout", "BlockStore": "store", "Lease": "store",
-    "DecodeBudget": "decode.budget", "PageManager": "decode.manager",
+    "DecodeBudget": "decode.budget", "PageManager": "decode.manager", "StepPlan": "decode.manager",
 }
 
 
@@ -62,6 +62,7 @@ __all__ = [
     "Lease",
     "Namespace",
     "PageManager",
+    "StepPlan",
     "StorageError",
     "StoreConfig",
     "TierKVError",

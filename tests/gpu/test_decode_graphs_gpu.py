@@ -129,3 +129,49 @@ def test_a_step_that_cannot_be_captured_raises_and_says_how_to_run_eagerly() -> 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "16.0" in out.stdout, out.stderr
     assert "refused:" in out.stdout and "cuda_graphs=False" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_whole_planned_step_captured_as_one_graph_equals_eager_steps(every: int) -> None:
+    """`plan_step` + `append_planned`/`attend_planned`, every layer in one CUDA graph per plan key, as an engine captures."""
+    budget = DecodeBudget(fraction=0.125, select_every=every)
+    wanted = budget.wanted(-(-1700 // BT))
+    eager, planned = pair(budget, [1500, 1505, 1510], device_pages=3 * wanted + 8, max_seqs=4)
+    seqs, scale = [0, 1, 2], 1 / math.sqrt(D)
+    q_in = torch.zeros(3, HQ, D, dtype=torch.bfloat16, device="cuda")
+    k_in = torch.zeros(LAYERS, 3, H, D, dtype=torch.bfloat16, device="cuda")
+    out = torch.zeros(LAYERS, 3, HQ, D, dtype=torch.bfloat16, device="cuda")
+
+    def run(plan) -> None:  # device work only
+        for layer in range(LAYERS):
+            planned.append_planned(plan, layer, k_in[layer], k_in[layer])
+            out[layer] = planned.attend_planned(plan, layer, q_in, scale)
+
+    graphs: dict[object, torch.cuda.CUDAGraph] = {}
+    seen: set[object] = set()
+    replays = 0
+    for t in range(48):  # pages open and fill at different steps of the three sequences
+        g = torch.Generator(device="cuda").manual_seed(500 + t)
+        q = torch.randn(3, HQ, D, generator=g, device="cuda").to(torch.bfloat16)
+        ks = torch.randn(LAYERS, 3, H, D, generator=g, device="cuda").to(torch.bfloat16)
+        ref = []
+        for layer in range(LAYERS):
+            eager.append(layer, seqs, ks[layer], ks[layer])
+            ref.append(eager.attend(layer, seqs, q, scale))
+        plan = planned.plan_step(seqs)
+        q_in.copy_(q)
+        k_in.copy_(ks)
+        if plan.key not in seen:  # eagerly the first time (Triton compiles outside a capture)
+            seen.add(plan.key)
+            run(plan)
+        else:
+            if plan.key not in graphs:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run(plan)
+                graphs[plan.key] = graph
+            graphs[plan.key].replay()
+            replays += 1
+        assert torch.equal(out, torch.stack(ref)), f"step {t}: the captured planned step differs from eager"
+    same_state([eager, planned])
+    assert replays > 20 and len(graphs) < 20

@@ -38,6 +38,7 @@ known only when the model reaches it.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -88,6 +89,7 @@ class _Layer:
     tokens: np.ndarray  # [max_seqs] tokens written for each sequence in this layer
     tokens_dev: torch.Tensor  # its device mirror, advanced on the device by append
     exact: bool  # one of the budget's dense layers: every page resident, no selection
+    step_dev: torch.Tensor  # 0-dim: this layer's attention steps, on the device (the residency's clock)
     budgets_dev: torch.Tensor  # [max_seqs] each sequence's share of the pool, updated in place (graphs read it)
     budget_pages: np.ndarray | None = None  # the page counts `budgets` was computed for
     budgets: np.ndarray | None = None  # [max_seqs] each sequence's share of the pool
@@ -101,6 +103,24 @@ class _Layer:
     def dev_slot(self) -> torch.Tensor:
         """`[max_seqs, max_pages]` device slot of each page, -1 not resident (a device tensor)."""
         return self.res.table
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One decode step of a batch with every layer's host half done (`PageManager.plan_step`).
+
+    `key` names the device work the step's `append_planned`/`attend_planned` calls launch:
+    plans with equal keys launch the same kernels, with the same shapes, on the same buffers.
+    So an engine can capture its whole decode step, model and page manager together, as one
+    CUDA graph per key and replay it for every later plan with that key.
+    """
+
+    seqs: tuple[int, ...]
+    key: Hashable
+    serial: int  # which plan of the manager this is: only the latest may run
+    batch: _Batch = field(repr=False)
+    fills: tuple[bool, ...] = field(repr=False)  # per layer: some page fills with this step's token
+    layers: tuple[_LayerStep, ...] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,15 @@ class _Selection:
     key: tuple[tuple[int, ...], int]
     at: int
     pages: np.ndarray
+
+
+@dataclass(frozen=True)
+class _LayerStep:
+    """What the host half of a layer's `attend` decided for its device half: shape, mode, the kept selection."""
+
+    shape: _Shape
+    mode: str  # "select", "merge" or "same" (`PageManager._reuse`)
+    chosen: _Chosen | None
 
 
 @dataclass(frozen=True)
@@ -203,13 +232,13 @@ class PageManager:
                 tokens=np.zeros(max_seqs, np.int64),
                 tokens_dev=torch.zeros(max_seqs, dtype=torch.int64, device=self.device),
                 exact=i < budget.dense_layers,
+                step_dev=torch.zeros((), dtype=torch.int64, device=self.device),
                 budgets_dev=torch.zeros(max_seqs, dtype=torch.int64, device=self.device),
             )
             for i, pool in enumerate(pools)
         ]
         self.active = np.zeros(max_seqs, bool)
-        self.step = 0  # attention steps so far; `_step_dev` is its device copy, which device work reads
-        self._step_dev = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.step = 0  # attention steps so far, all layers (each layer counts its own on the device: `step_dev`)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the page manager is on {self.device}")
         self.graphs = StepGraphs(self.device) if cuda_graphs else None
@@ -218,6 +247,8 @@ class PageManager:
         self._last_fetched = torch.zeros((), dtype=torch.int64, device=self.device)  # the latest attend's counts
         self._last_evicted = torch.zeros((), dtype=torch.int64, device=self.device)
         self._batches: dict[tuple[int, ...], _Batch] = {}
+        self._plans = 0  # plans made (`plan_step`)
+        self._generation = 0  # bumped when buffers a plan's key stands for are replaced
         self.last_step: StepStats | None = None
 
     # -- sizes and counters (reading them may synchronise) -------------------------------
@@ -300,6 +331,7 @@ class PageManager:
             b = _Batch(rows, both[: len(rows)], both[len(rows):], run, key)
             if len(self._batches) > 16:
                 self._batches.clear()
+                self._generation += 1
             self._batches[key] = b
         bad = (b.rows < 0) | (b.rows >= self.max_seqs)
         if bad.any() or not self.active[b.rows].all():
@@ -356,7 +388,7 @@ class PageManager:
             if len(layer.free_host) < pages:
                 raise CapacityError(f"the host pool has {len(layer.free_host)} free pages, the prompt needs {pages}")
             room = layer.res.victims_available(classes_dev, self._all_pages_dev(layer), b.sink_pages, b.window_pages,
-                                               self._step_dev)
+                                               layer.step_dev)
             if room < len(keep):
                 raise CapacityError(
                     f"the device pool of {layer.res.slots} pages per layer has {room} free or that can be demoted; "
@@ -371,14 +403,14 @@ class PageManager:
             layer.host_slot[seq, :pages] = hs
             layer.host_slot_dev[seq * mp : seq * mp + pages] = self._to_device(hs)
             res = layer.res
-            res.last_used[seq * mp : (seq + 1) * mp] = self._step_dev
+            res.last_used[seq * mp : (seq + 1) * mp] = layer.step_dev
             res.score[seq * mp : (seq + 1) * mp] = 0.0
             rows = self._to_device(np.array([seq], np.int64))
             keep_dev = self._to_device(keep[None])
             mask = torch.ones(keep_dev.shape, dtype=torch.bool, device=self.device)
             budget = torch.full((1,), len(keep), dtype=torch.int64, device=self.device)
             slots, evicted = res.place(rows, keep_dev, mask, pages, budget, classes_dev, self._all_pages_dev(layer),
-                                       b.sink_pages, b.window_pages, self._step_dev)
+                                       b.sink_pages, b.window_pages, layer.step_dev)
             layer.dev[slots[0]] = blocks[keep_dev[0].to(blocks.device)].to(self.device)
             self._evicted += evicted
             layer.digest.reset(seq)
@@ -428,26 +460,33 @@ class PageManager:
         """
         layer = self.layers[layer_idx]
         b = self._batch(seqs)
-        bt, mp = self.layout.block_tokens, self.max_pages
-        pos = layer.tokens[b.rows]
-        page, off = pos // bt, pos % bt
-        if (page >= mp).any():
-            raise CapacityError(f"a sequence reached {mp} pages, the most this manager holds")
-        want = (len(b.rows), self.layout.num_kv_heads, self.layout.head_dim)
-        if tuple(keys.shape) != want or tuple(values.shape) != want:
-            raise ValueError(f"append needs keys and values of shape {want}, got {tuple(keys.shape)} and {tuple(values.shape)}")
-        opens = off == 0
-        if opens.any():
-            self._open(layer, b, opens, page)
-        layer.tokens[b.rows] += 1
-        keys = keys.to(self.device, layer.dev.dtype)
-        values = values.to(self.device, layer.dev.dtype)
-        fills = bool((off == bt - 1).any())
+        keys, values = self._check_kv(layer, b, keys, values)
+        fills = self._append_host(layer, b)
         if self.graphs is None:
             self._write_token(layer, b, keys, values, fills)
         else:
             self.graphs.run(("append", layer_idx, b.key, fills), lambda k, v: self._write_token(layer, b, k, v, fills),
                             (keys, values), keep=b)
+
+    def _check_kv(self, layer: _Layer, b: _Batch, keys: torch.Tensor, values: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        want = (len(b.rows), self.layout.num_kv_heads, self.layout.head_dim)
+        if tuple(keys.shape) != want or tuple(values.shape) != want:
+            raise ValueError(f"append needs keys and values of shape {want}, got {tuple(keys.shape)} and {tuple(values.shape)}")
+        return keys.to(self.device, layer.dev.dtype), values.to(self.device, layer.dev.dtype)
+
+    def _append_host(self, layer: _Layer, b: _Batch) -> bool:
+        """The host half of `append`: pages that open are placed, counts advance. Whether some page fills."""
+        bt, mp = self.layout.block_tokens, self.max_pages
+        pos = layer.tokens[b.rows]
+        page, off = pos // bt, pos % bt
+        if (page >= mp).any():
+            raise CapacityError(f"a sequence reached {mp} pages, the most this manager holds")
+        opens = off == 0
+        if opens.any():
+            self._open(layer, b, opens, page)
+        layer.tokens[b.rows] += 1
+        return bool((off == bt - 1).any())
 
     def _write_token(self, layer: _Layer, b: _Batch, keys: torch.Tensor, values: torch.Tensor, fills: bool) -> None:
         """The device half of `append`: the token's K/V into its page's slot, the count; full pages' digests and home copies.
@@ -507,8 +546,8 @@ class PageManager:
         want_dev, mask_dev = rest[: n * k].view(n, k), rest[n * k:].view(n, k).bool()
         layer.host_slot_dev[fid] = host_rows
         _, evicted = layer.res.place(rows_dev, want_dev, mask_dev, int(num.max()), layer.budgets_dev[rows_dev],
-                                     classes_dev, self._all_pages_dev(layer), s, w, self._step_dev)
-        layer.res.last_used[fid.reshape(-1)] = self._step_dev
+                                     classes_dev, self._all_pages_dev(layer), s, w, layer.step_dev)
+        layer.res.last_used[fid.reshape(-1)] = layer.step_dev
         layer.res.score.index_fill_(0, fid.reshape(-1), 1.0)
         self._evicted += evicted
 
@@ -556,9 +595,57 @@ class PageManager:
         The sequences' newest tokens must already be appended (a token attends to itself).
         """
         b = self._batch(seqs)
-        if q.dim() != 3 or q.shape[0] != len(seqs):
-            raise ValueError(f"q must be [{len(seqs)} sequences, q_heads, head_dim], got {tuple(q.shape)}")
+        q = self._check_q(b, q)
         layer = self.layers[layer_idx]
+        plan = self._attend_host(layer, b)
+        if self.graphs is None:
+            return self._attend_layer(layer, b, q, scale, plan)
+        key = ("attend", layer_idx, b.key, plan.shape, plan.mode, float(scale), q.dtype, tuple(q.shape))
+        out = self.graphs.run(key, lambda qq: self._attend_layer(layer, b, qq, scale, plan), (q,), keep=(b, plan.chosen))
+        assert out is not None
+        return out
+
+    def plan_step(self, seqs: list[int]) -> StepPlan:
+        """The host half of one decode step of every layer for `seqs` (what `append` and `attend` do on the host).
+
+        Then, for each layer in order, `append_planned` and `attend_planned` run the device
+        halves: they launch device work only (no host decision, no synchronisation, nothing
+        uploaded), so an engine can capture the whole step, its model included, as one CUDA
+        graph per `StepPlan.key` (`append`/`attend` capture each layer's halves separately,
+        with `cuda_graphs=True`). The results are those of `append` + `attend` layer by layer.
+        """
+        b = self._batch(seqs)
+        fills, layers = [], []
+        for layer in self.layers:
+            fills.append(self._append_host(layer, b))
+            layers.append(self._attend_host(layer, b))
+        self._plans += 1
+        key = (b.key, self._generation, tuple((f, ls.shape, ls.mode) for f, ls in zip(fills, layers)))
+        return StepPlan(b.key, key, self._plans, b, tuple(fills), tuple(layers))
+
+    def _current(self, plan: StepPlan) -> _Batch:
+        if plan.serial != self._plans:
+            raise ValueError(f"step plan {plan.serial} is not the latest ({self._plans}): plan each step, then run it once")
+        return plan.batch
+
+    def append_planned(self, plan: StepPlan, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The device half of `append` for layer `layer_idx` of a planned step (see `plan_step`)."""
+        b, layer = self._current(plan), self.layers[layer_idx]
+        keys, values = self._check_kv(layer, b, keys, values)
+        self._write_token(layer, b, keys, values, plan.fills[layer_idx])
+
+    def attend_planned(self, plan: StepPlan, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """The device half of `attend` for layer `layer_idx` of a planned step (see `plan_step`)."""
+        b = self._current(plan)
+        return self._attend_layer(self.layers[layer_idx], b, self._check_q(b, q), scale, plan.layers[layer_idx])
+
+    def _check_q(self, b: _Batch, q: torch.Tensor) -> torch.Tensor:
+        if q.dim() != 3 or q.shape[0] != len(b.rows):
+            raise ValueError(f"q must be [{len(b.rows)} sequences, q_heads, head_dim], got {tuple(q.shape)}")
+        return q.to(self.device)
+
+    def _attend_host(self, layer: _Layer, b: _Batch) -> _LayerStep:
+        """The host half of `attend`: the capacity check, the step's shape, and whether it selects."""
         shape, counts = self._shape(layer, b)
         others = self.active.copy()
         others[b.rows] = False
@@ -568,28 +655,17 @@ class PageManager:
                 "pages beside the other sequences' sinks and windows"
             )
         self.step += 1
-        q = q.to(self.device)
         chosen, mode = self._reuse(layer, b, shape)
         layer.attends += 1
-        out: torch.Tensor | None
-        if mode != "select":
-            assert chosen is not None
-            merge = mode == "merge"
-            if self.graphs is None:
-                out = self._attend_cached(layer, b, q, scale, chosen, merge)
-            else:
-                cached_key = ("cached", layer_idx, b.key, shape.k, merge, float(scale), q.dtype, tuple(q.shape))
-                out = self.graphs.run(cached_key, lambda qq: self._attend_cached(layer, b, qq, scale, chosen, merge),
-                                      (q,), keep=(b, chosen))
-        elif self.graphs is None:
-            out = self._attend_device(layer, b, q, scale, shape, chosen)
-        else:
-            key = ("attend", layer_idx, b.key, shape, float(scale), q.dtype, tuple(q.shape))
-            out = self.graphs.run(key, lambda qq: self._attend_device(layer, b, qq, scale, shape, chosen), (q,),
-                                  keep=(b, chosen))
-        assert out is not None
         self.last_step = StepStats(int(counts.sum()), self._last_fetched, self._last_evicted)
-        return out
+        return _LayerStep(shape, mode, chosen)
+
+    def _attend_layer(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, plan: _LayerStep) -> torch.Tensor:
+        """The device half of `attend`, as `plan` says: select (and fetch), or attend over the kept selection."""
+        if plan.mode == "select":
+            return self._attend_device(layer, b, q, scale, plan.shape, plan.chosen)
+        assert plan.chosen is not None
+        return self._attend_cached(layer, b, q, scale, plan.chosen, plan.mode == "merge")
 
     def _reuse(self, layer: _Layer, b: _Batch, shape: _Shape) -> tuple[_Chosen | None, str]:
         """(where this step's selection is kept, how the step gets its pages): "select", "merge" or "same".
@@ -609,6 +685,7 @@ class PageManager:
             if len(layer.chosen) >= 64:  # batches that keep changing: start over (graphs hold the old buffers)
                 layer.chosen.clear()
                 layer.selection = None
+                self._generation += 1
                 if self.graphs is not None:
                     self.graphs.clear()
             n, k = len(b.rows), shape.k
@@ -640,7 +717,7 @@ class PageManager:
         was placed since) and only the lengths grow.
         """
         bt = self.layout.block_tokens
-        self._step_dev += 1
+        layer.step_dev += 1
         tokens = layer.tokens_dev[b.rows_dev]
         num_pages = self._num_pages(tokens)
         if merge:
@@ -674,7 +751,7 @@ class PageManager:
 
         `chosen`: where to keep the selection for the steps that reuse it (`select_every`)."""
         bt = self.layout.block_tokens
-        self._step_dev += 1
+        layer.step_dev += 1
         tokens = layer.tokens_dev[b.rows_dev]
         num_pages = self._num_pages(tokens)
         pages, mask = self._choose(layer, b, q, scale, shape, num_pages)
@@ -683,10 +760,10 @@ class PageManager:
             chosen.mask.copy_(mask)
         res = layer.res
         ids = res.ids(b.rows_dev, pages)
-        res.last_used[res.masked(ids, mask).reshape(-1)] = self._step_dev
+        res.last_used[res.masked(ids, mask).reshape(-1)] = layer.step_dev
         placed, evicted = res.place(b.rows_dev, pages, mask, shape.width, layer.budgets_dev[b.rows_dev], b.classes,
                                     self._all_pages_dev(layer), self.budget.sink_pages, self.budget.window_pages,
-                                    self._step_dev)
+                                    layer.step_dev)
         # One launch for the whole batch: entries with nothing to fetch have source row -1.
         src = torch.where(placed >= 0, layer.host_slot_dev[ids], -1)
         copy_rows_where(layer.host, src, layer.dev, placed.clamp(min=0))
