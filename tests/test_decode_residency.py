@@ -62,20 +62,25 @@ def test_place_pairs_missing_pages_with_victims_as_the_reference_does(x: dict) -
                                             x["budgets"], x["classes"], x["num_pages"], x["sink"], x["window"])
     except IndexError:  # not enough victims: the manager refuses such a step on the host first
         assume(False)
-    res = Residency(x["seqs"], x["mp"], x["slots"], torch.device("cpu"))
-    res.slot[:-1] = torch.tensor(x["slot"])
-    res.occupant[:-1] = torch.tensor(x["occupant"])
-    res.last_used[:-1] = torch.tensor(x["last_used"])
-    res.score[:-1] = torch.tensor(x["score"])
-    k = max(len(w) for w in x["want"])
-    want = torch.tensor([w + [w[-1]] * (k - len(w)) for w in x["want"]])
-    mask = torch.tensor([[j < len(w) for j in range(k)] for w in x["want"]])
-    width = max(x["num_pages"][r] for r in x["rows"])
-    got, n_evicted = res.place(torch.tensor(x["rows"]), want, mask, width, torch.tensor(x["budgets"]),
-                               torch.tensor(x["classes"]), torch.tensor(x["num_pages"]), x["sink"], x["window"], x["step"])
-    assert [row[: len(w)] for row, w in zip(got.tolist(), x["want"])] == expected
-    assert res.slot[:-1].tolist() == slot and res.occupant[:-1].tolist() == occupant
-    assert int(n_evicted) == evicted
+    holders = {page // x["mp"] for page in x["occupant"] if page >= 0}
+    # `roomy` is for steps whose rows hold every occupied slot within budgets that fit the pool.
+    roomy_too = holders <= set(x["rows"]) and sum(x["budgets"]) <= x["slots"]
+    for roomy in (False, True) if roomy_too else (False,):
+        res = Residency(x["seqs"], x["mp"], x["slots"], torch.device("cpu"))
+        res.slot[:-1] = torch.tensor(x["slot"])
+        res.occupant[:-1] = torch.tensor(x["occupant"])
+        res.last_used[:-1] = torch.tensor(x["last_used"])
+        res.score[:-1] = torch.tensor(x["score"])
+        k = max(len(w) for w in x["want"])
+        want = torch.tensor([w + [w[-1]] * (k - len(w)) for w in x["want"]])
+        mask = torch.tensor([[j < len(w) for j in range(k)] for w in x["want"]])
+        width = max(x["num_pages"][r] for r in x["rows"])
+        got, n_evicted = res.place(torch.tensor(x["rows"]), want, mask, width, torch.tensor(x["budgets"]),
+                                   torch.tensor(x["classes"]), torch.tensor(x["num_pages"]), x["sink"], x["window"],
+                                   x["step"], roomy=roomy)
+        assert [row[: len(w)] for row, w in zip(got.tolist(), x["want"])] == expected, roomy
+        assert res.slot[:-1].tolist() == slot and res.occupant[:-1].tolist() == occupant
+        assert int(n_evicted) == evicted
 
 
 def test_choose_pages_matches_the_numpy_selection() -> None:

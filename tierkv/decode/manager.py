@@ -173,6 +173,7 @@ class _Shape:
     k: int  # selected pages per row, padded
     width: int  # pages scored per row, padded
     exact: bool  # every row takes all its pages: no scores
+    roomy: bool  # the batch is every sequence held, within budgets that fit the pool (`Residency.place`)
 
 
 def _padded(n: int, cap: int) -> int:
@@ -565,9 +566,12 @@ class PageManager:
     def _shape(self, layer: _Layer, b: _Batch) -> tuple[_Shape, np.ndarray]:
         """The step's padded shape and each row's selected page count (host values: budgets, token counts)."""
         pages = self._num_pages(layer.tokens[b.rows])
-        counts = np.minimum(self._budgets(layer)[b.rows], pages)
+        budgets = self._budgets(layer)[b.rows]
+        counts = np.minimum(budgets, pages)
         width = _padded(int(pages.max()), self.max_pages)
-        return _Shape(min(width, _padded(int(counts.max()), self.max_pages)), width, bool((counts == pages).all())), counts
+        roomy = int(self.active.sum()) == len(b.rows) and int(budgets.sum()) <= layer.res.slots
+        return _Shape(min(width, _padded(int(counts.max()), self.max_pages)), width, bool((counts == pages).all()),
+                      roomy), counts
 
     def _choose(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape, pages_dev: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -763,7 +767,7 @@ class PageManager:
         res.last_used[res.masked(ids, mask).reshape(-1)] = layer.step_dev
         placed, evicted = res.place(b.rows_dev, pages, mask, shape.width, layer.budgets_dev[b.rows_dev], b.classes,
                                     self._all_pages_dev(layer), self.budget.sink_pages, self.budget.window_pages,
-                                    layer.step_dev)
+                                    layer.step_dev, shape.roomy)
         # One launch for the whole batch: entries with nothing to fetch have source row -1.
         src = torch.where(placed >= 0, layer.host_slot_dev[ids], -1)
         copy_rows_where(layer.host, src, layer.dev, placed.clamp(min=0))

@@ -96,7 +96,7 @@ class Residency:
 
     def place(self, rows: torch.Tensor, want: torch.Tensor, mask: torch.Tensor, width: int, budgets: torch.Tensor,
               seq_class: torch.Tensor, num_pages: torch.Tensor, sink_pages: int, window_pages: int,
-              step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              step: torch.Tensor, roomy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Make pages `want[i, j]` (where `mask[i, j]`) of sequence `rows[i]` resident; nothing leaves the device.
 
         want: `[n, k]` page indices below `width` (the rows' largest page count), valid even where
@@ -104,18 +104,26 @@ class Residency:
         newly placed page got (`[n, k]`, -1 where the page was resident or masked; its contents are
         the caller's to fill) and the number of pages evicted (a 0-dim device tensor). `step`: the
         manager's step counter, a 0-dim device tensor (so a captured step reads it when replayed).
+        `roomy`: the caller knows that every sequence holding device slots is among `rows` and
+        that `budgets` sum to at most the slots; after the trim the free slots then cover every
+        missing page, so the k-th missing page takes the k-th free slot (a cumsum and a search)
+        without ranking the occupied ones: the same slots the full victim order gives.
         """
         n = rows.shape[0]
         ids = self.ids(rows, want)
         cur = self.slot[ids]
         missing = mask & (cur < 0)
         evicted = self._trim(rows, want, mask, missing, width, budgets, step)
-        keep = torch.zeros(self.slots + 1, dtype=torch.bool, device=cur.device)
-        keep.index_fill_(0, torch.where(mask & (cur >= 0), cur, self.trash_slot).reshape(-1), True)
-        order = self.victim_keys(keep[:-1], seq_class, num_pages, sink_pages, window_pages, step).argsort(stable=True)
         flat = missing.reshape(-1)
         k = (flat.cumsum(0) - 1).clamp(0, self.slots - 1)
-        victim = torch.where(flat, order[k], -1)
+        if roomy:
+            free = (self.occupant[:-1] < 0).cumsum(0)
+            victim = torch.where(flat, torch.searchsorted(free, k + 1).clamp(max=self.slots - 1), -1)
+        else:
+            keep = torch.zeros(self.slots + 1, dtype=torch.bool, device=cur.device)
+            keep.index_fill_(0, torch.where(mask & (cur >= 0), cur, self.trash_slot).reshape(-1), True)
+            order = self.victim_keys(keep[:-1], seq_class, num_pages, sink_pages, window_pages, step).argsort(stable=True)
+            victim = torch.where(flat, order[k], -1)
         to = torch.where(flat, victim, self.trash_slot)
         old = self.occupant[to]
         gone = flat & (old >= 0)
