@@ -182,10 +182,10 @@ def bench_pages(s: Shape, ctx: int, batch: int, device: torch.device, steps: int
     """The page manager's step; `whole`: planned (`PageManager.plan_step`) and captured as one graph per plan key,
     model included, as an engine captures its decode step (else each layer's halves are replayed from their own graphs)."""
     layout = KVLayout(s.layers, 2, s.kv_heads, s.head_dim, s.dtype, s.block_tokens)
-    # Whole selection periods, after two of them (each shape's graph is captured the second time it runs; a
-    # whole-step graph's key also changes as pages open and fill: two pages' worth of steps first).
-    period = max(select_every, s.block_tokens) if whole else select_every
-    warm, steps = 2 * period + 1, select_every * -(-steps // select_every)
+    # Whole periods of selections and page opens, after two of them: a graph is captured the second time
+    # its key comes, and keys change with the selection phase and as pages open and fill.
+    period = max(select_every, s.block_tokens)
+    warm, steps = 2 * period + 1, period * -(-steps // period)
     pages = -(-(ctx + warm + steps + 8) // s.block_tokens)
     budget = DecodeBudget(fraction=fraction, sink_pages=1, window_pages=2, select_every=select_every)
     m = PageManager(layout, budget, device_pages=batch * budget.wanted(pages), host_pages=batch * pages, max_seqs=batch,
@@ -311,6 +311,7 @@ def main() -> None:
                     help="DecodeBudget.select_every values to measure (a row each)")
     ap.add_argument("--whole-step", type=int, nargs="*", default=[1, 16],
                     help="select_every values to measure with the whole step planned and captured as one graph")
+    ap.add_argument("--no-host-all", action="store_true", help="leave out the all-KV-in-host rows")
     ap.add_argument("--drift", type=float, default=0.12, help="query noise per step (selection churn, see above)")
     ap.add_argument("--attention-only", action="store_true", help="leave out the layers' projections and MLP")
     ap.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan with (default: the device's, less 8 GiB)")
@@ -352,7 +353,8 @@ def main() -> None:
                 rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction, ws, args.drift, every))
             for every in args.whole_step:
                 rows.append(bench_pages(s, ctx, batch, device, steps, args.fraction, ws, args.drift, every, whole=True))
-            rows.append(bench_host_all(s, ctx, batch, device, steps, ws, args.drift))
+            if not args.no_host_all:
+                rows.append(bench_host_all(s, ctx, batch, device, steps, ws, args.drift))
             print(*rows[first:], sep="\n", flush=True)
             if args.out is not None:  # the rows so far, in case a time limit stops the larger shapes
                 args.out.write_text(table(rows, s, "Decode step (partial: the run was stopped here)") + "\n")
