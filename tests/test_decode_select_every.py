@@ -93,9 +93,9 @@ def test_a_selection_is_forced_when_more_pages_opened_than_the_window_holds() ->
     for _ in range(3 * BT):
         q = d.token()
         chosen = [p for p in d.m.select(0, [d.seq], q, SCALE)[0].tolist() if p >= 0]
-        before = d.m.layers[0].selection
+        before = d.m.layers[0].kept.selection
         out = d.m.attend(0, [d.seq], q, SCALE)
-        if d.m.layers[0].selection is not before:
+        if d.m.layers[0].kept.selection is not before:
             selections += 1
             torch.testing.assert_close(out[0], d.expect(q, chosen), rtol=1e-5, atol=1e-5)
     # Tokens 24..35 open pages 6, 7 and 8 (at steps 0, 4, 8): step 0 selects; page 7 is in the
@@ -110,12 +110,12 @@ def test_a_new_sequence_or_another_batch_makes_the_next_step_select() -> None:
     for _ in range(2):
         qa, qb = a.token(), b.token()
         m.attend(0, [a.seq, b.seq], torch.cat([qa, qb]), SCALE)
-    first = m.layers[0].selection
+    first = m.layers[0].kept.selection
     qa = a.token()
     m.attend(0, [a.seq], qa, SCALE)  # another batch: selects
-    assert m.layers[0].selection is not first
+    assert m.layers[0].kept.selection is not first
     c = Decoder(m, 40, 6)  # demotes a's and b's pages: the kept selection is dropped
-    assert m.layers[0].selection is None
+    assert m.layers[0].kept.selection is None
     for d in (a, b, c):
         q = d.token()
         out = m.attend(0, [d.seq], q, SCALE)

@@ -26,7 +26,7 @@ host but that shape. With `cuda_graphs=True` the device halves are replayed from
 then cost their GPU time, not their Python launch time.
 
 With `DecodeBudget.select_every` n > 1 only every n-th step of a layer and batch selects (and
-fetches); the steps between (`_attend_cached`) attend to the kept selection's pages that are
+fetches); the steps between (`_attend_cached`, `reuse.KeptSelections`) attend to the kept selection's pages that are
 still resident plus the current sinks and window: a handful of kernels and no copy.
 
 `add` and `remove` are rare and may synchronise (`add` counts the slots that can be freed
@@ -53,6 +53,7 @@ from .attention import attend_pages
 from .budget import DecodeBudget, share
 from .graphs import StepGraphs
 from .residency import LRU, NEVER, SCORE, Residency
+from .reuse import Kept, KeptSelections
 from .selection import choose_pages, page_scores
 from .summaries import KeySummaries
 
@@ -91,13 +92,9 @@ class _Layer:
     exact: bool  # one of the budget's dense layers: every page resident, no selection
     step_dev: torch.Tensor  # 0-dim: this layer's attention steps, on the device (the residency's clock)
     budgets_dev: torch.Tensor  # [max_seqs] each sequence's share of the pool, updated in place (graphs read it)
+    kept: KeptSelections  # selections kept for the steps between selections (`select_every`)
     budget_pages: np.ndarray | None = None  # the page counts `budgets` was computed for
     budgets: np.ndarray | None = None  # [max_seqs] each sequence's share of the pool
-    attends: int = 0  # attention steps of this layer so far
-    opens: int = 0  # placements so far (page opens, arrivals, departures): each may take a kept page's slot
-    selection: _Selection | None = None  # its latest full selection (None: the next step selects)
-    chosen: dict[tuple[tuple[int, ...], int], _Chosen] = field(default_factory=dict)  # by (batch, k)
-    table_for: tuple[tuple[tuple[int, ...], int], int] | None = None  # (chosen key, opens) its table is right for
 
     @property
     def dev_slot(self) -> torch.Tensor:
@@ -124,35 +121,12 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
-class _Chosen:
-    """A layer's latest selection for one batch and width, kept on the device at fixed addresses
-    (a captured full step writes it, a captured cached step reads it): `[n, k]` pages and mask,
-    and the block table the steps between selections attend over (`[n, k + window]` slots, the
-    first `count[i]` of row i in use) while no placement has moved a page."""
-
-    pages: torch.Tensor
-    mask: torch.Tensor
-    table: torch.Tensor
-    count: torch.Tensor
-
-
-@dataclass(frozen=True)
-class _Selection:
-    """What the host knows of a layer's latest full selection: for which batch and width, at which
-    of the layer's steps, and each row's page count then (`DecodeBudget.select_every`)."""
-
-    key: tuple[tuple[int, ...], int]
-    at: int
-    pages: np.ndarray
-
-
-@dataclass(frozen=True)
 class _LayerStep:
     """What the host half of a layer's `attend` decided for its device half: shape, mode, the kept selection."""
 
     shape: _Shape
     mode: str  # "select", "merge" or "same" (`PageManager._reuse`)
-    chosen: _Chosen | None
+    kept: Kept | None
 
 
 @dataclass(frozen=True)
@@ -234,6 +208,7 @@ class PageManager:
                 tokens_dev=torch.zeros(max_seqs, dtype=torch.int64, device=self.device),
                 exact=i < budget.dense_layers,
                 step_dev=torch.zeros((), dtype=torch.int64, device=self.device),
+                kept=KeptSelections(budget.select_every, budget.window_pages, self.device),
                 budgets_dev=torch.zeros(max_seqs, dtype=torch.int64, device=self.device),
             )
             for i, pool in enumerate(pools)
@@ -418,8 +393,7 @@ class PageManager:
             layer.digest.write(seq, k.to(self.device), self.layout.block_tokens)
             layer.tokens[seq] = tokens
             layer.tokens_dev[seq] = tokens
-            layer.selection = None
-            layer.opens += 1
+            layer.kept.forget()
         self.active[seq] = True
         return seq
 
@@ -436,8 +410,7 @@ class PageManager:
             layer.res.free_seq(seq)
             layer.tokens[seq] = 0
             layer.tokens_dev[seq] = 0
-            layer.selection = None
-            layer.opens += 1
+            layer.kept.forget()
         self.active[seq] = False
 
     def _blocks(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -512,7 +485,7 @@ class PageManager:
         """New tail pages for the rows where `opens`: a host row each, then a device slot each."""
         rows, pages = b.rows[opens], page[opens]
         n = len(rows)
-        layer.opens += 1
+        layer.kept.placed()
         if len(layer.free_host) < n:
             raise CapacityError(f"the host pool of {self.host_pages} pages per layer is full")
         after = layer.tokens.copy()
@@ -605,7 +578,7 @@ class PageManager:
         if self.graphs is None:
             return self._attend_layer(layer, b, q, scale, plan)
         key = ("attend", layer_idx, b.key, plan.shape, plan.mode, float(scale), q.dtype, tuple(q.shape))
-        out = self.graphs.run(key, lambda qq: self._attend_layer(layer, b, qq, scale, plan), (q,), keep=(b, plan.chosen))
+        out = self.graphs.run(key, lambda qq: self._attend_layer(layer, b, qq, scale, plan), (q,), keep=(b, plan.kept))
         assert out is not None
         return out
 
@@ -659,58 +632,22 @@ class PageManager:
                 "pages beside the other sequences' sinks and windows"
             )
         self.step += 1
-        chosen, mode = self._reuse(layer, b, shape)
-        layer.attends += 1
+        kept, mode, dropped = layer.kept.plan(b.key, shape.k, self._num_pages(layer.tokens[b.rows]))
+        if dropped:  # captured steps may hold the dropped buffers
+            self._generation += 1
+            if self.graphs is not None:
+                self.graphs.clear()
         self.last_step = StepStats(int(counts.sum()), self._last_fetched, self._last_evicted)
-        return _LayerStep(shape, mode, chosen)
+        return _LayerStep(shape, mode, kept)
 
     def _attend_layer(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, plan: _LayerStep) -> torch.Tensor:
         """The device half of `attend`, as `plan` says: select (and fetch), or attend over the kept selection."""
         if plan.mode == "select":
-            return self._attend_device(layer, b, q, scale, plan.shape, plan.chosen)
-        assert plan.chosen is not None
-        return self._attend_cached(layer, b, q, scale, plan.chosen, plan.mode == "merge")
+            return self._attend_device(layer, b, q, scale, plan.shape, plan.kept)
+        assert plan.kept is not None
+        return self._attend_cached(layer, b, q, scale, plan.kept, plan.mode == "merge")
 
-    def _reuse(self, layer: _Layer, b: _Batch, shape: _Shape) -> tuple[_Chosen | None, str]:
-        """(where this step's selection is kept, how the step gets its pages): "select", "merge" or "same".
-
-        With `select_every` n > 1 a layer's step reuses the selection of its batch made fewer
-        than n steps ago at the same width, provided no row opened more pages since than its
-        window holds (a page opened since is in the window, so the cached step finds it there):
-        "merge" rebuilds the block table from the kept pages and the window after a placement
-        may have moved pages, "same" attends over the kept table (only the lengths grow).
-        """
-        every = self.budget.select_every
-        if every == 1:
-            return None, "select"
-        key = (b.key, shape.k)
-        chosen = layer.chosen.get(key)
-        if chosen is None:
-            if len(layer.chosen) >= 64:  # batches that keep changing: start over (graphs hold the old buffers)
-                layer.chosen.clear()
-                layer.selection = None
-                self._generation += 1
-                if self.graphs is not None:
-                    self.graphs.clear()
-            n, k = len(b.rows), shape.k
-            zeros = torch.zeros((n, k), dtype=torch.int64, device=self.device)
-            chosen = _Chosen(zeros, torch.zeros((n, k), dtype=torch.bool, device=self.device),
-                             torch.zeros((n, k + self.budget.window_pages), dtype=torch.int64, device=self.device),
-                             torch.zeros(n, dtype=torch.int64, device=self.device))
-            layer.chosen[key] = chosen
-        pages = self._num_pages(layer.tokens[b.rows])
-        sel = layer.selection
-        now = (key, layer.opens)
-        if (sel is not None and sel.key == key and layer.attends - sel.at < every
-                and int((pages - sel.pages).max()) <= self.budget.window_pages):
-            mode = "same" if layer.table_for == now else "merge"
-        else:
-            layer.selection = _Selection(key, layer.attends, pages)
-            mode = "select"
-        layer.table_for = now  # the step writes the table it attends over into `chosen`
-        return chosen, mode
-
-    def _attend_cached(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, chosen: _Chosen,
+    def _attend_cached(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, kept: Kept,
                        merge: bool) -> torch.Tensor:
         """The device half of a step between selections: the kept pages still resident, plus sinks and window.
 
@@ -725,43 +662,22 @@ class PageManager:
         tokens = layer.tokens_dev[b.rows_dev]
         num_pages = self._num_pages(tokens)
         if merge:
-            self._merge_table(layer, b, chosen, num_pages)
+            layer.kept.merge_table(kept, layer.res, b.rows_dev, num_pages)
         self._last_fetched.zero_()
         self._last_evicted.zero_()
-        lens = chosen.count * bt - (num_pages * bt - tokens)
-        return attend_pages(q, layer.dev, self.page_layout, chosen.table, lens, scale)
-
-    def _merge_table(self, layer: _Layer, b: _Batch, chosen: _Chosen, num_pages: torch.Tensor) -> None:
-        """`chosen.table`/`count`: the kept pages and the current window that are resident, in position order."""
-        w = self.budget.window_pages
-        window = num_pages[:, None] - w + torch.arange(w, device=self.device)[None, :]
-        cand = torch.cat([torch.where(chosen.mask, chosen.pages, -1), window.clamp(min=-1)], dim=1).sort(dim=1).values
-        res = layer.res
-        slots = res.slot[res.ids(b.rows_dev, cand.clamp(min=0))]
-        first = torch.ones_like(cand, dtype=torch.bool)
-        first[:, 1:] = cand[:, 1:] != cand[:, :-1]
-        ok = first & (cand >= 0) & (slots >= 0)
-        n, width = cand.shape
-        # Compact the pages kept in order; the columns after them hold the tail's slot (never read).
-        at = torch.where(ok, ok.cumsum(1) - 1, width)
-        table = res.slot[res.ids(b.rows_dev, (num_pages - 1)[:, None])].expand(n, width + 1).clone()
-        table.scatter_(1, at, slots)
-        chosen.table.copy_(table[:, :width])
-        chosen.count.copy_(ok.sum(1))
+        lens = kept.count * bt - (num_pages * bt - tokens)
+        return attend_pages(q, layer.dev, self.page_layout, kept.table, lens, scale)
 
     def _attend_device(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape,
-                       chosen: _Chosen | None = None) -> torch.Tensor:
+                       kept: Kept | None = None) -> torch.Tensor:
         """The device half of `attend` (no host values but `shape`'s): what a captured step replays.
 
-        `chosen`: where to keep the selection for the steps that reuse it (`select_every`)."""
+        `kept`: where to keep the selection for the steps that reuse it (`select_every`)."""
         bt = self.layout.block_tokens
         layer.step_dev += 1
         tokens = layer.tokens_dev[b.rows_dev]
         num_pages = self._num_pages(tokens)
         pages, mask = self._choose(layer, b, q, scale, shape, num_pages)
-        if chosen is not None:
-            chosen.pages.copy_(pages)
-            chosen.mask.copy_(mask)
         res = layer.res
         ids = res.ids(b.rows_dev, pages)
         res.last_used[res.masked(ids, mask).reshape(-1)] = layer.step_dev
@@ -778,11 +694,8 @@ class PageManager:
         self._last_evicted.copy_(evicted)
         table = res.slot[ids]
         count = mask.sum(1)
-        if chosen is not None:  # the table the steps until the next placement attend over
-            k = table.shape[1]
-            chosen.table[:, :k] = table
-            chosen.table[:, k:] = table[:, -1:]
-            chosen.count.copy_(count)
+        if kept is not None:  # the selection and table the steps until the next selection reuse
+            KeptSelections.keep(kept, pages, mask, table, count)
         # Every selected page is full but the last, the tail, which holds the tokens past the full pages.
         lens = count * bt - (num_pages * bt - tokens)
         return attend_pages(q, layer.dev, self.page_layout, table, lens, scale)
