@@ -26,8 +26,10 @@ host but that shape. With `cuda_graphs=True` the device halves are replayed from
 then cost their GPU time, not their Python launch time.
 
 With `DecodeBudget.select_every` n > 1 only every n-th step of a layer and batch selects (and
-fetches); the steps between (`_attend_cached`, `reuse.KeptSelections`) attend to the kept selection's pages that are
-still resident plus the current sinks and window: a handful of kernels and no copy.
+fetches); the steps between (`_attend_cached`, `reuse.KeptSelections`) attend to the kept
+selection's pages that are still resident plus the current sinks and window: a handful of
+kernels and no copy. `plan_step` does a whole step's host half for every layer up front, so
+the device halves (`append_planned`, `attend_planned`) can be captured as one graph.
 
 `add` and `remove` are rare and may synchronise (`add` counts the slots that can be freed
 before it changes anything, so a prompt that does not fit raises `CapacityError` with nothing changed).
@@ -125,7 +127,7 @@ class _LayerStep:
     """What the host half of a layer's `attend` decided for its device half: shape, mode, the kept selection."""
 
     shape: _Shape
-    mode: str  # "select", "merge" or "same" (`PageManager._reuse`)
+    mode: str  # "select", "merge" or "same" (`reuse.KeptSelections.plan`)
     kept: Kept | None
 
 
