@@ -20,13 +20,13 @@ without looking: token counts, budgets, the host pool's free rows, context lengt
   (small, pinned, non_blocking).
 
 Each of `append` and `attend` is a host half (checks, token counts, budgets, the step's padded
-shape `_Shape`) and a device half (`_write_token`, `_attend_device`) that reads nothing from the
+shape `_Shape`) and a device half (`_write_token`, `_attend_layer`) that reads nothing from the
 host but that shape. With `cuda_graphs=True` the device halves are replayed from CUDA graphs
 (`graphs.StepGraphs`), one per layer, batch and shape: the step's few hundred small kernels
 then cost their GPU time, not their Python launch time.
 
 With `DecodeBudget.select_every` n > 1 only every n-th step of a layer and batch selects (and
-fetches); the steps between (`_attend_cached`, `reuse.KeptSelections`) attend to the kept
+fetches); the steps between (`_attend_layer`, `reuse.KeptSelections`) attend to the kept
 selection's pages that are still resident plus the current sinks and window: a handful of
 kernels and no copy. `plan_step` does a whole step's host half for every layer up front, so
 the device halves (`append_planned`, `attend_planned`) can be captured as one graph.
@@ -643,42 +643,35 @@ class PageManager:
         return _LayerStep(shape, mode, kept)
 
     def _attend_layer(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, plan: _LayerStep) -> torch.Tensor:
-        """The device half of `attend`, as `plan` says: select (and fetch), or attend over the kept selection."""
-        if plan.mode == "select":
-            return self._attend_device(layer, b, q, scale, plan.shape, plan.kept)
-        assert plan.kept is not None
-        return self._attend_cached(layer, b, q, scale, plan.kept, plan.mode == "merge")
+        """The device half of `attend` (no host values but `plan`'s): what a captured step replays.
 
-    def _attend_cached(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, kept: Kept,
-                       merge: bool) -> torch.Tensor:
-        """The device half of a step between selections: the kept pages still resident, plus sinks and window.
-
-        No scores, no residency change, no copy. With `merge` the kept selection (sinks
-        included) and the current window are merged in position order, pages that lost their
-        slot since (to another sequence's new page, or to the row's own budget) are left out,
-        and the result is kept as the table; without, the kept table is still right (nothing
-        was placed since) and only the lengths grow.
+        The block table comes from a selection (`_select_pages`: scores, placement, fetch) or,
+        between selections, from `plan.kept`: merged again from the kept pages and the current
+        window after a placement may have moved a page ("merge"), else as it is ("same"); those
+        steps score nothing, place nothing and copy nothing.
         """
         bt = self.layout.block_tokens
         layer.step_dev += 1
         tokens = layer.tokens_dev[b.rows_dev]
         num_pages = self._num_pages(tokens)
-        if merge:
-            layer.kept.merge_table(kept, layer.res, b.rows_dev, num_pages)
-        self._last_fetched.zero_()
-        self._last_evicted.zero_()
-        lens = kept.count * bt - (num_pages * bt - tokens)
-        return attend_pages(q, layer.dev, self.page_layout, kept.table, lens, scale)
+        if plan.mode == "select":
+            table, count = self._select_pages(layer, b, q, scale, plan.shape, num_pages, plan.kept)
+        else:
+            assert plan.kept is not None
+            if plan.mode == "merge":
+                layer.kept.merge_table(plan.kept, layer.res, b.rows_dev, num_pages)
+            self._last_fetched.zero_()
+            self._last_evicted.zero_()
+            table, count = plan.kept.table, plan.kept.count
+        # Every page in the table is full but the last, the tail, which holds the tokens past the full pages.
+        lens = count * bt - (num_pages * bt - tokens)
+        return attend_pages(q, layer.dev, self.page_layout, table, lens, scale)
 
-    def _attend_device(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape,
-                       kept: Kept | None = None) -> torch.Tensor:
-        """The device half of `attend` (no host values but `shape`'s): what a captured step replays.
+    def _select_pages(self, layer: _Layer, b: _Batch, q: torch.Tensor, scale: float, shape: _Shape,
+                      num_pages: torch.Tensor, kept: Kept | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block table `[n, k]`, selected pages per row `[n]`): select, make room, fetch what is missing.
 
         `kept`: where to keep the selection for the steps that reuse it (`select_every`)."""
-        bt = self.layout.block_tokens
-        layer.step_dev += 1
-        tokens = layer.tokens_dev[b.rows_dev]
-        num_pages = self._num_pages(tokens)
         pages, mask = self._choose(layer, b, q, scale, shape, num_pages)
         res = layer.res
         ids = res.ids(b.rows_dev, pages)
@@ -698,6 +691,4 @@ class PageManager:
         count = mask.sum(1)
         if kept is not None:  # the selection and table the steps until the next selection reuse
             KeptSelections.keep(kept, pages, mask, table, count)
-        # Every selected page is full but the last, the tail, which holds the tokens past the full pages.
-        lens = count * bt - (num_pages * bt - tokens)
-        return attend_pages(q, layer.dev, self.page_layout, table, lens, scale)
+        return table, count
