@@ -59,17 +59,23 @@ def sync(device: torch.device) -> None:
 def first_token_s(tkv: TierKV, ids: torch.Tensor, load: bool) -> tuple[float, int]:
     """Seconds to the first token of `ids` (reuse on or off), and the tokens reused.
 
-    With reuse on the cache also stores the prompt's new blocks during prefill, as
-    `TierKV.generate` does: that cost is part of the figure.
+    The clock stops when the first token is on the host (generate returned it, the model's
+    stream is done). With reuse on, the cache also stores the prompt's new blocks, as
+    `TierKV.generate` does: on a GPU that save runs in the background after prefill (its
+    gather is on the model's stream, so it is in the figure; its copy to host is not), and it
+    is waited for after the clock stops.
     """
     mask = torch.ones_like(ids)
     sync(ids.device)
     start = time.perf_counter()
     cache = tkv.cache(ids, mask, load=load, save_prompt=load)
-    tkv.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,  # type: ignore[operator]
-                       **cache_argument(cache))
+    out = tkv.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,  # type: ignore[operator]
+                             **cache_argument(cache))
+    out[0, -1].item()  # the first token, on the host
+    elapsed = time.perf_counter() - start
+    cache.wait_saved()
     sync(ids.device)
-    return time.perf_counter() - start, cache.reused_tokens[0]
+    return elapsed, cache.reused_tokens[0]
 
 
 def trial(model: LlamaForCausalLM, config: StoreConfig, ids: torch.Tensor) -> tuple[float, float, int]:

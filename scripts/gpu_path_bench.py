@@ -152,7 +152,8 @@ def verified_path(lay: KVLayout, device: str, prompt_tokens: int = PROMPT) -> st
             f"stopped load_into at block {bad}, its pages untouched (corrupt counted: {corrupt})")
 
 
-def save_load(lay: KVLayout) -> tuple[float, float]:
+def save_load(lay: KVLayout) -> tuple[float, float, dict[str, float]]:
+    """GB/s of save_from and load_into with vLLM pages, and of load_layers (+ finish) by each copy path."""
     pages = PROMPT // 16
     engine, buf = vllm_engine(lay, 2 * pages)
     table = torch.randperm(2 * pages)[:pages].tolist()
@@ -168,7 +169,13 @@ def save_load(lay: KVLayout) -> tuple[float, float]:
         torch.cuda.synchronize()
         idx = torch.tensor(table, device="cuda")
         assert torch.equal(buf.index_select(1, idx), before.index_select(1, idx)), "load_into changed the KV"
-    return nbytes / save / 1e9, nbytes / load / 1e9
+        layered = {}
+        for path in ("dma", "kernel"):
+            buf.zero_()
+            layered[path] = nbytes / gpu_time(lambda p=path: s.load_layers(engine, table, prompt(0), path=p).finish()) / 1e9
+            torch.cuda.synchronize()
+            assert torch.equal(buf.index_select(1, idx), before.index_select(1, idx)), f"load_layers {path} changed the KV"
+    return nbytes / save / 1e9, nbytes / load / 1e9, layered
 
 
 def both_ways(lay: KVLayout) -> float:
@@ -202,8 +209,11 @@ def both_ways(lay: KVLayout) -> float:
         return 2 * n * lay.block_bytes / gpu_time(once) / 1e9
 
 
-def matmul_slowdown(lay: KVLayout, windows: int = 6) -> float:
-    """Median over alternating windows of (matmul time beside store traffic) / (matmul time alone) - 1."""
+def matmul_slowdown(lay: KVLayout, windows: int = 6, layer_path: str | None = None) -> float:
+    """Median over alternating windows of (matmul time beside store traffic) / (matmul time alone) - 1.
+
+    The traffic is put + get, or with `layer_path`, `load_layers` by that copy path into vLLM pages.
+    """
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
     c = torch.empty_like(a)
@@ -222,6 +232,8 @@ def matmul_slowdown(lay: KVLayout, windows: int = 6) -> float:
         return start.elapsed_time(end)
 
     ratios = []
+    pages = PROMPT // 16
+    engine, _ = vllm_engine(lay, pages)
     with store(lay, 0) as s:
         s.put(prompt(0), kv)
         for w in range(windows):
@@ -231,6 +243,9 @@ def matmul_slowdown(lay: KVLayout, windows: int = 6) -> float:
             def traffic(stop: threading.Event, base: int) -> None:
                 i = 1
                 while not stop.is_set():
+                    if layer_path is not None:
+                        s.load_layers(engine, list(range(pages)), prompt(0), path=layer_path).finish()
+                        continue
                     s.put(prompt(base + i), kv)
                     s.get(prompt(0), device="cuda")
                     i += 1
@@ -272,9 +287,12 @@ def main() -> None:
             for op, gbps, d in (("put", put, "d2h"), ("get", get, "h2d")):
                 out(f"| {op} | {size} | {name} | {gbps:.1f} | {gbps * 1e9 / ref[d]:.2f} |")
                 figures[f"{op} {bt} {name}"] = gbps * 1e9 / ref[d]
-        save, load = save_load(lay)
+        save, load, layered = save_load(lay)
         out(f"| save_from (vLLM LBNHC pages) | {size} | host only | {save:.1f} | {save * 1e9 / ref['d2h']:.2f} |")
         out(f"| load_into (vLLM LBNHC pages) | {size} | host only | {load:.1f} | {load * 1e9 / ref['h2d']:.2f} |")
+        for path, gbps in layered.items():
+            out(f"| load_layers + finish, {path} (vLLM LBNHC pages) | {size} | host only | {gbps:.1f} | "
+                f"{gbps * 1e9 / ref['h2d']:.2f} |")
         figures[f"save_from {bt}"] = save * 1e9 / ref["d2h"]
         figures[f"load_into {bt}"] = load * 1e9 / ref["h2d"]
     lay = layout(16)
@@ -285,6 +303,9 @@ def main() -> None:
     slow = matmul_slowdown(lay)
     out()
     out(f"bf16 8192^3 matmul beside the store's put/get traffic: {slow * 100:+.1f}% (median of alternating windows)")
+    for path in ("dma", "kernel"):
+        slow = matmul_slowdown(lay, layer_path=path)
+        out(f"bf16 8192^3 matmul beside load_layers ({path}) traffic: {slow * 100:+.1f}% (median of alternating windows)")
     Path(sys.argv[1]).write_text("\n".join(lines) + "\n")
     if len(sys.argv) > 2:
         plot(figures, Path(sys.argv[2]))

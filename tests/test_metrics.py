@@ -12,9 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import kv_for, prompt, tiny_layout
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import kv_for, prompt, tiny_layout
 from tierkv import BlockStore, Namespace, StoreConfig
 from tierkv.metrics import OPERATIONS, SLOT_ALIGN, DirectoryCollector, serve_directory, writer_pid
 
@@ -70,7 +70,7 @@ def test_families_carry_every_tier_figure_and_latency_histograms() -> None:
     assert s[("tierkv_blocks", ())] == 4 and s[("tierkv_block_bytes", ())] == b
     # Latency histograms: one observation per call, in the +Inf bucket and the count.
     count = {op: s[("tierkv_operation_duration_seconds_count", (("op", op),))] for op in OPERATIONS}
-    assert count == {"put": 2, "get": 1, "match": 1, "lease": 0, "save_from": 0, "load_into": 0}
+    assert count == {"put": 2, "get": 1, "match": 1, "lease": 0, "save_from": 0, "load_into": 0, "load_layers": 0}
     assert s[("tierkv_operation_duration_seconds_bucket", (("le", "+Inf"), ("op", "put")))] == 2
     assert s[("tierkv_operation_duration_seconds_sum", (("op", "put"),))] > 0
 

@@ -384,3 +384,31 @@ def test_save_from_with_every_slot_leased_is_a_capacity_error_and_changes_nothin
         dst = Engine(DimOrder.LBNHSC, 4, 8, seed=None)
         assert store.load_into(dst.kv, [7], b) == 1
         assert same_bits(dst.blocks([7], 0, 1), src.blocks([7], 0, 1))
+
+
+def test_load_layers_without_a_gpu_loads_whole_and_verified_as_load_into() -> None:
+    tokens = prompt(0, N)
+    src = Engine(DimOrder.LBNHSC, 4, N + 2, seed=11)
+    table = table_for(N + 2, N, seed=12)
+    want = src.blocks(table, 0, N)
+    with engine_store(None, host=16) as store:
+        assert store.save_from(src.kv, table, tokens) == N
+        dst = Engine(DimOrder.LBNHSC, 4, N + 2, seed=None)
+        load = store.load_layers(dst.kv, table, tokens, first_block=2)
+        assert not load.layerwise and load.finished and load.end == N
+        load.wait(0)  # nothing to wait for: loaded before it returned
+        assert load.finish() == N
+        assert same_bits(dst.blocks(table, 2, N), want[2:])
+        assert dst.poison_except(table, 2, N), "blocks before first_block were touched"
+        keys = store.keys(tokens)
+        corrupt_slot(store, keys[6], "host")
+        dst = Engine(DimOrder.LBNHSC, 4, N + 2, seed=None)
+        with store.load_layers(dst.kv, table, tokens) as load:
+            assert load.end == 6, "the run ends before the corrupt block"
+        assert same_bits(dst.blocks(table, 0, 6), want[:6])
+        assert store.load_layers(dst.kv, table, prompt(70_000, 3)).end == 0  # nothing stored
+        with pytest.raises(ValueError, match="block table covers only 1 engine blocks"):
+            store.load_layers(dst.kv, [0], tokens)
+        with pytest.raises(ValueError, match="first_block"):
+            store.load_layers(dst.kv, table, tokens, first_block=N + 1)
+        check_index_invariants(store)

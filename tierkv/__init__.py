@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .decode.manager import PageManager, StepPlan
     from .errors import CapacityError, ConfigError, GraphCaptureError, LayoutMismatchError, StorageError, TierKVError
     from .keys import KeyChain, chain_keys
+    from .layer_load import LayerLoad
     from .layout import KVLayout, dtype_name
     from .namespace import Namespace
     from .ops.engine_layout import DimOrder, EngineKV, EngineKVLayout
@@ -27,7 +28,7 @@ _HOME = {
     "StorageError": "errors", "TierKVError": "errors", "KeyChain": "keys", "chain_keys": "keys", "KVLayout": "layout",
     "dtype_name": "layout",
     "Namespace": "namespace", "DimOrder": "ops.engine_layout", "EngineKV": "ops.engine_layout",
-    "EngineKVLayout": "ops.engine_layout", "BlockStore": "store", "Lease": "store",
+    "EngineKVLayout": "ops.engine_layout", "BlockStore": "store", "Lease": "store", "LayerLoad": "layer_load",
     "DecodeBudget": "decode.budget", "PageManager": "decode.manager", "StepPlan": "decode.manager",
 }
 
@@ -58,6 +59,7 @@ __all__ = [
     "GraphCaptureError",
     "KVLayout",
     "KeyChain",
+    "LayerLoad",
     "LayoutMismatchError",
     "Lease",
     "Namespace",

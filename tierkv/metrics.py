@@ -34,7 +34,7 @@ from .config import DEFAULT_METRICS_HOST
 from .errors import ConfigError
 
 # The store operations whose latency is observed (`BlockStore` methods of these names).
-OPERATIONS = ("put", "get", "match", "lease", "save_from", "load_into")
+OPERATIONS = ("put", "get", "match", "lease", "save_from", "load_into", "load_layers")
 # Bucket bounds in seconds: 10 us (a match of a short prompt) to 10 s (a cold multi-GiB load from disk).
 LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
@@ -122,7 +122,7 @@ def store_families(stats: dict[str, Any], latency: OperationLatency | None = Non
     out.extend(section_families(stats, const, prefix))
     if latency is not None:
         hist = HistogramMetricFamily(f"{prefix}_operation_duration_seconds",
-                                     "Latency of store operations (put, get, match, lease, save_from, load_into).",
+                                     "Latency of store operations (put, get, match, lease, save_from, load_into, load_layers).",
                                      labels=[*names, "op"])
         bounds = [repr(float(b)) for b in latency.buckets] + ["+Inf"]
         for op, (cumulative, total) in latency.snapshot().items():

@@ -26,6 +26,7 @@ from .tiers.host_rows import empty_rows
 if TYPE_CHECKING:
     from .layout import KVLayout
     from .ops.engine_layout import EngineKV
+    from .ops.layer_copy import LayerCopy
 
 
 PUT_PIECE_BYTES = 128 << 20  # a long put is placed and written this much at a time (`add_chain`)
@@ -539,6 +540,24 @@ class Placement:
                 tier.load_into_engine(slots, engine, engine_slots[torch.as_tensor(part)], layout,
                                       None if read is None else read.rows)
                 self.counters.moved_bytes(tier.name, "engine", len(group) * layout.block_bytes)
+
+    def start_layer_load(self, blocks: list[Block], engine: EngineKV, engine_slots: torch.Tensor, layout: KVLayout,
+                         verified: Verified, path: str) -> tuple[int, LayerCopy] | None:
+        """Queue `blocks` into the engine's pages layer by layer, if their one fastest tier can; (tier, copy) or None.
+
+        Blocks this call has verified already (promoted on the way) are not hashed again.
+        """
+        tiers = {b.fastest for b in blocks}
+        if len(tiers) != 1:
+            return None
+        t = tiers.pop()
+        tier = self.tiers[t]
+        expected = [b.checksum if tier.verify_reads and id(b) not in verified.checked else None for b in blocks]
+        copy = tier.load_layers_into_engine([b.slots[t] for b in blocks], engine, engine_slots, layout, expected, path)
+        if copy is None:
+            return None
+        self.counters.moved_bytes(tier.name, "engine", len(blocks) * layout.block_bytes)
+        return t, copy
 
     def flush_into(self, d: int) -> None:
         """Before a clean close: leave tier `d` holding the most recently used blocks it can, parents first.

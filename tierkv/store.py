@@ -20,6 +20,7 @@ from .config import StoreConfig
 from .errors import TierKVError
 from .index import Block, Index
 from .keys import KeyChain, Tokens, as_token_array, block_chunks
+from .layer_load import LayerLoad
 from .layout import KVLayout
 from .leases import Lease, LeaseBook
 from .metrics import Exporter, OperationLatency, render, store_families
@@ -63,6 +64,7 @@ class BlockStore:
         self._shared = SharedTiers(self.tiers, self.index, self.placement)
         self._views = StoreViews(self.tiers, self.index, self._counters, layout.block_bytes)
         self._closed = False
+        self._layer_loads: set[LayerLoad] = set()  # queued layer-wise loads, finished before close
         try:
             self.recovery = Recovery()
             for t in self._persistent:
@@ -89,6 +91,8 @@ class BlockStore:
         """
         if os.getpid() != self._pid:
             return
+        for load in list(self._layer_loads):
+            load.finish()  # their copies read host slots that closing frees
         with self._lock:
             if self._closed:
                 return
@@ -267,6 +271,56 @@ class BlockStore:
 
         loaded = self._read_chain(chunks, tenant, first_block, serve)
         return first_block + (loaded or 0)
+
+    @timed("load_layers")
+    def load_layers(self, engine: EngineKV, block_table: Sequence[int] | torch.Tensor, tokens: Tokens,
+                    first_block: int = 0, tenant: str | None = None, *, path: str = "dma") -> LayerLoad:
+        """`load_into`, queued layer by layer: returns at once with a `LayerLoad` the engine waits on per layer.
+
+        For an engine on a GPU whose blocks lie in pinned host memory, each layer of every block
+        is copied (one DMA per run of consecutive slots; `path="kernel"` uses a copy kernel
+        instead), hashed on the GPU and scattered into the pages on side streams; `wait(layer)`
+        orders the caller's stream after it, and `finish()` verifies the whole blocks and returns
+        the end of the run that passed (the engine must recompute from there; see `LayerLoad`).
+        Otherwise the blocks are loaded whole and verified before this returns, as `load_into`
+        does. The blocks stay leased until `finish()`, which `close()` also calls.
+        """
+        engine_memory(engine)
+        engine.layout.check_store(self.layout)
+        chunks = self.chain.chunks(tokens)
+        check_first_block(first_block, len(chunks))
+        slots_of = chunk_slots(engine.layout, self.layout.block_tokens, block_table, range(len(chunks)))
+
+        def serve(blocks: list[Block], verified: Verified) -> LayerLoad:
+            end = first_block + len(blocks)
+            started = self.placement.start_layer_load(blocks, engine, slots_of[first_block:end], self.layout,
+                                                      verified, path)
+            if started is None:
+                self.placement.load_into_engine(blocks, engine, slots_of[first_block:], self.layout, verified)
+                return LayerLoad(end)
+            t, copy = started
+            self.index.acquire(blocks)  # the copies read the slots until finish()
+            load = LayerLoad(end, copy, lambda bad: self._settle_layer_load(load, blocks, t, first_block, bad))
+            self._layer_loads.add(load)
+            return load
+
+        load = self._read_chain(chunks, tenant, first_block, serve)
+        return load if load is not None else LayerLoad(first_block)
+
+    def _settle_layer_load(self, load: LayerLoad, blocks: list[Block], t: int, first_block: int,
+                           bad: list[int] | None) -> int:
+        """The end of a layer-wise load: lease released, failed copies dropped; where the verified run ends."""
+        with self._lock:
+            self._layer_loads.discard(load)
+            self.index.release(blocks)
+            if bad is None:
+                return first_block
+            if bad:
+                self.placement.mismatches(t, [blocks[i] for i in bad], None, range(len(bad)))  # counted as corrupt
+                for i in bad:
+                    self.placement.discard_copy(blocks[i], t)
+                self._commit()
+            return first_block + (min(bad) if bad else len(blocks))
 
     def _read_chain(self, chunks: list[bytes], tenant: str | None, first_block: int,
                     serve: Callable[[list[Block], Verified], Any]) -> Any:

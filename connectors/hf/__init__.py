@@ -193,7 +193,9 @@ class TierKV:
         except PrefixNotUsedError as e:
             if e.cache is not cache:
                 raise
-            # Raised by the forward hook before anything was computed: nothing was produced or stored.
+            # Raised before anything was produced or stored: by the forward hook before the model ran, or
+            # at the prompt's last layer when a block it loaded failed its checksum.
+            cache.release_loads()
             recomputed = str(e)
             warnings.warn(f"tierkv recomputed the whole prompt: {e}", RuntimeWarning, stacklevel=2)
             cache = self.cache(input_ids, attention_mask, tenant=tenant, load=False, record_reply=store_generated,
@@ -232,6 +234,7 @@ class TierKV:
                 )
         finally:
             self.watch.armed.discard(cache)
+        cache.wait_saved()
         if cache.loaded and not cache.prefilled:
             # The hooks make this unreachable unless the model was called some other way (compiled, ...).
             raise TierKVError(

@@ -26,6 +26,7 @@ before any token is produced; `TierKV.generate` then recomputes the whole prompt
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from typing import Any
@@ -37,9 +38,10 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from tierkv import BlockStore, CapacityError, LayoutMismatchError, TierKVError
 
-from .blocks import copy_blocks_to_tokens, tokens_to_blocks
+from .blocks import tokens_to_blocks
 from .compat import CACHE_KEYWORD, given_cache
 from .model import ModelKV
+from .prompt_kv import BackgroundSave, PromptKV, PromptLayer, PromptLoads
 
 
 def left_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[int, np.ndarray]]:
@@ -202,28 +204,40 @@ class TierKVCache(DynamicCache):
         home = model_kv.layer_devices[0]
         self.kv_regime = model_kv.kv_regime(max(len(tokens) for _, tokens in rows))
         self._key_tenant = key_tenant(store, tenant, self.kv_regime)
-        found = [store.get(tokens, device=home, tenant=self._key_tenant) if load else None for _, tokens in rows]
-        hits = [0 if blocks is None else blocks.shape[0] * bt for blocks in found]
+        windows = [model_kv.window(layer) for layer in range(model_kv.num_layers)]
+        # The prompt's columns are written in place, and loaded layer by layer, when every layer keeps
+        # them all on one device; else loads are finished here and the layers built from them.
+        in_place = not model_kv.sliding and len(set(model_kv.layer_devices)) == 1
+        prompt: PromptKV | None = None
+        loads: PromptLoads | None = None
+        hits = [0] * len(rows)
+        if load:
+            prompt = PromptKV(model_kv, bt, [pad for pad, _ in rows], input_ids.shape[1], home)
+            loads = prompt.load(store, [tokens for _, tokens in rows], self._key_tenant)
+            hits = [n * bt for n in (loads.ends if in_place else loads.finish())]
         # Columns before `start` are padding or stored KV in every row; the last token is always computed.
         start = min(pad + min(hit, len(tokens) - 1) for (pad, tokens), hit in zip(rows, hits))
         reused = [max(0, start - pad) for pad, _ in rows]
-        windows = [model_kv.window(layer) for layer in range(model_kv.num_layers)]
+        if start == 0:
+            if loads is not None:
+                loads.finish()
+            prompt = loads = None
         if start == 0 and not model_kv.sliding:
             # As empty as a fresh DynamicCache: layers appear at the first update (an empty cache is falsy, as
             # plain generate's is before its first forward pass).
             super().__init__()
+        elif in_place:
+            assert prompt is not None and loads is not None
+            layers: list[DynamicLayer] = [
+                PromptLayer(prompt.keys(layer), prompt.values(layer), start, functools.partial(loads.wait, layer))
+                for layer in range(model_kv.num_layers)
+            ]
+            Cache.__init__(self, layers=list(layers))
         else:
             layers = [DynamicLayer() if w is None else DynamicSlidingWindowLayer(sliding_window=w) for w in windows]
-            if start > 0:
-                layout = store.layout
-                shape = (layout.num_layers, 2, len(rows), layout.num_kv_heads, start, layout.head_dim)
-                kv = torch.empty(shape, dtype=layout.dtype, device=home)
-                for i, ((pad, _), blocks, n) in enumerate(zip(rows, found, reused)):
-                    kv[:, :, i, :, : min(pad, start)].zero_()  # padding: hidden by the mask, but never garbage
-                    if n and blocks is not None:
-                        copy_blocks_to_tokens(blocks, kv[:, :, i, :, pad:start])
+            if prompt is not None:
                 for index, (layer, window, dev) in enumerate(zip(layers, windows, model_kv.layer_devices)):
-                    keys, values = kv[index, 0], kv[index, 1]
+                    keys, values = prompt.keys(index)[:, :, :start], prompt.values(index)[:, :, :start]
                     if window is not None:
                         # What DynamicSlidingWindowLayer.update keeps of `start` tokens: the last window - 1
                         # (the same slice, so the same tensor).
@@ -233,7 +247,11 @@ class TierKVCache(DynamicCache):
                     layer.keys, layer.values = keys, values
                     if isinstance(layer, DynamicSlidingWindowLayer):
                         layer.cumulative_length = start
+            prompt = loads = None  # the layers hold what they keep; the prompt is stored from them
             Cache.__init__(self, layers=list(layers))
+        self._prompt = prompt
+        self._loads = loads
+        self._save: BackgroundSave | None = None
         self.store = store
         self.tenant = tenant
         self.model_kv = model_kv
@@ -304,12 +322,68 @@ class TierKVCache(DynamicCache):
             record[1].append(value_states.detach())
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if not self.prefilled and layer_idx == self._last_layer:
+            self._check_loads()
             self.prefilled = True
             if self._save_prompt:
-                self._store([tokens for _, tokens in self._rows])
+                self._store_prompt()
+            self._prompt = None  # the layers hold the prompt's KV from here on (or a page manager takes it)
             if not self._record_reply:
                 self._computed = {i: ([], []) for i in self._computed}
         return keys, values
+
+    def _check_loads(self) -> None:
+        """Before the prompt is stored or a token produced: every stored block this pass used passed its checksum.
+
+        Loads arrive layer by layer and are verified only once the last layer is in (a checksum
+        covers all layers); a row that lost a block it used raises `PrefixNotUsedError`, so this
+        forward's output is never used (`TierKV.generate` recomputes the prompt; the corrupt copy
+        is gone from the store).
+        """
+        if self._loads is None:
+            return
+        loads, self._loads = self._loads, None
+        bt = self.store.layout.block_tokens
+        verified = loads.finish()
+        lost = [i for i, (n, used) in enumerate(zip(verified, self.reused_tokens)) if n * bt < used]
+        if lost:
+            self.bypassed = True
+            raise PrefixNotUsedError(
+                f"a stored block of row {lost[0]} failed its checksum once it had reached the GPU (its copy was dropped "
+                "from the store); this forward pass attended to it, so its output is discarded: TierKV.generate "
+                "recomputes the prompt",
+                self,
+            )
+
+    def release_loads(self) -> None:
+        """Finish the loads a forward pass never consumed (their blocks stay leased until then)."""
+        if self._loads is not None:
+            loads, self._loads = self._loads, None
+            loads.finish()
+
+    def _store_prompt(self) -> None:
+        """Store each row's new full prompt blocks: from the prompt buffer in the background on a GPU, else now."""
+        row_tokens = [tokens for _, tokens in self._rows]
+        if self._prompt is None:
+            self._store(row_tokens)
+            return
+        bt = self.store.layout.block_tokens
+        jobs = [(row, tokens[: len(tokens) // bt * bt], hit // bt)
+                for row, tokens, hit in zip(self._prompt.rows, row_tokens, self.hit_tokens) if len(tokens) // bt * bt > hit]
+        self._save = BackgroundSave(self.store, jobs, self._key_tenant, self._prompt.kv.is_cuda)
+        if not self._prompt.kv.is_cuda:
+            self.wait_saved()
+
+    def wait_saved(self) -> None:
+        """Wait until the prompt's blocks are stored (on a GPU they are written in the background after prefill).
+
+        Re-raises what that save raised. `TierKV.generate` calls this before it returns.
+        """
+        if self._save is not None:
+            save, self._save = self._save, None
+            try:
+                save.join()
+            finally:
+                self.stored_blocks += save.stored
 
     def save_sequences(self, sequences: torch.Tensor) -> int:
         """Store the full blocks of prompt + generated tokens whose KV this cache holds; returns new blocks.
@@ -332,6 +406,7 @@ class TierKVCache(DynamicCache):
             raise ValueError(
                 "this cache was built with record_reply=False: its sliding-window layers kept no KV of the reply to store"
             )
+        self.wait_saved()  # the prompt's blocks first: the chain must not have a gap
         before = self.stored_blocks
         self._store([seqs[i, pad:columns].numpy() for i, (pad, _) in enumerate(self._rows)])
         return self.stored_blocks - before

@@ -24,7 +24,7 @@ from ..integrity import SECTOR_BYTES, TREE_CHECKSUM, checksum_block_slots, check
 from .cuda_build import i32, i64, module, ptr
 from .kernels import access_width
 
-__all__ = ["TREE_CHECKSUM", "as_unsigned", "block_checksums", "checksum_rows_gpu"]
+__all__ = ["TREE_CHECKSUM", "as_unsigned", "block_checksums", "block_roots_gpu", "checksum_rows_gpu", "sector_leaves_gpu"]
 
 SOURCE = "checksum.cu"
 THREADS = 256  # 64 sectors per thread block: four lanes per sector
@@ -94,24 +94,68 @@ def checksum_rows_gpu(pool: torch.Tensor, rows: torch.Tensor | Sequence[int] | N
     if m >= 1 << 31 or m * k >= 1 << 40:
         raise ValueError(f"{m} rows of {k} sectors is too many for one call")
     with torch.cuda.stream(s):
-        out = torch.empty(m, dtype=torch.int64, device=device)
+        if m == 0:
+            return torch.empty(0, dtype=torch.int64, device=device)
+        leaves = torch.empty((m, k), dtype=torch.int64, device=device)
+        _queue_leaves(pool, dev_rows, leaves, s, max_ctas)
+        return block_roots_gpu(leaves, n, s)
+
+
+def sector_leaves_gpu(pool: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    """Queue the leaves of `TREE_CHECKSUM` (XXH3 of each 4 KiB sector) of every row of a CUDA pool into `out`.
+
+    `pool` is a contiguous `[m, n]` uint8 CUDA tensor whose rows are whole sectors (n a multiple of
+    4096), and `out` a contiguous `[m, n // 4096]` int64 tensor on the same device. A leaf depends
+    on its sector's bytes alone, so the rows may be slices of longer blocks cut at sector
+    boundaries (one layer of each block, as a layer-wise load has them): their leaves are those
+    block's leaves at that position, and `block_roots_gpu` finishes the blocks once all are in.
+    """
+    if pool.dtype != torch.uint8 or pool.dim() != 2 or not pool.is_cuda or not pool.is_contiguous():
+        raise ValueError(f"sector_leaves_gpu needs a contiguous 2-D uint8 CUDA pool, got {pool.dtype} "
+                         f"{tuple(pool.shape)} on {pool.device}")
+    m, n = pool.shape
+    if n % SECTOR_BYTES:
+        raise ValueError(f"rows of {n} bytes are not whole {SECTOR_BYTES}-byte sectors")
+    if out.shape != (m, n // SECTOR_BYTES) or out.dtype != torch.int64 or not out.is_contiguous() or out.device != pool.device:
+        raise ValueError(f"out must be a contiguous int64 [{m}, {n // SECTOR_BYTES}] tensor on {pool.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if m:
+        _queue_leaves(pool, None, out, stream, None)
+
+
+def block_roots_gpu(leaves: torch.Tensor, block_bytes: int, stream: torch.cuda.Stream) -> torch.Tensor:
+    """`TREE_CHECKSUM` of blocks of `block_bytes` from their `[m, k]` int64 leaves (contiguous, CUDA), queued on `stream`."""
+    m, k = leaves.shape
+    if k != -(-block_bytes // SECTOR_BYTES) or not leaves.is_contiguous():
+        raise ValueError(f"leaves must be contiguous [m, {-(-block_bytes // SECTOR_BYTES)}] for blocks of "
+                         f"{block_bytes} bytes, got {tuple(leaves.shape)}")
+    with torch.cuda.stream(stream):
+        out = torch.empty(m, dtype=torch.int64, device=leaves.device)
         if m == 0:
             return out
-        mod = module(SOURCE, device)
-        rows_arg = ptr(0) if dev_rows is None else ptr(dev_rows)
-        leaves = out
-        if k:
-            leaves = torch.empty(m * k, dtype=torch.int64, device=device)
-            w = access_width(pool.data_ptr(), n)
-            limit = mod.num_sms * CTAS_PER_SM if max_ctas is None else max_ctas
-            grid = max(1, min(-(-m * k // (THREADS // 4)), limit))
-            mod.launch(f"tierkv_checksum_leaves_w{w}", grid, THREADS,
-                       [ptr(pool), rows_arg, i64(n), i32(k), i32(m), ptr(leaves)], s)
+        mod = module(SOURCE, leaves.device)
         per_cta = ROOT_THREADS // 32 if k >= ROOT_WARP_MIN_LEAVES else ROOT_THREADS
         name = "tierkv_checksum_roots_warp" if k >= ROOT_WARP_MIN_LEAVES else "tierkv_checksum_roots"
+        src = leaves if k else out  # no sectors: the kernels read no leaves
         mod.launch(name, max(1, min(-(-m // per_cta), mod.num_sms * CTAS_PER_SM)), ROOT_THREADS,
-                   [ptr(leaves), i64(n), i32(k), i32(m), ptr(out)], s)
+                   [ptr(src), i64(block_bytes), i32(k), i32(m), ptr(out)], stream)
     return out
+
+
+def _queue_leaves(pool: torch.Tensor, dev_rows: torch.Tensor | None, leaves: torch.Tensor,
+                  stream: torch.cuda.Stream, max_ctas: int | None) -> None:
+    """Launch the leaf kernel: `leaves[j]` = the sector hashes of row `dev_rows[j]` (or row j) of `pool`."""
+    m, k = leaves.shape
+    if k == 0:
+        return
+    n = pool.shape[1]
+    mod = module(SOURCE, stream.device)
+    w = access_width(pool.data_ptr(), n)
+    limit = mod.num_sms * CTAS_PER_SM if max_ctas is None else max_ctas
+    grid = max(1, min(-(-m * k // (THREADS // 4)), limit))
+    rows_arg = ptr(0) if dev_rows is None else ptr(dev_rows)
+    mod.launch(f"tierkv_checksum_leaves_w{w}", grid, THREADS,
+               [ptr(pool), rows_arg, i64(n), i32(k), i32(m), ptr(leaves)], stream)
 
 
 def block_checksums(pool: torch.Tensor, rows: Sequence[int] | None = None,

@@ -77,3 +77,24 @@ def memcpy_batch(dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int],
             driver.cuMemcpyBatchAsync(d, s, list(sizes[start:stop]), count, attrs, [0], 1, driver.CUstream(stream.cuda_stream)),
             f"cuMemcpyBatchAsync ({count} copies)",
         )
+
+
+def memcpy_2d(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
+              stream: torch.cuda.Stream) -> None:
+    """Queue a pitched copy on `stream`: `height` rows of `width` bytes, `src_pitch` / `dst_pitch` bytes apart.
+
+    One call moves one layer of a run of consecutive store blocks (a strided slice of each block)
+    through the copy engines, where a batch would need an entry, and a Python object, per block.
+    Both addresses are unified (device or pinned host memory).
+    """
+    driver = cuda_driver()
+    p = driver.CUDA_MEMCPY2D()
+    p.srcMemoryType = driver.CUmemorytype.CU_MEMORYTYPE_UNIFIED
+    p.srcDevice = driver.CUdeviceptr(src)
+    p.srcPitch = src_pitch
+    p.dstMemoryType = driver.CUmemorytype.CU_MEMORYTYPE_UNIFIED
+    p.dstDevice = driver.CUdeviceptr(dst)
+    p.dstPitch = dst_pitch
+    p.WidthInBytes = width
+    p.Height = height
+    check_cuda(driver.cuMemcpy2DAsync(p, driver.CUstream(stream.cuda_stream)), f"cuMemcpy2DAsync ({height} x {width} B)")

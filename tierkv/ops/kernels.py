@@ -52,11 +52,13 @@ def copy_rows(src: torch.Tensor, src_rows: torch.Tensor, dst: torch.Tensor, dst_
 
 def engine_copy(to_store: bool, engine: EngineKV, slots: torch.Tensor, chunk_tokens: int, block_tokens: int,
                 store: torch.Tensor | int, store_rows: torch.Tensor, store_row_bytes: int,
-                stream: torch.cuda.Stream, max_ctas: int | None = None) -> None:
+                stream: torch.cuda.Stream, max_ctas: int | None = None, layer: int | None = None) -> None:
     """Gather (to_store) engine pages into store rows, or scatter store rows into engine pages.
 
     `slots` is the device copy of the `[n, chunks]` engine slots; `store` is the base of the store
-    row pool (a tensor or a raw address, device or pinned host) and `store_rows` its rows.
+    row pool (a tensor or a raw address, device or pinned host) and `store_rows` its rows. With
+    `layer`, only that layer moves and each store row holds that layer alone (`[kv_factor,
+    block_tokens, heads, head_dim]`, the slice of a block a layer-wise load stages).
     """
     n = store_rows.numel()
     if n == 0:
@@ -64,14 +66,18 @@ def engine_copy(to_store: bool, engine: EngineKV, slots: torch.Tensor, chunk_tok
     mod = module(SOURCE, stream.device)
     plan, lay = engine.plan, engine.layout
     base = store.data_ptr() if isinstance(store, torch.Tensor) else int(store)
+    kvf = lay.kv_factor
+    ptrs, table = plan.layer_ptrs, engine.device_ptrs()
+    if layer is not None:
+        ptrs, table = ptrs[layer * kvf : (layer + 1) * kvf], table[layer * kvf : (layer + 1) * kvf]
     w = access_width(plan.row_bytes, plan.block_stride, plan.head_stride, plan.token_stride,
-                     base, store_row_bytes, *plan.layer_ptrs)
-    layers_kv = lay.num_layers * lay.kv_factor
+                     base, store_row_bytes, *ptrs)
+    layers_kv = len(ptrs)
     mod.launch(
         f"tierkv_{'gather' if to_store else 'scatter'}_w{w}",
         grid_size(n * layers_kv, mod.num_sms, max_ctas),
         THREADS,
-        [ptr(engine.device_ptrs()), i64(plan.block_stride), i64(plan.head_stride), i64(plan.token_stride),
+        [ptr(table), i64(plan.block_stride), i64(plan.head_stride), i64(plan.token_stride),
          ptr(slots), i32(lay.block_size), i32(chunk_tokens), ptr(base), ptr(store_rows), i64(store_row_bytes),
          i32(n), i32(layers_kv), i32(block_tokens), i32(lay.num_kv_heads), i32(plan.row_bytes)],
         stream,

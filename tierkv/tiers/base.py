@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ..index import Block, Index
     from ..layout import KVLayout
     from ..ops.engine_layout import EngineKV
+    from ..ops.layer_copy import LayerCopy
     from ..placement import Placement
 
 
@@ -198,6 +199,12 @@ class Tier(ABC):
         from ..ops.transfer import scatter_engine_blocks
 
         scatter_engine_blocks(engine, engine_slots, self.read(slots) if rows is None else rows, layout)
+
+    def load_layers_into_engine(self, slots: Sequence[int], engine: EngineKV, engine_slots: torch.Tensor,
+                                layout: KVLayout, expected: Sequence[int | None], path: str) -> LayerCopy | None:
+        """Queue a layer-by-layer copy of `slots` into the engine's GPU pages, verified against `expected` on the
+        GPU (`tierkv.ops.layer_copy`), or None when this tier cannot (the caller then loads them whole)."""
+        return None
 
     # -- shared tiers --------------------------------------------------------------
 

@@ -26,8 +26,9 @@ import torch
 
 from ..integrity import checksum_block_slots
 from ..ops.checksum import block_checksums
+from ..ops.layer_copy import LayerCopy
 from ..ops.streams import side_stream
-from ..ops.transfer import copy_slots, gather_engine_blocks, scatter_engine_blocks
+from ..ops.transfer import copy_slots, cuda_kernels_available, gather_engine_blocks, scatter_engine_blocks
 from .base import Tier, TierRead, need_checksums, stamp_checksums
 from .host_rows import empty_rows
 from .limits import allocate, check_capacity
@@ -228,6 +229,18 @@ class PoolTier(Tier):
         self._check_access(slots)
         self._before_copy(engine.device.type == "cuda")
         self._after_gpu_copy(scatter_engine_blocks(engine, engine_slots, self.storage, layout, rows=list(slots)))
+
+    def load_layers_into_engine(self, slots: Sequence[int], engine: EngineKV, engine_slots: torch.Tensor,
+                                layout: KVLayout, expected: Sequence[int | None], path: str) -> LayerCopy | None:
+        """Pinned host slots -> GPU pages layer by layer (`LayerCopy`); None for other memory or layouts."""
+        if not (self._device.type == "cpu" and self.pinned and engine.device.type == "cuda"
+                and LayerCopy.supports(layout) and cuda_kernels_available()):
+            return None
+        self._check_access(slots)
+        copy = LayerCopy(self.storage, slots, engine, engine_slots, layout, expected, path=path,
+                         wait_before=self._gpu_event)
+        self._after_gpu_copy(copy.done)  # a later CPU write into our slots waits for the copies to be done
+        return copy
 
     def checksums(self, slots: Sequence[int]) -> list[int]:
         """Checksums of the slots' bytes, hashed where they lie: by the CPU in host memory, by the GPU in device memory."""

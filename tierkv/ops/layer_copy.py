@@ -1,0 +1,163 @@
+"""Blocks in pinned host slots -> an engine's GPU pages, one layer at a time, verified on the GPU.
+
+A store block is layer-major (`[layers, kv, tokens, heads, head_dim]`), so layer `l` of every
+block is one strided run of host bytes. `LayerCopy` queues, for each layer in order:
+
+    copy stream    H2D of layer l of every block into a GPU staging ring buffer
+                   (one pitched DMA per run of consecutive host slots, or a copy kernel over UVA)
+    side stream    the leaves of the blocks' checksums over those bytes (`sector_leaves_gpu`),
+                   then the scatter of the staged layer into the engine's pages; event `ready[l]`
+
+and after the last layer, the blocks' checksum roots and their comparison with the recorded
+checksums. An engine that waits for `ready[l]` before layer l's attention computes the first
+layers while later ones are still on the PCIe link. The checksum of a block covers all its
+layers, so a corrupt block is known only once every layer has arrived: `bad_blocks()` says which,
+and a caller must not let anything computed from a load count before it has asked.
+
+Everything is queued at construction and nothing synchronises until `bad_blocks()`. Two staging
+buffers (one layer of every block each) let layer l+1's DMA overlap layer l's hash and scatter.
+Only for layers whose bytes are whole 4 KiB sectors (`layer_bytes % 4096 == 0`), the unit of a
+checksum leaf; `LayerCopy.supports` says whether a layout qualifies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..integrity import SECTOR_BYTES
+from ..layout import KVLayout
+from . import dma, kernels
+from .checksum import block_roots_gpu, sector_leaves_gpu
+from .engine_layout import EngineKV
+from .staging import upload
+from .streams import side_stream
+
+RING = 2  # staging buffers: one being filled by DMA while the other is hashed and scattered
+PATHS = ("dma", "kernel")
+KERNEL_CTAS = 32  # the copy kernel over UVA takes this many thread blocks, leaving the rest of the GPU to the model
+
+
+def layer_bytes(layout: KVLayout) -> int:
+    """Bytes of one layer of one block (K and V of every token and head)."""
+    return layout.block_bytes // layout.num_layers
+
+
+class LayerCopy:
+    """The queued copies of one layer-wise load; see the module docstring.
+
+    `pool` is the host tier's `[num_slots, block_bytes]` pinned uint8 storage, `slots` the blocks'
+    slots in it, `engine_slots` their `[n, chunks]` engine token slots (`chunk_slots`), and
+    `expected` their recorded checksums (u64 ints, None where a block has none; all None: nothing
+    is hashed). `wait_before` is an event the copies must follow (the last GPU write into the pool).
+    """
+
+    def __init__(self, pool: torch.Tensor, slots: Sequence[int], engine: EngineKV, engine_slots: torch.Tensor,
+                 layout: KVLayout, expected: Sequence[int | None], *, path: str = "dma",
+                 wait_before: torch.cuda.Event | None = None) -> None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if not self.supports(layout):
+            raise ValueError(f"one layer of a block is {layer_bytes(layout)} bytes, not whole {SECTOR_BYTES}-byte "
+                             "sectors: this layout cannot be verified layer by layer")
+        device = engine.device
+        n, lb, nl = len(slots), layer_bytes(layout), layout.num_layers
+        self.num_layers = nl
+        self._device = device
+        self._copy = dma.copy_stream(device, to_device=True) if path == "dma" else side_stream(device, "layer-copy")
+        self._side = side_stream(device, "layer-load")
+        caller = torch.cuda.current_stream(device)
+        self._ready = [torch.cuda.Event() for _ in range(nl)]
+        self._hash = any(e is not None for e in expected)
+        self._done = torch.cuda.Event()
+        self._bad_host: torch.Tensor | None = None
+        for s in (self._copy, self._side):
+            s.wait_stream(caller)  # the engine's pages and our inputs are ready as of now on the caller's stream
+            if wait_before is not None:
+                s.wait_event(wait_before)
+        with torch.cuda.stream(self._side):
+            self._slots_dev = upload(engine_slots.to(torch.int64), self._side)
+            self._rows_dev = torch.arange(n, dtype=torch.int64, device=device)
+            ring = [torch.empty((n, lb), dtype=torch.uint8, device=device) for _ in range(min(RING, nl))]
+            leaves = torch.empty((nl, n, lb // SECTOR_BYTES), dtype=torch.int64, device=device) if self._hash else None
+        host_rows = None
+        if path == "kernel":
+            with torch.cuda.stream(self._copy):
+                host_rows = upload(torch.as_tensor(list(slots), dtype=torch.int64) * nl, self._copy)
+        runs = _slot_runs(slots)
+        freed = [torch.cuda.Event() for _ in ring]
+        g = engine.layout.chunk_tokens(layout.block_tokens)
+        for layer in range(nl):
+            buf = ring[layer % len(ring)]
+            if layer >= len(ring):
+                self._copy.wait_event(freed[layer % len(ring)])
+            if path == "dma":
+                for first, start, count in runs:
+                    dma.memcpy_2d(buf.data_ptr() + first * lb, lb, pool.data_ptr() + start * layout.block_bytes + layer * lb,
+                                  layout.block_bytes, lb, count, self._copy)
+            else:
+                assert host_rows is not None
+                with torch.cuda.stream(self._copy):
+                    src_rows = host_rows + layer
+                kernels.copy_rows(pool.view(-1, lb), src_rows, buf, self._rows_dev, lb, self._copy, max_ctas=KERNEL_CTAS)
+            arrived = torch.cuda.Event()
+            arrived.record(self._copy)
+            self._side.wait_event(arrived)
+            if leaves is not None:
+                sector_leaves_gpu(buf, leaves[layer], self._side)
+            kernels.engine_copy(False, engine, self._slots_dev, g, layout.block_tokens, buf, self._rows_dev, lb,
+                                self._side, layer=layer)
+            self._ready[layer].record(self._side)
+            freed[layer % len(ring)].record(self._side)
+        with torch.cuda.stream(self._side):
+            if leaves is not None:
+                roots = block_roots_gpu(leaves.permute(1, 0, 2).reshape(n, -1).contiguous(), layout.block_bytes, self._side)
+                known = torch.tensor([e is not None for e in expected], dtype=torch.bool)
+                want = torch.tensor([_signed(e) if e is not None else 0 for e in expected], dtype=torch.int64)
+                bad = (roots != upload(want, self._side)) & upload(known, self._side)
+                self._bad_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
+                self._bad_host.copy_(bad, non_blocking=True)
+            self._done.record(self._side)
+        # Alive until the side stream has used them (see bad_blocks).
+        self._keep: tuple[object, ...] | None = (ring, leaves, engine)
+
+    @staticmethod
+    def supports(layout: KVLayout) -> bool:
+        return layer_bytes(layout) % SECTOR_BYTES == 0
+
+    @property
+    def done(self) -> torch.cuda.Event:
+        """Recorded after the last copy and the verification: what a later write into the pool must follow."""
+        return self._done
+
+    def wait(self, layer: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Make `stream` (default: the current stream) wait until layer `layer` is in the engine's pages."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is outside [0, {self.num_layers})")
+        (stream if stream is not None else torch.cuda.current_stream(self._device)).wait_event(self._ready[layer])
+
+    def bad_blocks(self) -> list[int]:
+        """Positions of the blocks whose bytes did not match their checksums (waits for the whole load)."""
+        self._done.synchronize()
+        self._keep = None
+        if self._bad_host is None:
+            return []
+        return self._bad_host.nonzero().flatten().tolist()
+
+
+def _slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first position, first slot, length) of each run of consecutive slots."""
+    out: list[tuple[int, int, int]] = []
+    for i, s in enumerate(slots):
+        if out and out[-1][1] + out[-1][2] == s and out[-1][0] + out[-1][2] == i:
+            first, start, count = out[-1]
+            out[-1] = (first, start, count + 1)
+        else:
+            out.append((i, s, 1))
+    return out
+
+
+def _signed(value: int) -> int:
+    """A u64 checksum as the int64 with the same bits (what the kernels write)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
