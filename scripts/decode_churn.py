@@ -21,15 +21,14 @@ import torch
 from preempt_accuracy import load
 
 from tierkv import StoreConfig
-from tierkv_connectors.hf import TierKV, cache_argument
-from tierkv_connectors.hf.sparse import paged_attention_for
+from tierkv_connectors.hf import TierKV, cache_argument, tierkv_attention_for
 
 
 def fetched(tkv: TierKV, ids: torch.Tensor, steps: int) -> tuple[int, int, int]:
     """(pages fetched, layers, pages selected per layer in the last step) for a greedy reply of `steps` tokens."""
     mask = torch.ones_like(ids)
     cache = tkv.cache(ids, mask, load=False, save_prompt=False, max_new_tokens=steps)
-    with paged_attention_for(tkv.model):
+    with tierkv_attention_for(tkv.model):
         tkv.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,  # type: ignore[operator]
                            min_new_tokens=steps, do_sample=False, **cache_argument(cache))
     m = cache.manager  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tierkv import StoreConfig
-from tierkv_connectors.hf import TierKV, cache_argument
+from tierkv_connectors.hf import TierKV, cache_argument, tierkv_attention_for
 
 GiB = 1 << 30
 
@@ -69,8 +69,9 @@ def first_token_s(tkv: TierKV, ids: torch.Tensor, load: bool) -> tuple[float, in
     sync(ids.device)
     start = time.perf_counter()
     cache = tkv.cache(ids, mask, load=load, save_prompt=load)
-    out = tkv.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,  # type: ignore[operator]
-                             **cache_argument(cache))
+    with tierkv_attention_for(tkv.model):  # as TierKV.generate runs it
+        out = tkv.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1,  # type: ignore[operator]
+                                 do_sample=False, **cache_argument(cache))
     out[0, -1].item()  # the first token, on the host
     elapsed = time.perf_counter() - start
     cache.wait_saved()

@@ -45,8 +45,8 @@ import transformers
 from transformers.cache_utils import DynamicLayer
 
 from tierkv import DecodeBudget, StoreConfig
-from tierkv_connectors.hf import TierKV, cache_argument
-from tierkv_connectors.hf.sparse import PagedDecodeCache, paged_attention_for
+from tierkv_connectors.hf import TierKV, cache_argument, tierkv_attention_for
+from tierkv_connectors.hf.sparse import PagedDecodeCache
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BT = 16
@@ -188,7 +188,7 @@ def main() -> None:
     answers: list[dict[str, object]] = []
     started = time.time()
     question = tok(QUESTION, add_special_tokens=False)["input_ids"]
-    with TierKV(model, bb, block_tokens=args.page_tokens) as tkv, paged_attention_for(model):
+    with TierKV(model, bb, block_tokens=args.page_tokens) as tkv, tierkv_attention_for(model):
         for length in args.lengths:
             for depth in args.depths:
                 for _ in range(args.keys):

@@ -16,8 +16,8 @@ from test_hf_reuse import left_pad  # noqa: E402
 from test_hf_smollm2 import smollm2  # noqa: E402,F401  (the session fixture loading the real model)
 
 from tierkv import DecodeBudget, StoreConfig, TierKVError  # noqa: E402
-from tierkv_connectors.hf import TierKV, UnsupportedModelError, cache_argument, describe_model, paged_attention_for  # noqa: E402
-from tierkv_connectors.hf.sparse import paged_decode_attention  # noqa: E402
+from tierkv_connectors.hf import TierKV, UnsupportedModelError, cache_argument, describe_model, tierkv_attention_for  # noqa: E402
+from tierkv_connectors.hf.attention import hand_off, tierkv_attention  # noqa: E402
 
 BT = 16
 VOCAB = 256
@@ -107,7 +107,7 @@ def test_decode_steps_run_through_the_page_manager() -> None:
     ids = tokens(6, 100)[None]  # 7 pages
     with TierKV(model, store_config(model), block_tokens=BT, decode_budget=DecodeBudget(pages=4)) as tkv, torch.no_grad():
         cache = tkv.cache(ids, torch.ones_like(ids), max_new_tokens=40)
-        with paged_attention_for(model):
+        with tierkv_attention_for(model):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
                                  **cache_argument(cache))
         manager = cache.manager
@@ -138,12 +138,15 @@ def test_models_decode_budget_cannot_run_exactly_are_refused() -> None:
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         TierKV(gemma2.eval(), store_config(gemma2), block_tokens=BT, decode_budget=0.25)
     llama = build("llama")
-    llama.config.attn_logit_softcapping = 30.0  # what Gemma 2 passes to attention as softcap
+    with TierKV(llama, store_config(llama), block_tokens=BT, decode_budget=0.25) as tkv:
+        ids = torch.randint(1, 100, (1, 40))
+        hand_off(tkv.cache(ids, torch.ones_like(ids), max_new_tokens=2))
+    q = torch.zeros(1, 4, 1, 32)
+    with pytest.raises(UnsupportedModelError, match="softcap=30.0"):  # what Gemma 2 passes to attention
+        tierkv_attention(llama.model.layers[0].self_attn, q, q, q, None, softcap=30.0)
+    llama.config.attn_logit_softcapping = 30.0
     with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping"):
         TierKV(llama, store_config(llama), block_tokens=BT, decode_budget=0.25)
-    q = torch.zeros(1, 4, 1, 32)
-    with pytest.raises(UnsupportedModelError, match="softcap=30.0"):
-        paged_decode_attention(llama.model.layers[0].self_attn, q, q, q, None, softcap=30.0)
 
 
 def test_bad_decode_budget_arguments_are_refused() -> None:
@@ -158,7 +161,7 @@ def test_bad_decode_budget_arguments_are_refused() -> None:
         with pytest.raises(TierKVError, match="one token per row"):
             ids = tokens(9, 40)[None]
             cache = tkv.cache(ids, max_new_tokens=8)
-            with paged_attention_for(model), torch.no_grad():
+            with tierkv_attention_for(model), torch.no_grad():
                 model(ids, **cache_argument(cache), use_cache=True)
                 model(tokens(10, 2)[None], **cache_argument(cache), use_cache=True)
 
@@ -177,7 +180,7 @@ def test_smollm2_exact_mode_is_token_identical_and_a_budget_holds(smollm2) -> No
         assert torch.equal(tkv.generate(ids, mask, generation_config=greedy()).sequences, expected)
     with TierKV(model, STORE, block_tokens=BT, decode_budget=DecodeBudget(pages=6)) as tkv, torch.no_grad():
         cache = tkv.cache(ids, mask, max_new_tokens=SMOLLM2_NEW)
-        with paged_attention_for(model):
+        with tierkv_attention_for(model):
             out = model.generate(ids, attention_mask=mask, generation_config=greedy(), **cache_argument(cache))
         assert out.shape[1] == ids.shape[1] + SMOLLM2_NEW and cache.manager is not None
         assert all(cache.manager.resident_pages(layer, 0) <= 6 for layer in range(30))

@@ -31,6 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tierkv import BlockStore, DecodeBudget, StoreConfig, TierKVError
 
+from .attention import tierkv_attention_for, uses_sdpa
 from .cache import CacheWatch, PrefixNotUsedError, TierKVCache, left_padded_rows
 from .compat import cache_argument
 from .model import (
@@ -41,7 +42,7 @@ from .model import (
     model_namespace,
     namespace_for,
 )
-from .sparse import PagedDecodeCache, check_paged_decode, paged_attention_for
+from .sparse import PagedDecodeCache, check_paged_decode
 
 __all__ = [
     "GenerateResult",
@@ -55,7 +56,7 @@ __all__ = [
     "describe_model",
     "fingerprint_weights",
     "namespace_for",
-    "paged_attention_for",
+    "tierkv_attention_for",
 ]
 
 
@@ -221,9 +222,10 @@ class TierKV:
         streamer: BaseStreamer | None,
     ) -> torch.Tensor:
         cache.arm()
-        paged = paged_attention_for(self.model) if self.decode_budget is not None else contextlib.nullcontext()
+        own = self.decode_budget is not None or uses_sdpa(self.model)
+        attention = tierkv_attention_for(self.model) if own else contextlib.nullcontext()
         try:
-            with paged:
+            with attention:
                 # PreTrainedModel lacks GenerationMixin in transformers 5 (the causal-LM classes add it)
                 sequences = self.model.generate(  # type: ignore[operator]
                     input_ids=input_ids,

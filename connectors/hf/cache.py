@@ -33,11 +33,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from tierkv import BlockStore, CapacityError, LayoutMismatchError, TierKVError
 
+from .attention import hand_off
 from .blocks import tokens_to_blocks
 from .compat import CACHE_KEYWORD, given_cache
 from .model import ModelKV
@@ -252,6 +254,9 @@ class TierKVCache(DynamicCache):
         self._prompt = prompt
         self._loads = loads
         self._save: BackgroundSave | None = None
+        # With the prompt in one buffer and no row padded, the prompt pass's mask is exactly causal with the
+        # queries at the end of the keys: `attention` computes it so, without the materialised mask.
+        self._lower_right = prompt is not None and in_place and all(pad == 0 for pad, _ in rows)
         self.store = store
         self.tenant = tenant
         self.model_kv = model_kv
@@ -316,6 +321,7 @@ class TierKVCache(DynamicCache):
                 f"TierKVCache was built for a prompt of {self._prompt_columns}: pass the input_ids and attention_mask "
                 "it was built from, and compute the rest of the prompt in one forward pass (no chunked prefill)"
             )
+        hand_off(self)
         record = self._computed.get(layer_idx)
         if record is not None and (not self.prefilled or self._record_reply):
             record[0].append(key_states.detach())
@@ -330,6 +336,26 @@ class TierKVCache(DynamicCache):
             if not self._record_reply:
                 self._computed = {i: ([], []) for i in self._computed}
         return keys, values
+
+    def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  scaling: float | None, dropout: float, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """The prompt pass's attention over the loaded prefix, as lower-right causal sdpa with GQA; else None (sdpa).
+
+        Called by `tierkv_attention` (the model runs inside `tierkv_attention_for`, as `TierKV.generate` does).
+        Only where that is exactly transformers' own mask: no padding, a causal layer of full attention, no
+        soft-capping or sinks, no dropout, and this layer's keys are the whole prompt.
+        """
+        q_len, k_len = query.shape[2], key.shape[2]
+        if not (self._lower_right and 1 < q_len < k_len == self._prompt_columns and q_len == k_len - self._start):
+            return None
+        if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks", "sliding_window")):
+            return None
+        if (dropout and module.training) or not getattr(module, "is_causal", False):
+            return None
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=causal_lower_right(q_len, k_len), scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous()
 
     def _check_loads(self) -> None:
         """Before the prompt is stored or a token produced: every stored block this pass used passed its checksum.

@@ -144,9 +144,11 @@ class PromptLayer(DynamicLayer):
 class BackgroundSave:
     """`store.save_from` of prompt rows, on a thread when the buffer is on a GPU (so the first token need not wait).
 
-    The thread's copies are queued on the device's default stream after everything queued
-    before it starts, so they read the prompt as the forward pass wrote it. `join()` waits and
-    re-raises what the save raised; a `CapacityError` is a warning (nothing of that row stored).
+    The thread first waits (without the interpreter lock) for an event recorded on the caller's
+    stream when the save is started, so it reads the prompt as the forward pass wrote it, and
+    the lock is free for the caller's next steps meanwhile: a thread that synchronised inside
+    the save's own checksum read-back would hold it until the GPU had caught up. `join()` waits
+    and re-raises what the save raised; a `CapacityError` is a warning (nothing of that row stored).
     """
 
     def __init__(self, store: BlockStore, jobs: list[tuple[RowBinding, np.ndarray, int]], tenant: str | None,
@@ -155,7 +157,10 @@ class BackgroundSave:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._store, self._jobs, self._tenant = store, jobs, tenant
+        self._written: torch.cuda.Event | None = None
         if on_gpu and jobs:
+            self._written = torch.cuda.Event()
+            self._written.record()
             self._thread = threading.Thread(target=self._run, name="tierkv-hf-save", daemon=True)
             self._thread.start()
         else:
@@ -163,6 +168,8 @@ class BackgroundSave:
 
     def _run(self) -> None:
         try:
+            if self._written is not None:
+                self._written.synchronize()
             for i, (row, tokens, first) in enumerate(self._jobs):
                 try:
                     self.stored += self._store.save_from(row.engine, row.table, tokens, first_block=first,

@@ -6,12 +6,11 @@ layer's KV moves into a `tierkv.PageManager`: each page's home is the host pool,
 keeps each row's sinks and recent window. From then on each decode step appends the new token
 to the manager and attends over the pages the query selects, fetched in one batched copy.
 
-No transformers code is patched: the attention runs as a function registered through
-`transformers.AttentionInterface` (with sdpa's mask through `AttentionMaskInterface`), which
-`paged_attention_for` selects on the model for the duration of `generate` only. The function
-reads the cache from a thread-local that the cache's `update` sets just before the model calls
-attention in the same layer (transformers hands attention functions no cache). Prefill and any
-multi-token forward run sdpa; a one-token forward of a paged cache runs the page manager.
+No transformers code is patched: the attention runs as tierkv's function registered through
+`transformers.AttentionInterface` (`attention.py`), which `tierkv_attention_for` selects on the
+model for the duration of `generate` only; it asks the cache that the layer's `update` handed
+it. Prefill and any multi-token forward run as `TierKVCache` runs them; a one-token forward of
+a paged cache runs the page manager (`PagedDecodeCache.attention`).
 
 Exact mode (`decode_budget=1.0`, or a budget at least the sequence) keeps every page resident
 and attends over all of them: the same tokens as dense decode (tests/test_hf_decode.py).
@@ -19,24 +18,19 @@ and attends over all of them: the same tokens as dense decode (tests/test_hf_dec
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
 from tierkv import BlockStore, DecodeBudget, PageManager, TierKVError
 
+from .attention import hand_off
 from .cache import TierKVCache
 from .model import ModelKV, UnsupportedModelError
 
-ATTENTION = "tierkv_paged_decode"
-_ACTIVE = threading.local()
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
 
 
 class PagedLayer(CacheLayerMixin):
@@ -97,7 +91,7 @@ class PagedDecodeCache(TierKVCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        _ACTIVE.cache = self
+        hand_off(self)
         if self.manager is None:
             keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             if self.prefilled:
@@ -145,43 +139,28 @@ class PagedDecodeCache(TierKVCache):
         out = self.manager.attend(layer_idx, self._seqs, query[:, :, 0], scaling)
         return out.unsqueeze(1)
 
+    def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  scaling: float | None, dropout: float, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """A decode step's attention over the selected pages; the prompt's as `TierKVCache` computes it."""
+        for name in _UNSUPPORTED_KWARGS:
+            if kwargs.get(name) is not None:
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} passes {name}={kwargs[name]!r} to attention; decode_budget supports plain "
+                    "softmax attention only"
+                )
+        if kwargs.get("sliding_window") is not None:
+            raise UnsupportedModelError(f"{type(module).__name__} uses a sliding window; decode_budget pages full attention only")
+        if query.shape[2] != 1 or self.manager is None:
+            return super().attention(module, query, key, value, scaling, dropout, kwargs)
+        if dropout and module.training:
+            raise TierKVError("decode_budget is for inference: the model is in training mode with attention dropout")
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        layer_idx: int = module.layer_idx  # type: ignore[assignment]  # every attention module of transformers 5 has it
+        return self.attend(layer_idx, query, scale)
+
     def save_sequences(self, sequences: torch.Tensor) -> int:
         raise TierKVError("a decode_budget cache keeps the reply's KV in pages, not in blocks to store: "
                           "store_generated is not supported with decode_budget")
-
-
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
-
-
-def paged_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                           **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The registered attention: sdpa for prefill, the page manager for a paged cache's decode step."""
-    for name in _UNSUPPORTED_KWARGS:
-        if kwargs.get(name) is not None:
-            raise UnsupportedModelError(
-                f"{type(module).__name__} passes {name}={kwargs[name]!r} to attention; decode_budget supports plain "
-                "softmax attention only"
-            )
-    if kwargs.get("sliding_window") is not None:
-        raise UnsupportedModelError(f"{type(module).__name__} uses a sliding window; decode_budget pages full attention only")
-    # The hand-off from this layer's `update` is used once: a later forward with another cache
-    # (one that never sets it) must not find this one.
-    cache = getattr(_ACTIVE, "cache", None)
-    _ACTIVE.cache = None
-    if query.shape[2] != 1 or not isinstance(cache, PagedDecodeCache) or cache.manager is None:
-        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                              **kwargs)
-        return out, None
-    if dropout and module.training:
-        raise TierKVError("decode_budget is for inference: the model is in training mode with attention dropout")
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    layer_idx: int = module.layer_idx  # type: ignore[assignment]  # every attention module of transformers 5 has it
-    return cache.attend(layer_idx, query, scale), None
-
-
-AttentionInterface.register(ATTENTION, paged_decode_attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def check_paged_decode(model: PreTrainedModel, model_kv: ModelKV) -> None:
@@ -202,15 +181,3 @@ def check_paged_decode(model: PreTrainedModel, model_kv: ModelKV) -> None:
             f"decode_budget cannot serve {name}: it runs attention implementation "
             f"{model.config._attn_implementation!r}; load it with attn_implementation='sdpa'"
         )
-
-
-@contextlib.contextmanager
-def paged_attention_for(model: PreTrainedModel) -> Iterator[None]:
-    """Run the model's attention through `paged_decode_attention` inside the block; restore it after."""
-    saved = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(saved)
-        _ACTIVE.cache = None

@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tierkv import StoreConfig  # noqa: E402
-from tierkv_connectors.hf import TierKV, cache_argument, describe_model, paged_attention_for  # noqa: E402
+from tierkv_connectors.hf import TierKV, cache_argument, describe_model, tierkv_attention_for  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -47,7 +47,7 @@ def test_an_eighth_of_the_pages_runs_from_graphs_on_the_gpu() -> None:
     ids = torch.randint(3, 512, (2, 1000), generator=torch.Generator().manual_seed(6)).cuda()
     with TierKV(m, store(m), block_tokens=BT, decode_budget=0.125) as tkv:
         cache = tkv.cache(ids, torch.ones_like(ids), load=False, save_prompt=False, max_new_tokens=NEW)
-        with paged_attention_for(m):
+        with tierkv_attention_for(m):
             out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
                              do_sample=False, **cache_argument(cache))
     manager = cache.manager  # type: ignore[attr-defined]
