@@ -14,8 +14,10 @@ layers while later ones are still on the PCIe link. The checksum of a block cove
 layers, so a corrupt block is known only once every layer has arrived: `bad_blocks()` says which,
 and a caller must not let anything computed from a load count before it has asked.
 
-Everything is queued at construction and nothing synchronises until `bad_blocks()`. Two staging
-buffers (one layer of every block each) let layer l+1's DMA overlap layer l's hash and scatter.
+The first layers are queued at construction, each later one when the engine waits for a layer
+shortly before it (or at `bad_blocks()`), and nothing synchronises until `bad_blocks()`. Two
+staging buffers (one layer of every block each) let layer l+1's DMA overlap layer l's hash and
+scatter.
 Only for layers whose bytes are whole 4 KiB sectors (`layer_bytes % 4096 == 0`), the unit of a
 checksum leaf; `LayerCopy.supports` says whether a layout qualifies.
 """
@@ -71,6 +73,7 @@ class LayerCopy:
         self._ready = [torch.cuda.Event() for _ in range(nl)]
         self._hash = any(e is not None for e in expected)
         self._done = torch.cuda.Event()
+        self._verify_queued = False  # the verification is queued
         self._bad_host: torch.Tensor | None = None
         for s in (self._copy, self._side):
             s.wait_stream(caller)  # the engine's pages and our inputs are ready as of now on the caller's stream
@@ -80,67 +83,85 @@ class LayerCopy:
             self._slots_dev = upload(engine_slots.to(torch.int64), self._side)
             self._rows_dev = torch.arange(n, dtype=torch.int64, device=device)
             ring = [torch.empty((n, lb), dtype=torch.uint8, device=device) for _ in range(min(RING, nl))]
-            leaves = torch.empty((nl, n, lb // SECTOR_BYTES), dtype=torch.int64, device=device) if self._hash else None
-        host_rows = None
+            leaves: torch.Tensor | None = None
+            if self._hash:
+                leaves = torch.empty((nl, n, lb // SECTOR_BYTES), dtype=torch.int64, device=device)
+        self._host_rows = None
         if path == "kernel":
             with torch.cuda.stream(self._copy):
-                host_rows = upload(torch.as_tensor(list(slots), dtype=torch.int64) * nl, self._copy)
-        runs = _slot_runs(slots)
-        freed = [torch.cuda.Event() for _ in ring]
-        g = engine.layout.chunk_tokens(layout.block_tokens)
-        for layer in range(nl):
-            buf = ring[layer % len(ring)]
-            if layer >= len(ring):
-                self._copy.wait_event(freed[layer % len(ring)])
-            if path == "dma":
-                for first, start, count in runs:
-                    dma.memcpy_2d(buf.data_ptr() + first * lb, lb, pool.data_ptr() + start * layout.block_bytes + layer * lb,
-                                  layout.block_bytes, lb, count, self._copy)
+                self._host_rows = upload(torch.as_tensor(list(slots), dtype=torch.int64) * nl, self._copy)
+        self._pool, self._engine, self._layout, self._path = pool, engine, layout, path
+        self._runs = _slot_runs(slots)
+        self._ring, self._leaves, self._expected = ring, leaves, list(expected)
+        self._freed = [torch.cuda.Event() for _ in ring]
+        self._queued = 0  # layers queued so far; the rest are queued as the engine reaches them
+        self._queue_through(min(nl, len(ring)) - 1)
+
+    def _queue_through(self, last: int) -> None:
+        """Queue layers up to `last` (and, past the last layer, the verification).
+
+        Queueing a layer costs the host ~0.1 ms of driver calls; queued lazily, a layer or two
+        ahead of the engine's `wait`, that cost hides behind the engine's own queueing instead of
+        delaying its first layer.
+        """
+        lay, lb, n = self._layout, layer_bytes(self._layout), len(self._expected)
+        g = self._engine.layout.chunk_tokens(lay.block_tokens)
+        while self._queued <= min(last, self.num_layers - 1):
+            layer = self._queued
+            buf = self._ring[layer % len(self._ring)]
+            if layer >= len(self._ring):
+                self._copy.wait_event(self._freed[layer % len(self._ring)])
+            if self._path == "dma":
+                for first, start, count in self._runs:
+                    dma.memcpy_2d(buf.data_ptr() + first * lb, lb,
+                                  self._pool.data_ptr() + start * lay.block_bytes + layer * lb, lay.block_bytes, lb,
+                                  count, self._copy)
             else:
-                assert host_rows is not None
+                assert self._host_rows is not None
                 with torch.cuda.stream(self._copy):
-                    src_rows = host_rows + layer
-                kernels.copy_rows(pool.view(-1, lb), src_rows, buf, self._rows_dev, lb, self._copy, max_ctas=KERNEL_CTAS)
+                    src_rows = self._host_rows + layer
+                kernels.copy_rows(self._pool.view(-1, lb), src_rows, buf, self._rows_dev, lb, self._copy,
+                                  max_ctas=KERNEL_CTAS)
             arrived = torch.cuda.Event()
             arrived.record(self._copy)
             self._side.wait_event(arrived)
-            if leaves is not None:
-                sector_leaves_gpu(buf, leaves[layer], self._side)
-            kernels.engine_copy(False, engine, self._slots_dev, g, layout.block_tokens, buf, self._rows_dev, lb,
+            if self._leaves is not None:
+                sector_leaves_gpu(buf, self._leaves[layer], self._side)
+            kernels.engine_copy(False, self._engine, self._slots_dev, g, lay.block_tokens, buf, self._rows_dev, lb,
                                 self._side, layer=layer)
             self._ready[layer].record(self._side)
-            freed[layer % len(ring)].record(self._side)
+            self._freed[layer % len(self._ring)].record(self._side)
+            self._queued += 1
+        if last < self.num_layers or self._verify_queued:
+            return
         with torch.cuda.stream(self._side):
-            if leaves is not None:
-                roots = block_roots_gpu(leaves.permute(1, 0, 2).reshape(n, -1).contiguous(), layout.block_bytes, self._side)
-                known = torch.tensor([e is not None for e in expected], dtype=torch.bool)
-                want = torch.tensor([_signed(e) if e is not None else 0 for e in expected], dtype=torch.int64)
+            if self._leaves is not None:
+                roots = block_roots_gpu(self._leaves.permute(1, 0, 2).reshape(n, -1).contiguous(), lay.block_bytes,
+                                        self._side)
+                known = torch.tensor([e is not None for e in self._expected], dtype=torch.bool)
+                want = torch.tensor([_signed(e) if e is not None else 0 for e in self._expected], dtype=torch.int64)
                 bad = (roots != upload(want, self._side)) & upload(known, self._side)
                 self._bad_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
                 self._bad_host.copy_(bad, non_blocking=True)
             self._done.record(self._side)
-        # Alive until the side stream has used them (see bad_blocks).
-        self._keep: tuple[object, ...] | None = (ring, leaves, engine)
+        self._verify_queued = True
 
     @staticmethod
     def supports(layout: KVLayout) -> bool:
         return layer_bytes(layout) % SECTOR_BYTES == 0
 
-    @property
-    def done(self) -> torch.cuda.Event:
-        """Recorded after the last copy and the verification: what a later write into the pool must follow."""
-        return self._done
-
     def wait(self, layer: int, stream: torch.cuda.Stream | None = None) -> None:
         """Make `stream` (default: the current stream) wait until layer `layer` is in the engine's pages."""
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} is outside [0, {self.num_layers})")
+        self._queue_through(layer + len(self._ring))
         (stream if stream is not None else torch.cuda.current_stream(self._device)).wait_event(self._ready[layer])
 
     def bad_blocks(self) -> list[int]:
         """Positions of the blocks whose bytes did not match their checksums (waits for the whole load)."""
+        self._queue_through(self.num_layers)
         self._done.synchronize()
-        self._keep = None
+        self._ring, self._leaves = [], None  # the side stream is done with them
         if self._bad_host is None:
             return []
         return self._bad_host.nonzero().flatten().tolist()

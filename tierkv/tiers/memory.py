@@ -237,10 +237,10 @@ class PoolTier(Tier):
                 and LayerCopy.supports(layout) and cuda_kernels_available()):
             return None
         self._check_access(slots)
-        copy = LayerCopy(self.storage, slots, engine, engine_slots, layout, expected, path=path,
+        # The slots are leased until the copies are done (LayerLoad.finish), so nothing writes into them
+        # meanwhile; the copies only have to follow the last GPU write into the pool.
+        return LayerCopy(self.storage, slots, engine, engine_slots, layout, expected, path=path,
                          wait_before=self._gpu_event)
-        self._after_gpu_copy(copy.done)  # a later CPU write into our slots waits for the copies to be done
-        return copy
 
     def checksums(self, slots: Sequence[int]) -> list[int]:
         """Checksums of the slots' bytes, hashed where they lie: by the CPU in host memory, by the GPU in device memory."""
