@@ -89,7 +89,7 @@ def test_saved_blocks_load_bit_exact_and_only_past_what_vllm_holds(tmp_path: Pat
     save(side, src, end)  # a later one the rest: only the new blocks are gathered
     side.bind(engine_kv(dst, side.attention, "CPU_ATTN", "LBHNC"))
     start = BLOCK_SIZE if BLOCK_SIZE % block_tokens == 0 else 0  # vLLM already holds its first block
-    failed = side._load(LoadJob("r1", "", TOKENS[:end], start, end, DST_TABLE, False), wait=True)
+    failed = side._load(LoadJob("r1", "", TOKENS[:end], start, end, DST_TABLE, False), background=True)
     assert failed == set()
     for t in range(end):
         got = token_kv(dst, DST_TABLE, t)
@@ -104,7 +104,7 @@ def test_saved_blocks_load_bit_exact_and_only_past_what_vllm_holds(tmp_path: Pat
 def test_blocks_the_store_lacks_are_reported_as_vllm_blocks_to_recompute(tmp_path: Path) -> None:
     side, dst = worker(tmp_path, 32)
     save(side, cpu_kv_cache(fill=True), 160)  # 5 blocks of 32: vLLM block 0 and a quarter of block 1
-    failed = side._load(LoadJob("r1", "", TOKENS[:320], 0, 320, DST_TABLE, False), wait=True)
+    failed = side._load(LoadJob("r1", "", TOKENS[:320], 0, 320, DST_TABLE, False), background=True)
     assert failed == {DST_TABLE[1], DST_TABLE[2]}, "tokens 160.. live in vLLM blocks 1 and 2"
     assert side.counters["load_errors"] == 2
     side.close()
@@ -113,7 +113,7 @@ def test_blocks_the_store_lacks_are_reported_as_vllm_blocks_to_recompute(tmp_pat
 def test_other_tenants_blocks_are_never_loaded(tmp_path: Path) -> None:
     side, dst = worker(tmp_path, 32)
     save(side, cpu_kv_cache(fill=True), 256, tenant="alice")
-    failed = side._load(LoadJob("r1", "bob", TOKENS[:256], 0, 256, DST_TABLE, False), wait=True)
+    failed = side._load(LoadJob("r1", "bob", TOKENS[:256], 0, 256, DST_TABLE, False), background=True)
     assert failed == {DST_TABLE[0], DST_TABLE[1]}
     assert not any(v.any() for v in dst.values()), "bob got alice's KV"
     side.close()
@@ -143,7 +143,7 @@ def test_corrupt_disk_block_is_detected_and_reported_not_served(tmp_path: Path) 
     _corrupt_block(tmp_path / "rank0-of-1", layout.block_bytes,
                    torch.tensor(TOKENS[160:192], dtype=torch.int32).numpy().tobytes())
     side, dst = worker(tmp_path, 32)
-    failed = side._load(LoadJob("r1", "", TOKENS[:320], 0, 320, DST_TABLE, False), wait=True)
+    failed = side._load(LoadJob("r1", "", TOKENS[:320], 0, 320, DST_TABLE, False), background=True)
     assert failed == {DST_TABLE[1], DST_TABLE[2]}, "block 5 (tokens 160..191) is in vLLM block 1"
     for t in range(160):
         assert torch.equal(token_kv(dst, DST_TABLE, t), token_kv(src, SRC_TABLE, t))
@@ -222,7 +222,7 @@ def test_a_load_never_writes_past_the_pages_vllm_allocated(tmp_path: Path) -> No
     save(side, cpu_kv_cache(fill=True), 512)
     # vLLM promised 300 tokens but allocated only 3 blocks of 128: the second stored block
     # (tokens 256..511) does not fit, so tokens 256..299 are reported instead of written.
-    failed = side._load(LoadJob("r1", "", TOKENS[:512], 0, 300, DST_TABLE[:3], False), wait=True)
+    failed = side._load(LoadJob("r1", "", TOKENS[:512], 0, 300, DST_TABLE[:3], False), background=True)
     assert failed == {DST_TABLE[2]}
     side.close()
 
@@ -243,7 +243,7 @@ def test_disk_hits_are_promoted_to_host_when_the_store_has_no_device_tier(tmp_pa
     save(side, cpu_kv_cache(fill=True), 128)
     side.close()
     side, _ = worker(tmp_path, 32)  # after a restart the blocks live on disk only
-    assert side._load(LoadJob("r1", "", TOKENS[:128], 0, 128, DST_TABLE, False), wait=True) == set()
+    assert side._load(LoadJob("r1", "", TOKENS[:128], 0, 128, DST_TABLE, False), background=True) == set()
     tiers = side.store.stats()["tiers"]
     side.close()
     assert tiers["host"]["used_slots"] == 4, "the blocks just read from disk should now be in host memory"
@@ -315,3 +315,42 @@ def test_scheduler_keeps_blocks_of_requests_with_queued_saves() -> None:
     sync = SchedulerSide(att.store_layout(32), [NAMESPACE], async_disk_loads=True, async_saves=False)
     sync._saved["c"] = 128
     assert sync.finished(_request("c", TOKENS[:300])) is False, "synchronous saves are done when the step ends"
+
+
+def test_a_step_whose_load_fell_short_stores_nothing_computed_from_it(tmp_path: Path) -> None:
+    """A corrupt host block: vLLM is told to recompute, and this step's save of that request is dropped.
+
+    The forward pass of that step ran over the pages the load did not fill, so the blocks it
+    completed for the request hold KV computed from garbage; storing them would serve it later.
+    """
+    side, dst = worker(tmp_path, 32, host_bytes="1MiB")
+    src = cpu_kv_cache(fill=True)
+    save(side, src, 160)  # blocks 0..4 (tokens 0..159)
+    key = side.store.keys(TOKENS[:160])[3]
+    host = next(t for t in side.store.tiers if t.name == "host")
+    slot = side.store.locate([key])[key]["host"]
+    host.storage[slot, 11] ^= 0x08  # block 3 (tokens 96..127) no longer matches its checksum
+    side.bind(engine_kv(dst, side.attention, "CPU_ATTN", "LBHNC"))
+    stored = len(side.store.residency())
+    load = LoadJob("r1", "", TOKENS[:160], 0, 160, DST_TABLE, False)
+    later = SaveJob(req_id="r1", tenant="", token_ids=TOKENS[:256], block_ids=DST_TABLE)
+    other = SaveJob(req_id="r2", tenant="", token_ids=TOKENS[:256], block_ids=SRC_TABLE)
+    side.start_loads(TierKVMetadata(loads=[load]))
+    for name in side.attention.layer_names:
+        side.wait_for_layer(name)
+    side.engine = engine_kv(src, side.attention, "CPU_ATTN", "LBHNC")  # r2's pages, for its save
+    side.save(TierKVMetadata(saves=[later, other]))
+    side._saves.drain()
+    assert side.counters["saves_skipped_after_load_error"] == 1
+    assert side.load_errors() == {DST_TABLE[0], DST_TABLE[1]}, "tokens 96..159 are in vLLM blocks 0 and 1 (of 128)"
+    assert side.store.stats()["tiers"]["host"]["corrupt"] == 1
+    assert len(side.store.residency()) == stored - 2 + 5, "5 blocks past the 3 left are stored again"
+    check = cpu_kv_cache(fill=False)
+    side.bind(engine_kv(check, side.attention, "CPU_ATTN", "LBHNC"))
+    assert side._load(LoadJob("r3", "", TOKENS[:256], 0, 256, DST_TABLE, False), background=True) == set()
+    for t in range(256):  # r2's KV (from src's pages), not r1's pages that the load never filled
+        assert torch.equal(token_kv(check, DST_TABLE, t), token_kv(src, SRC_TABLE, t)), f"token {t}"
+    side.save(TierKVMetadata(saves=[later]))  # the next step (vLLM recomputed): saved again
+    side._saves.drain()
+    assert side.counters["saves_skipped_after_load_error"] == 1
+    side.close()

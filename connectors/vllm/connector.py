@@ -145,7 +145,9 @@ class TierKVConnector(KVConnectorBase_V1):
             self._worker.start_loads(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Nothing to wait for: synchronous loads are ordered before the forward pass (see `WorkerSide.start_loads`)."""
+        """The forward pass waits (on the GPU) for this layer of the step's loads only (see `WorkerSide.wait_for_layer`)."""
+        assert self._worker is not None
+        self._worker.wait_for_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
         """Nothing per layer: a stored block holds every layer, so it is saved once all are written (`wait_for_save`)."""

@@ -6,12 +6,21 @@ paged KV is the GPU tier, so by default the store has no device tier of its own:
 host or disk blocks and scatter them into the pages vLLM allocated for the request; saves gather
 newly completed blocks out of vLLM's pages into the store.
 
-Both directions go through the store's engine front door: `load_into` copies verified blocks
-straight from their slots into the request's pages, `save_from` gathers the blocks past the
-stored prefix straight out of vLLM's pages into theirs. Loads never produce a wrong token: the
-store verifies every host and disk block against its checksum and reports how far it loaded;
-whatever the scheduler promised beyond that is reported through `load_errors`, and vLLM
-recomputes from the first such block.
+Both directions go through the store's engine front door. A step's synchronous loads are
+`load_layers`: on a GPU with the blocks in pinned host memory each layer is copied, hashed and
+scattered on side streams, and `wait_for_layer_load(layer)` makes the forward pass wait for that
+layer only, so the first layers compute while later ones are on the link (elsewhere the blocks
+are loaded whole before the forward pass). Background loads are `load_into`. `save_from` gathers
+the blocks past the stored prefix straight out of vLLM's pages.
+
+Loads never produce a wrong token: the store verifies every block against its checksum and says
+how far the verified run goes; whatever the scheduler promised beyond that is reported through
+`load_errors`, and vLLM recomputes from the first such block and discards the step's output for
+the request. A layer-wise load is verified once its last layer is in, which is after the forward
+pass that used it: the verdict is taken in `wait_for_save` (before this step's saves, so a
+request whose load fell short never has blocks computed from it stored) and at the latest in
+`load_errors`. A step in which vLLM did not wait for every layer (its attention did not call
+`wait_for_layer_load`) reports its layer-wise loads as failed.
 """
 
 from __future__ import annotations
@@ -19,13 +28,13 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tierkv import BlockStore, CapacityError, EngineKV, KVLayout, Namespace, StoreConfig, TierKVError
+from tierkv import BlockStore, CapacityError, EngineKV, KVLayout, LayerLoad, Namespace, StoreConfig, TierKVError
 
 from .layout import AttentionKV, engine_block_table
 from .meta import LoadJob, RankResidency, ResidencyReport, SaveJob, TierKVMetadata
@@ -39,6 +48,16 @@ def rank_store_config(config: StoreConfig, tp_rank: int, tp_size: int) -> StoreC
     if config.disk_path is None:
         return config
     return replace(config, disk_path=str(Path(config.disk_path).expanduser() / f"rank{tp_rank}-of-{tp_size}"))
+
+
+@dataclass
+class PendingLoad:
+    """A synchronous load of this step still arriving layer by layer: verified at `WorkerSide._settle`."""
+
+    job: LoadJob
+    load: LayerLoad
+    first: int
+    want: int
 
 
 class WorkerSide:
@@ -57,6 +76,10 @@ class WorkerSide:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierkv-load")
         self._async: dict[str, Future[set[int]]] = {}
         self._invalid: set[int] = set()
+        self._layer_index = {name: i for i, name in enumerate(attention.layer_names)}
+        self._pending: list[PendingLoad] = []  # this step's layer-wise loads, until settled
+        self._waited: set[int] = set()  # layers the forward pass waited for this step
+        self._step_failed: set[str] = set()  # requests whose load this step fell short: no saves from them
         self._reported = False
         # Residency changes since the last report, collected after each store operation by the
         # thread that ran it, so the report itself never waits for the store lock.
@@ -64,7 +87,8 @@ class WorkerSide:
         self._changes_lock = threading.Lock()
         self._full = False
         self._saves = SaveQueue(self._save, self._engine_device, max_pending_saves) if async_saves else None
-        self.counters = {"loaded_blocks": 0, "load_errors": 0, "saved_blocks": 0, "save_refused": 0}
+        self.counters = {"loaded_blocks": 0, "load_errors": 0, "saved_blocks": 0, "save_refused": 0,
+                         "saves_skipped_after_load_error": 0}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -103,6 +127,7 @@ class WorkerSide:
                 self.store.close()
 
     def _drain(self) -> None:
+        self._settle()
         for future in list(self._async.values()):
             future.exception()  # waits; failures were turned into load errors by the job itself
         if self._saves is not None:
@@ -119,26 +144,37 @@ class WorkerSide:
     # -- loads -----------------------------------------------------------------------
 
     def start_loads(self, meta: TierKVMetadata) -> None:
-        """Run this step's synchronous loads now; hand asynchronous ones to the loader thread.
-
-        Synchronous loads are queued on the current stream ahead of the forward pass, so every
-        attention layer is ordered after them (on CPU they are simply done when this returns).
-        """
+        """Start this step's synchronous loads (layer by layer where the store can); background ones go to the loader."""
+        self._waited.clear()
         for job in meta.loads:
             if job.is_async:
                 self._async[job.req_id] = self._pool.submit(self._load_async, job)
             else:
-                self._invalid |= self._load(job, wait=False)
+                self._fail(job, self._load(job, background=False))
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        """vLLM's attention for `layer_name` is next: its stream waits until that layer of this step's loads is in."""
+        index = self._layer_index.get(layer_name)
+        if index is None:
+            return
+        self._waited.add(index)
+        for pending in self._pending:
+            pending.load.wait(index)
 
     def _load_async(self, job: LoadJob) -> set[int]:
         try:
-            return self._load(job, wait=True)
+            return self._load(job, background=True)
         except Exception:  # a failed background load must not hang the request: recompute it all
             log.exception("tierkv: load of request %s failed; vLLM recomputes it", job.req_id)
             return self._failed_blocks(job, job.start)
 
-    def _load(self, job: LoadJob, wait: bool) -> set[int]:
-        """Copy `job`'s blocks from the store into vLLM's pages; return the vLLM blocks that did not load."""
+    def _load(self, job: LoadJob, background: bool) -> set[int]:
+        """Copy `job`'s blocks from the store into vLLM's pages; return the vLLM blocks that did not load.
+
+        In the background (`load_into`), the copies are done when this returns. Otherwise
+        (`load_layers`) a load still arriving layer by layer is kept for `_settle` and counts as
+        complete until then.
+        """
         if self.engine is None or self.store is None:
             return self._failed_blocks(job, job.start)
         bt = self.layout.block_tokens
@@ -147,22 +183,56 @@ class WorkerSide:
         first = job.start // bt
         want = max(first, min(-(-job.end // bt), covered))
         table = engine_block_table(job.block_ids, self.attention, self.engine.layout)
+        tokens = job.token_ids[: want * bt]
         try:
             with self._store_lock:
-                got = self.store.load_into(self.engine, table, job.token_ids[: want * bt], first_block=first,
-                                           tenant=job.tenant)
+                if background:
+                    got = self.store.load_into(self.engine, table, tokens, first_block=first, tenant=job.tenant)
+                else:
+                    load = self.store.load_layers(self.engine, table, tokens, first_block=first, tenant=job.tenant)
+                    got = load.end
                 self._collect_changes()
         except (TierKVError, OSError):  # an unreadable disk costs a recompute, not the engine
             log.exception("tierkv: request %s: reading stored blocks failed; vLLM recomputes them", job.req_id)
             return self._failed_blocks(job, job.start)
-        if wait and self.engine.device.type == "cuda":
+        if background and self.engine.device.type == "cuda":
             torch.cuda.current_stream(self.engine.device).synchronize()
+        if not background and not load.finished:
+            self._pending.append(PendingLoad(job, load, first, want))
+            return set()
+        return self._outcome(job, first, want, got)
+
+    def _outcome(self, job: LoadJob, first: int, want: int, got: int) -> set[int]:
+        """Count a load that ended at block `got`; the vLLM blocks it left to recompute."""
+        bt = self.layout.block_tokens
         self.counters["loaded_blocks"] += got - first
         if got * bt >= job.end:
             return set()
         log.warning("tierkv: request %s: %d of %d stored blocks could not be read (evicted or corrupt); "
                     "vLLM recomputes them", job.req_id, want - got, want - first)
         return self._failed_blocks(job, max(job.start, got * bt))
+
+    def _fail(self, job: LoadJob, failed: set[int]) -> None:
+        """Note a synchronous load's shortfall: vLLM recomputes those blocks, and this step saves nothing of the request."""
+        if failed:
+            self._invalid |= failed
+            self._step_failed.add(job.req_id)
+
+    def _settle(self) -> None:
+        """Verify this step's layer-wise loads (they are past the forward pass now) and note what fell short."""
+        pending, self._pending = self._pending, []
+        unwaited = len(self._waited) < len(self._layer_index)
+        if pending and unwaited:
+            log.warning("tierkv: vLLM ran attention without waiting for %d of %d layers' loads; this step's loaded "
+                        "blocks are reported for recomputation", len(self._layer_index) - len(self._waited),
+                        len(self._layer_index))
+        for p in pending:
+            try:
+                got = p.load.finish()
+            except Exception:  # a copy that failed on the device: nothing of the load counts
+                log.exception("tierkv: request %s: the layer-wise load failed; vLLM recomputes it", p.job.req_id)
+                got = p.first
+            self._fail(p.job, self._outcome(p.job, p.first, p.want, p.first if unwaited else got))
 
     def _failed_blocks(self, job: LoadJob, from_token: int) -> set[int]:
         """vLLM block ids holding tokens `[from_token, job.end)`: what vLLM must recompute."""
@@ -179,7 +249,10 @@ class WorkerSide:
         return done
 
     def load_errors(self) -> set[int]:
+        """The vLLM blocks this step (and finished background loads) failed to load; the step ends here."""
+        self._settle()
         errors, self._invalid = self._invalid, set()
+        self._step_failed.clear()
         return errors
 
     # -- saves -----------------------------------------------------------------------
@@ -189,12 +262,16 @@ class WorkerSide:
 
         With asynchronous saves (the default) this only queues them; see `saves.py`.
         """
-        if self.engine is None or self.store is None or not meta.saves:
+        self._settle()
+        saves = [job for job in meta.saves if job.req_id not in self._step_failed]
+        if len(saves) < len(meta.saves):
+            self.counters["saves_skipped_after_load_error"] += len(meta.saves) - len(saves)
+        if self.engine is None or self.store is None or not saves:
             return
         if self._saves is not None:
-            self._saves.submit(meta.saves)
+            self._saves.submit(saves)
             return
-        for job in meta.saves:
+        for job in saves:
             self._save(job)
 
     def handle_preemptions(self, meta: TierKVMetadata) -> None:
