@@ -304,3 +304,33 @@ def test_save_sequences_checks_its_input() -> None:
         with pytest.raises(ValueError, match=r"\[1, tokens\] tensor"):
             cache.save_sequences(out[0])
         assert cache.save_sequences(out) == 0  # 23 tokens with KV: the one full block was stored at prefill
+
+
+def test_the_prompt_pass_over_a_loaded_prefix_attends_lower_right_causally_only_where_that_is_the_mask() -> None:
+    model = build("llama")
+    prefix, rest = tokens(70, 4 * BT), tokens(71, 20)
+    ids = torch.cat([prefix, rest])[None]
+    with TierKV(model, store_config(model), block_tokens=BT) as tkv:
+        tkv.generate(prefix[None], max_new_tokens=1)
+        cache = tkv.cache(ids, torch.ones_like(ids))
+        cache.release_loads()
+        assert cache.reused_tokens == [4 * BT]
+        attn = model.model.layers[0].self_attn
+        q_len, k_len = ids.shape[1] - 4 * BT, ids.shape[1]
+        g = torch.Generator().manual_seed(3)
+        q = torch.randn(1, 4, q_len, 16, generator=g)
+        k, v = torch.randn(1, 2, k_len, 16, generator=g), torch.randn(1, 2, k_len, 16, generator=g)
+        got = cache.attention(attn, q, k, v, 0.25, 0.0, {})
+        mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                                attn_mask=mask, scale=0.25).transpose(1, 2)
+        assert got is not None and torch.allclose(got, want, atol=1e-6)
+        # Anything else is left to transformers' own sdpa and its mask.
+        assert cache.attention(attn, q[:, :, :1], k[:, :, : k_len - q_len + 1], v[:, :, : k_len - q_len + 1], None, 0.0, {}) is None
+        assert cache.attention(attn, q, k, v, None, 0.0, {"softcap": 30.0}) is None
+        assert cache.attention(attn, q, k, v, None, 0.0, {"sliding_window": 8}) is None
+        padded = tkv.cache(*left_pad([torch.cat([prefix, rest]), torch.cat([prefix, rest[:-3]])]))
+        padded.release_loads()
+        assert padded.loaded and padded.attention(attn, q, k, v, None, 0.0, {}) is None, "a padded row needs the mask"
+        fresh = tkv.cache(ids, torch.ones_like(ids), load=False)
+        assert fresh.attention(attn, q, k, v, None, 0.0, {}) is None
