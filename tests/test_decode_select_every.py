@@ -163,11 +163,15 @@ def test_a_planned_step_equals_append_and_attend_layer_by_layer(every: int) -> N
 
 
 def test_a_plan_runs_once_and_checks_its_inputs() -> None:
-    ms = twins(DecodeBudget(fraction=0.5), [20])
+    ms = twins(DecodeBudget(fraction=0.5), [21])
     m = ms[0]
-    plan = m.plan_step([0])
+    plan = m.plan_step([0])  # tokens 21 and 22: no page opens or fills
     again = m.plan_step([0])
     assert plan.key == again.key  # the same work: a captured step replays for it
+    m.plan_step([0])
+    opens = m.plan_step([0])  # token 24 opens page 6: its placement is part of the step's device work
+    assert opens.key != again.key
+    again = m.plan_step([0])
     with pytest.raises(ValueError, match="not the latest"):
         m.append_planned(plan, 0, torch.zeros(1, H, D), torch.zeros(1, H, D))
     with pytest.raises(ValueError, match="append needs keys and values of shape"):

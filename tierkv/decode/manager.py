@@ -95,6 +95,7 @@ class _Layer:
     step_dev: torch.Tensor  # 0-dim: this layer's attention steps, on the device (the residency's clock)
     budgets_dev: torch.Tensor  # [max_seqs] each sequence's share of the pool, updated in place (graphs read it)
     kept: KeptSelections  # selections kept for the steps between selections (`select_every`)
+    open_stage: torch.Tensor  # a page open's host decisions for its device half, staged in place (graphs read it)
     budget_pages: np.ndarray | None = None  # the page counts `budgets` was computed for
     budgets: np.ndarray | None = None  # [max_seqs] each sequence's share of the pool
 
@@ -120,6 +121,28 @@ class StepPlan:
     batch: _Batch = field(repr=False)
     fills: tuple[bool, ...] = field(repr=False)  # per layer: some page fills with this step's token
     layers: tuple[_LayerStep, ...] = field(repr=False)
+    opens: tuple[_Opening | None, ...] = field(repr=False, default=())  # per layer: the pages this step opens
+
+
+@dataclass(frozen=True)
+class _Opening:
+    """Pages that open in one layer's step: the shapes of the placement its device half runs.
+
+    The host half decides the new pages' host rows and protected pages and stages them in
+    `_Layer.open_stage`; the device half places them (`Residency.place`), so a captured step
+    holds that work instead of the host launching it. `width` is padded like the other shapes.
+    """
+
+    rows: int  # rows of the batch whose page opens
+    width: int  # their largest page count after the open, padded (`_padded`)
+
+
+@dataclass(frozen=True)
+class _Append:
+    """The host half of a layer's append, for its device half: whether a page fills, the pages that open."""
+
+    fills: bool
+    opening: _Opening | None
 
 
 @dataclass(frozen=True)
@@ -212,6 +235,8 @@ class PageManager:
                 step_dev=torch.zeros((), dtype=torch.int64, device=self.device),
                 kept=KeptSelections(budget.select_every, budget.window_pages, self.device),
                 budgets_dev=torch.zeros(max_seqs, dtype=torch.int64, device=self.device),
+                open_stage=torch.zeros(max_seqs * (4 + 2 * (budget.sink_pages + budget.window_pages)),
+                                       dtype=torch.int64, device=self.device),
             )
             for i, pool in enumerate(pools)
         ]
@@ -437,11 +462,11 @@ class PageManager:
         layer = self.layers[layer_idx]
         b = self._batch(seqs)
         keys, values = self._check_kv(layer, b, keys, values)
-        fills = self._append_host(layer, b)
+        step = self._append_host(layer, b)
         if self.graphs is None:
-            self._write_token(layer, b, keys, values, fills)
+            self._write_token(layer, b, keys, values, step)
         else:
-            self.graphs.run(("append", layer_idx, b.key, fills), lambda k, v: self._write_token(layer, b, k, v, fills),
+            self.graphs.run(("append", layer_idx, b.key, step), lambda k, v: self._write_token(layer, b, k, v, step),
                             (keys, values), keep=b)
 
     def _check_kv(self, layer: _Layer, b: _Batch, keys: torch.Tensor, values: torch.Tensor
@@ -451,26 +476,29 @@ class PageManager:
             raise ValueError(f"append needs keys and values of shape {want}, got {tuple(keys.shape)} and {tuple(values.shape)}")
         return keys.to(self.device, layer.dev.dtype), values.to(self.device, layer.dev.dtype)
 
-    def _append_host(self, layer: _Layer, b: _Batch) -> bool:
-        """The host half of `append`: pages that open are placed, counts advance. Whether some page fills."""
+    def _append_host(self, layer: _Layer, b: _Batch) -> _Append:
+        """The host half of `append`: pages that open get host rows and are staged for placement, counts advance."""
         bt, mp = self.layout.block_tokens, self.max_pages
         pos = layer.tokens[b.rows]
         page, off = pos // bt, pos % bt
         if (page >= mp).any():
             raise CapacityError(f"a sequence reached {mp} pages, the most this manager holds")
         opens = off == 0
-        if opens.any():
-            self._open(layer, b, opens, page)
+        opening = self._open(layer, b, opens, page) if opens.any() else None
         layer.tokens[b.rows] += 1
-        return bool((off == bt - 1).any())
+        return _Append(bool((off == bt - 1).any()), opening)
 
-    def _write_token(self, layer: _Layer, b: _Batch, keys: torch.Tensor, values: torch.Tensor, fills: bool) -> None:
-        """The device half of `append`: the token's K/V into its page's slot, the count; full pages' digests and home copies.
+    def _write_token(self, layer: _Layer, b: _Batch, keys: torch.Tensor, values: torch.Tensor, step: _Append) -> None:
+        """The device half of `append`: pages that open are placed; the token's K/V into its page's slot, the count;
+        full pages' digests and home copies.
 
-        `fills`: whether some row's page fills with this token. Only then is there more to do:
-        the pages that filled get their digest (from the page on the device: a page is scored
-        only once it has left the window, when it is full) and are copied to their host rows.
+        `step.fills`: whether some row's page fills with this token. Only then is there more to
+        do: the pages that filled get their digest (from the page on the device: a page is
+        scored only once it has left the window, when it is full) and are copied to their host rows.
         """
+        if step.opening is not None:
+            self._place_opened(layer, step.opening)
+        fills = step.fills
         bt, mp = self.layout.block_tokens, self.max_pages
         pos_dev = layer.tokens_dev[b.rows_dev]
         page_dev, off_dev = pos_dev // bt, pos_dev % bt
@@ -483,8 +511,9 @@ class PageManager:
             layer.digest.write_pages(b.rows_dev, page_dev, layer.dev[slots, 0, 0], full)
             copy_rows_where(layer.dev, torch.where(full, slots, -1), layer.host, layer.host_slot_dev[ids])
 
-    def _open(self, layer: _Layer, b: _Batch, opens: np.ndarray, page: np.ndarray) -> None:
-        """New tail pages for the rows where `opens`: a host row each, then a device slot each."""
+    def _open(self, layer: _Layer, b: _Batch, opens: np.ndarray, page: np.ndarray) -> _Opening:
+        """New tail pages for the rows where `opens`: a host row each (here), then a device slot each (staged for the
+        device half, `_place_opened`)."""
         rows, pages = b.rows[opens], page[opens]
         n = len(rows)
         layer.kept.placed()
@@ -514,17 +543,23 @@ class PageManager:
         classes = np.full(self.max_seqs, SCORE, np.int64)
         classes[rows] = NEVER  # their own pages leave only through their budget
         mp = self.max_pages
-        packed = self._to_device(np.concatenate([rows * mp + pages, hs, rows, classes, want.reshape(-1),
-                                                 mask.reshape(-1).astype(np.int64)]))
+        packed = np.concatenate([rows * mp + pages, hs, rows, classes, want.reshape(-1), mask.reshape(-1).astype(np.int64)])
+        layer.open_stage[: packed.size].copy_(self._to_device(packed))
+        return _Opening(n, _padded(int(num.max()), self.max_pages))
+
+    def _place_opened(self, layer: _Layer, op: _Opening) -> None:
+        """The device half of a page open: the staged pages get their host rows on the device and a device slot each."""
+        n, s, w = op.rows, self.budget.sink_pages, self.budget.window_pages
+        k, packed = s + w, layer.open_stage
         fid, host_rows, rows_dev = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
         classes_dev = packed[3 * n : 3 * n + self.max_seqs]
-        rest = packed[3 * n + self.max_seqs:]
-        want_dev, mask_dev = rest[: n * k].view(n, k), rest[n * k:].view(n, k).bool()
+        rest = packed[3 * n + self.max_seqs : 3 * n + self.max_seqs + 2 * n * k]
+        want_dev, mask_dev = rest[: n * k].view(n, k), rest[n * k :].view(n, k).bool()
         layer.host_slot_dev[fid] = host_rows
-        _, evicted = layer.res.place(rows_dev, want_dev, mask_dev, int(num.max()), layer.budgets_dev[rows_dev],
+        _, evicted = layer.res.place(rows_dev, want_dev, mask_dev, op.width, layer.budgets_dev[rows_dev],
                                      classes_dev, self._all_pages_dev(layer), s, w, layer.step_dev)
-        layer.res.last_used[fid.reshape(-1)] = layer.step_dev
-        layer.res.score.index_fill_(0, fid.reshape(-1), 1.0)
+        layer.res.last_used[fid] = layer.step_dev
+        layer.res.score.index_fill_(0, fid, 1.0)
         self._evicted += evicted
 
     def select(self, layer_idx: int, seqs: list[int], q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -594,13 +629,14 @@ class PageManager:
         with `cuda_graphs=True`). The results are those of `append` + `attend` layer by layer.
         """
         b = self._batch(seqs)
-        fills, layers = [], []
+        appends, layers = [], []
         for layer in self.layers:
-            fills.append(self._append_host(layer, b))
+            appends.append(self._append_host(layer, b))
             layers.append(self._attend_host(layer, b))
         self._plans += 1
-        key = (b.key, self._generation, tuple((f, ls.shape, ls.mode) for f, ls in zip(fills, layers)))
-        return StepPlan(b.key, key, self._plans, b, tuple(fills), tuple(layers))
+        key = (b.key, self._generation, tuple((a, ls.shape, ls.mode) for a, ls in zip(appends, layers)))
+        return StepPlan(b.key, key, self._plans, b, tuple(a.fills for a in appends), tuple(layers),
+                        tuple(a.opening for a in appends))
 
     def _current(self, plan: StepPlan) -> _Batch:
         if plan.serial != self._plans:
@@ -611,7 +647,7 @@ class PageManager:
         """The device half of `append` for layer `layer_idx` of a planned step (see `plan_step`)."""
         b, layer = self._current(plan), self.layers[layer_idx]
         keys, values = self._check_kv(layer, b, keys, values)
-        self._write_token(layer, b, keys, values, plan.fills[layer_idx])
+        self._write_token(layer, b, keys, values, _Append(plan.fills[layer_idx], plan.opens[layer_idx]))
 
     def attend_planned(self, plan: StepPlan, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """The device half of `attend` for layer `layer_idx` of a planned step (see `plan_step`)."""
