@@ -326,7 +326,8 @@ def test_the_prompt_pass_over_a_loaded_prefix_attends_lower_right_causally_only_
                                                                 attn_mask=mask, scale=0.25).transpose(1, 2)
         assert got is not None and torch.allclose(got, want, atol=1e-6)
         # Anything else is left to transformers' own sdpa and its mask.
-        assert cache.attention(attn, q[:, :, :1], k[:, :, : k_len - q_len + 1], v[:, :, : k_len - q_len + 1], None, 0.0, {}) is None
+        one = k_len - q_len + 1  # a decode step's keys
+        assert cache.attention(attn, q[:, :, :1], k[:, :, :one], v[:, :, :one], None, 0.0, {}) is None
         assert cache.attention(attn, q, k, v, None, 0.0, {"softcap": 30.0}) is None
         assert cache.attention(attn, q, k, v, None, 0.0, {"sliding_window": 8}) is None
         padded = tkv.cache(*left_pad([torch.cat([prefix, rest]), torch.cat([prefix, rest[:-3]])]))
