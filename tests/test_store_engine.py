@@ -411,4 +411,6 @@ def test_load_layers_without_a_gpu_loads_whole_and_verified_as_load_into() -> No
             store.load_layers(dst.kv, [0], tokens)
         with pytest.raises(ValueError, match="first_block"):
             store.load_layers(dst.kv, table, tokens, first_block=N + 1)
+        with pytest.raises(ValueError, match="path must be one of"):
+            store.load_layers(dst.kv, table, tokens, path="staged")
         check_index_invariants(store)

@@ -26,6 +26,7 @@ from .leases import Lease, LeaseBook
 from .metrics import Exporter, OperationLatency, render, store_families
 from .namespace import Namespace
 from .ops.engine_layout import EngineKV, chunk_slots
+from .ops.layer_copy import PATHS as LAYER_COPY_PATHS
 from .placement import GpuChecksums, Placement, Verified, Writer
 from .shared_tiers import SharedTiers
 from .stats import StoreCounters
@@ -285,6 +286,8 @@ class BlockStore:
         Otherwise the blocks are loaded whole and verified before this returns, as `load_into`
         does. The blocks stay leased until `finish()`, which `close()` also calls.
         """
+        if path not in LAYER_COPY_PATHS:
+            raise ValueError(f"path must be one of {LAYER_COPY_PATHS}, got {path!r}")
         engine_memory(engine)
         engine.layout.check_store(self.layout)
         chunks = self.chain.chunks(tokens)
