@@ -194,17 +194,22 @@ class BlockStore:
         they get (pinned host memory behind an engine's own GPU pages), never through a pageable
         temporary. `first_block` and `CapacityError` behave as in `put`.
         """
-        engine_memory(engine)
-        engine.layout.check_store(self.layout)
-        chunks = self.chain.chunks(tokens)
-        check_first_block(first_block, len(chunks))
-        slots_of = chunk_slots(engine.layout, self.layout.block_tokens, block_table, range(len(chunks)))
+        chunks, slots_of = self._engine_chunks(engine, block_table, tokens, first_block)
 
         def write(t: int, slots: list[int], span: slice, blocks: list[Block]) -> None:
             self.tiers[t].save_from_engine(slots, engine, slots_of[span], self.layout, blocks)
             self._counters.moved_bytes("engine", self.tiers[t].name, len(slots) * self.layout.block_bytes)
 
         return self._store_chain(chunks, tenant, first_block, write)
+
+    def _engine_chunks(self, engine: EngineKV, block_table: Sequence[int] | torch.Tensor, tokens: Tokens,
+                       first_block: int) -> tuple[list[bytes], torch.Tensor]:
+        """The engine door's checks, then the chain's chunks and each block's engine token slots (`chunk_slots`)."""
+        engine_memory(engine)
+        engine.layout.check_store(self.layout)
+        chunks = self.chain.chunks(tokens)
+        check_first_block(first_block, len(chunks))
+        return chunks, chunk_slots(engine.layout, self.layout.block_tokens, block_table, range(len(chunks)))
 
     def _store_chain(self, chunks: list[bytes], tenant: str | None, first_block: int, write: Writer) -> int:
         """Add the blocks of `chunks` past the stored prefix: placed, indexed, then written by `write`."""
@@ -260,11 +265,7 @@ class BlockStore:
         is not stored (or failed its checksum), and the engine must compute from there. GPU
         copies are ordered on the engine device's current stream.
         """
-        engine_memory(engine)
-        engine.layout.check_store(self.layout)
-        chunks = self.chain.chunks(tokens)
-        check_first_block(first_block, len(chunks))
-        slots_of = chunk_slots(engine.layout, self.layout.block_tokens, block_table, range(len(chunks)))
+        chunks, slots_of = self._engine_chunks(engine, block_table, tokens, first_block)
 
         def serve(blocks: list[Block], verified: Verified) -> int:
             self.placement.load_into_engine(blocks, engine, slots_of[first_block:], self.layout, verified)
@@ -288,11 +289,7 @@ class BlockStore:
         """
         if path not in LAYER_COPY_PATHS:
             raise ValueError(f"path must be one of {LAYER_COPY_PATHS}, got {path!r}")
-        engine_memory(engine)
-        engine.layout.check_store(self.layout)
-        chunks = self.chain.chunks(tokens)
-        check_first_block(first_block, len(chunks))
-        slots_of = chunk_slots(engine.layout, self.layout.block_tokens, block_table, range(len(chunks)))
+        chunks, slots_of = self._engine_chunks(engine, block_table, tokens, first_block)
 
         def serve(blocks: list[Block], verified: Verified) -> LayerLoad:
             end = first_block + len(blocks)
