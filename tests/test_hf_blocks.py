@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tierkv_connectors.hf.blocks import copy_blocks_to_tokens, tokens_to_blocks  # noqa: E402
+from tierkv_connectors.hf.blocks import tokens_to_blocks  # noqa: E402
 
 LAYERS, HEADS, BT, DIM = 3, 2, 4, 5
 
@@ -20,27 +20,16 @@ def expected_token(b: torch.Tensor, layer: int, kv: int, head: int, token: int) 
     return b[token // BT, layer, kv, token % BT, head]
 
 
-@pytest.mark.parametrize("tokens", [1, BT - 1, BT, 2 * BT + 3, 3 * BT])
-def test_copy_blocks_to_tokens_into_a_strided_batch_row(tokens: int) -> None:
-    b = blocks(3)
-    batch = torch.full((LAYERS, 2, 2, HEADS, 20, DIM), float("nan"))
-    out = batch[:, :, 1, :, 20 - tokens :]  # row 1 of a left-padded batch, a strided view
-    copy_blocks_to_tokens(b, out)
+def test_tokens_to_blocks_lays_each_token_where_the_block_layout_says() -> None:
+    want = blocks(3)
+    keys = [torch.empty(HEADS, 3 * BT, DIM) for _ in range(LAYERS)]
+    values = [torch.empty(HEADS, 3 * BT, DIM) for _ in range(LAYERS)]
     for layer in range(LAYERS):
-        for kv in range(2):
-            for head in range(HEADS):
-                for t in range(tokens):
-                    assert torch.equal(out[layer, kv, head, t], expected_token(b, layer, kv, head, t))
-    assert batch[:, :, 0].isnan().all() and batch[:, :, 1, :, : 20 - tokens].isnan().all()  # nothing else written
-
-
-def test_tokens_to_blocks_inverts_copy_blocks_to_tokens() -> None:
-    b = blocks(3)
-    flat = torch.empty(LAYERS, 2, HEADS, 3 * BT, DIM)
-    copy_blocks_to_tokens(b, flat)
-    keys = [flat[layer, 0] for layer in range(LAYERS)]
-    values = [flat[layer, 1] for layer in range(LAYERS)]
-    assert torch.equal(tokens_to_blocks(keys, values, BT), b)
+        for head in range(HEADS):
+            for t in range(3 * BT):
+                keys[layer][head, t] = expected_token(want, layer, 0, head, t)
+                values[layer][head, t] = expected_token(want, layer, 1, head, t)
+    assert torch.equal(tokens_to_blocks(keys, values, BT), want)
 
 
 def test_tokens_to_blocks_refuses_a_partial_block() -> None:
