@@ -261,3 +261,12 @@ def test_kernel_source_names_its_kernels() -> None:
     for w in (16, 8, 4, 2, 1):
         assert f"LEAF_KERNEL({w})" in text
     assert "tierkv_checksum_roots" in text
+
+
+def test_u64_checksums_round_trip_through_the_kernels_int64_bits() -> None:
+    from tierkv.ops.checksum import as_signed, as_unsigned
+
+    values = [0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, 0x9E3779B97F4A7C15]
+    signed = [as_signed(v) for v in values]
+    assert all(-(1 << 63) <= s < 1 << 63 for s in signed)
+    assert as_unsigned(torch.tensor(signed, dtype=torch.int64)) == values

@@ -412,8 +412,12 @@ class Placement:
             bad = sorted(lost)
         else:
             bad = [i for i, (b, s) in enumerate(zip(blocks, sums)) if i in lost or (b.checksum is not None and b.checksum != s)]
-        self.counters.tiers[self.names[t]].corrupt += len(bad)
+        self.count_corrupt(t, len(bad))
         return bad
+
+    def count_corrupt(self, t: int, n: int) -> None:
+        """`n` copies read from tier `t` failed their checksums (or could not be read)."""
+        self.counters.tiers[self.names[t]].corrupt += n
 
     def promote(self, blocks: list[Block], verified: Verified) -> None:
         """Copy leased `blocks` that live only in slower tiers up to the top tier, as room allows.

@@ -316,7 +316,7 @@ class BlockStore:
             if bad is None:
                 return first_block
             if bad:
-                self.placement.mismatches(t, [blocks[i] for i in bad], None, range(len(bad)))  # counted as corrupt
+                self.placement.count_corrupt(t, len(bad))
                 for i in bad:
                     self.placement.discard_copy(blocks[i], t)
                 self._commit()

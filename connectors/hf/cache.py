@@ -256,7 +256,7 @@ class TierKVCache(DynamicCache):
         self._save: BackgroundSave | None = None
         # With the prompt in one buffer and no row padded, the prompt pass's mask is exactly causal with the
         # queries at the end of the keys: `attention` computes it so, without the materialised mask.
-        self._lower_right = prompt is not None and in_place and all(pad == 0 for pad, _ in rows)
+        self._lower_right = prompt is not None and all(pad == 0 for pad, _ in rows)  # `prompt` only when in place
         self.store = store
         self.tenant = tenant
         self.model_kv = model_kv

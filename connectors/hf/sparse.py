@@ -91,8 +91,7 @@ class PagedDecodeCache(TierKVCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        hand_off(self)
-        if self.manager is None:
+        if self.manager is None:  # `TierKVCache.update` hands this cache to the layer's attention
             keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             if self.prefilled:
                 self._page()
@@ -103,6 +102,7 @@ class PagedDecodeCache(TierKVCache):
                 f"{key_states.shape[-2]} tokens for {key_states.shape[0]} rows (assisted generation and chunked decode "
                 "are not supported)"
             )
+        hand_off(self)
         self.manager.append(layer_idx, self._seqs, key_states[:, :, 0], value_states[:, :, 0])
         layer = self.layers[layer_idx]
         assert isinstance(layer, PagedLayer)

@@ -119,9 +119,8 @@ class StepPlan:
     key: Hashable
     serial: int  # which plan of the manager this is: only the latest may run
     batch: _Batch = field(repr=False)
-    fills: tuple[bool, ...] = field(repr=False)  # per layer: some page fills with this step's token
+    appends: tuple[_Append, ...] = field(repr=False)  # per layer: whether a page fills, the pages that open
     layers: tuple[_LayerStep, ...] = field(repr=False)
-    opens: tuple[_Opening | None, ...] = field(repr=False, default=())  # per layer: the pages this step opens
 
 
 @dataclass(frozen=True)
@@ -635,8 +634,7 @@ class PageManager:
             layers.append(self._attend_host(layer, b))
         self._plans += 1
         key = (b.key, self._generation, tuple((a, ls.shape, ls.mode) for a, ls in zip(appends, layers)))
-        return StepPlan(b.key, key, self._plans, b, tuple(a.fills for a in appends), tuple(layers),
-                        tuple(a.opening for a in appends))
+        return StepPlan(b.key, key, self._plans, b, tuple(appends), tuple(layers))
 
     def _current(self, plan: StepPlan) -> _Batch:
         if plan.serial != self._plans:
@@ -647,7 +645,7 @@ class PageManager:
         """The device half of `append` for layer `layer_idx` of a planned step (see `plan_step`)."""
         b, layer = self._current(plan), self.layers[layer_idx]
         keys, values = self._check_kv(layer, b, keys, values)
-        self._write_token(layer, b, keys, values, _Append(plan.fills[layer_idx], plan.opens[layer_idx]))
+        self._write_token(layer, b, keys, values, plan.appends[layer_idx])
 
     def attend_planned(self, plan: StepPlan, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """The device half of `attend` for layer `layer_idx` of a planned step (see `plan_step`)."""

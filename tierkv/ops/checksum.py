@@ -24,7 +24,8 @@ from ..integrity import SECTOR_BYTES, TREE_CHECKSUM, checksum_block_slots, check
 from .cuda_build import i32, i64, module, ptr
 from .kernels import access_width
 
-__all__ = ["TREE_CHECKSUM", "as_unsigned", "block_checksums", "block_roots_gpu", "checksum_rows_gpu", "sector_leaves_gpu"]
+__all__ = ["TREE_CHECKSUM", "as_signed", "as_unsigned", "block_checksums", "block_roots_gpu", "checksum_rows_gpu",
+           "sector_leaves_gpu"]
 
 SOURCE = "checksum.cu"
 THREADS = 256  # 64 sectors per thread block: four lanes per sector
@@ -32,6 +33,11 @@ ROOT_THREADS = 128  # the warp-per-block root kernel is written for 4 warps
 ROOT_WARP_MIN_LEAVES = 33  # from this many sectors on, one warp per block computes the root
 CTAS_PER_SM = 16  # grid cap; the leaf kernel's sectors loop over the grid beyond it
 _U64 = (1 << 64) - 1
+
+
+def as_signed(value: int) -> int:
+    """A u64 checksum as the int64 with the same bits (what the kernels write; `as_unsigned` undoes it)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def as_unsigned(sums: torch.Tensor) -> list[int]:

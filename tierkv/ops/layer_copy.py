@@ -31,7 +31,7 @@ import torch
 from ..integrity import SECTOR_BYTES
 from ..layout import KVLayout
 from . import dma, kernels
-from .checksum import block_roots_gpu, sector_leaves_gpu
+from .checksum import as_signed, block_roots_gpu, sector_leaves_gpu
 from .engine_layout import EngineKV
 from .staging import upload
 from .streams import side_stream
@@ -71,7 +71,6 @@ class LayerCopy:
         self._side = side_stream(device, "layer-load")
         caller = torch.cuda.current_stream(device)
         self._ready = [torch.cuda.Event() for _ in range(nl)]
-        self._hash = any(e is not None for e in expected)
         self._done = torch.cuda.Event()
         self._verify_queued = False  # the verification is queued
         self._bad_host: torch.Tensor | None = None
@@ -84,14 +83,15 @@ class LayerCopy:
             self._rows_dev = torch.arange(n, dtype=torch.int64, device=device)
             ring = [torch.empty((n, lb), dtype=torch.uint8, device=device) for _ in range(min(RING, nl))]
             leaves: torch.Tensor | None = None
-            if self._hash:
+            if any(e is not None for e in expected):
                 leaves = torch.empty((nl, n, lb // SECTOR_BYTES), dtype=torch.int64, device=device)
         self._host_rows = None
         if path == "kernel":
             with torch.cuda.stream(self._copy):
                 self._host_rows = upload(torch.as_tensor(list(slots), dtype=torch.int64) * nl, self._copy)
         self._pool, self._engine, self._layout, self._path = pool, engine, layout, path
-        self._runs = _slot_runs(slots)
+        firsts, starts, counts = dma.runs(torch.arange(n, dtype=torch.int64), torch.as_tensor(list(slots), dtype=torch.int64))
+        self._runs = list(zip(firsts.tolist(), starts.tolist(), counts.tolist()))  # (position, slot, blocks) per run
         self._ring, self._leaves, self._expected = ring, leaves, list(expected)
         self._freed = [torch.cuda.Event() for _ in ring]
         self._queued = 0  # layers queued so far; the rest are queued as the engine reaches them
@@ -139,7 +139,7 @@ class LayerCopy:
                 roots = block_roots_gpu(self._leaves.permute(1, 0, 2).reshape(n, -1).contiguous(), lay.block_bytes,
                                         self._side)
                 known = torch.tensor([e is not None for e in self._expected], dtype=torch.bool)
-                want = torch.tensor([_signed(e) if e is not None else 0 for e in self._expected], dtype=torch.int64)
+                want = torch.tensor([as_signed(e) if e is not None else 0 for e in self._expected], dtype=torch.int64)
                 bad = (roots != upload(want, self._side)) & upload(known, self._side)
                 self._bad_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
                 self._bad_host.copy_(bad, non_blocking=True)
@@ -166,19 +166,3 @@ class LayerCopy:
             return []
         return self._bad_host.nonzero().flatten().tolist()
 
-
-def _slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(first position, first slot, length) of each run of consecutive slots."""
-    out: list[tuple[int, int, int]] = []
-    for i, s in enumerate(slots):
-        if out and out[-1][1] + out[-1][2] == s and out[-1][0] + out[-1][2] == i:
-            first, start, count = out[-1]
-            out[-1] = (first, start, count + 1)
-        else:
-            out.append((i, s, 1))
-    return out
-
-
-def _signed(value: int) -> int:
-    """A u64 checksum as the int64 with the same bits (what the kernels write)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
