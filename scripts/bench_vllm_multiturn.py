@@ -293,6 +293,10 @@ def main() -> None:
             print(f"\ntierkv on the engine's step ({t['steps']} steps), ms per step mean / p99 / max: "
                   + "; ".join(f"{k} {t[f'{k}_ms']['mean']:.3f} / {t[f'{k}_ms']['p99']:.3f} / {t[f'{k}_ms']['max']:.3f}"
                               for k in ("save", "load", "preempt", "other") if f"{k}_ms" in t))
+            if "save_cpu_ms" in t:  # the step thread's own CPU time in the same hooks (step_time.py)
+                c, w = t["save_cpu_ms"], t["save_ms"]
+                print(f"queuing saves, CPU time of the step thread: {c['mean']:.3f} / {c['p99']:.3f} / {c['max']:.3f}; "
+                      f"the slowest step by wall time ({w['max']:.3f} ms) used {w['cpu_of_max']:.3f} ms of CPU")
         if args.json:
             Path(args.json).write_text(json.dumps({"title": title, "results": results}))
         if args.plot:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tierkv.index import ABSENT, PENDING, Index
+from tierkv.index import ABSENT, PENDING, Block, Index
 
 DEVICE, HOST = 0, 1
 
@@ -196,3 +196,49 @@ def test_heap_has_one_entry_per_block_despite_repeated_pushes() -> None:
         index.set_slot(b, DEVICE, 0)  # pushes on a slot change: likewise
     assert len(index._heaps[DEVICE]) == 1
     assert index.pop_victim(DEVICE) is b and index.pop_victim(DEVICE) is None
+
+
+def test_a_chain_added_at_once_is_indexed_as_block_by_block() -> None:
+    """`add_chain` (a put's path) against blocks made one by one and given their slot with `set_slot`
+    (the general path every later move takes): counts, leaf rules, eviction order, journal, changes."""
+    tiers, slots = [HOST, HOST, DEVICE, DEVICE, DEVICE], [3, 4, 0, 1, 2]  # the head in the slower tier, as placed
+    one_by_one, at_once = Index(2, journaled=[HOST]), Index(2, journaled=[HOST])
+    for index in (one_by_one, at_once):
+        index.watch_changes()
+        add(index, 1, None, HOST, 0, tick=1)
+        add(index, 2, 1, HOST, 1, tick=1)
+    for n, (tier, slot) in enumerate(zip(tiers, slots), start=3):
+        p = one_by_one.blocks[key(n - 1)]
+        b = Block(key(n), p.key + n.to_bytes(4, "little"), p, 2)
+        b.last_use = 2
+        one_by_one.blocks[b.key] = b
+        one_by_one.set_slot(b, tier, slot)
+    parent = at_once.blocks[key(2)]
+    links, p = [], parent.key
+    for n in range(3, 8):
+        links.append((key(n), p + n.to_bytes(4, "little")))
+        p = key(n)
+    at_once.add_chain(links, parent, tiers, slots, tick=2)
+    for index in (one_by_one, at_once):
+        for t in (DEVICE, HOST):
+            assert index.resident_count(t) == tiers.count(t) + (2 if t == HOST else 0)
+    for k, b in one_by_one.blocks.items():
+        c = at_once.blocks[k]
+        assert (c.slots, c.child_fast, c.last_use, c.ident) == (b.slots, b.child_fast, b.last_use, b.ident)
+    assert one_by_one.journal(HOST).keys() == at_once.journal(HOST).keys()
+    assert one_by_one.changes == at_once.changes
+    assert drain(one_by_one, DEVICE) == drain(at_once, DEVICE) == [7, 6, 5]
+    assert drain(one_by_one, HOST) == drain(at_once, HOST) == [4, 3, 2, 1]
+
+
+def test_a_chain_naming_an_indexed_block_changes_nothing() -> None:
+    index = Index(2)
+    add(index, 1, None, HOST, 0)
+    parent = index.blocks[key(1)]
+    links = [(key(2), parent.key + b"\x02"), (key(1), key(2) + b"\x01")]  # the second is indexed already
+    with pytest.raises(KeyError, match="already indexed"):
+        index.add_chain(links, parent, [HOST, HOST], [1, 2], tick=index.tick())
+    with pytest.raises(KeyError, match="named twice"):
+        index.add_chain([links[0], links[0]], parent, [HOST, HOST], [1, 2], tick=index.tick())
+    assert list(index.blocks) == [key(1)] and index.resident_count(HOST) == 1
+    assert parent.child_fast == [0, 0] and drain(index, HOST) == [1]

@@ -354,3 +354,27 @@ def test_a_step_whose_load_fell_short_stores_nothing_computed_from_it(tmp_path: 
     side._saves.drain()
     assert side.counters["saves_skipped_after_load_error"] == 1
     side.close()
+
+
+def test_step_time_keeps_wall_and_cpu_time_step_by_step() -> None:
+    """A hook that sleeps costs the step wall time, not CPU time; the slowest step's CPU time is paired with it."""
+    from tierkv_connectors.vllm.step_time import StepTime
+
+    steps = StepTime()
+    with steps.hook("save"):
+        end = time.thread_time() + 0.004
+        while time.thread_time() < end:  # 4 ms of this thread's own work
+            pass
+    steps.end_step()
+    with steps.hook("save"):
+        time.sleep(0.02)  # 20 ms off the CPU, as a descheduled thread would be
+    steps.end_step()
+    summary = steps.summary()
+    assert summary["steps"] == 2
+    save, cpu = summary["save_ms"], summary["save_cpu_ms"]
+    assert save["max"] >= 20 and save["cpu_of_max"] < 4, save
+    assert cpu["max"] >= 4 and cpu["max"] <= save["max"], cpu
+    assert summary["load_ms"]["max"] == 0 and summary["load_cpu_ms"]["max"] == 0
+    with pytest.raises(ValueError, match="kind must be one of"):
+        with steps.hook("saves"):
+            pass

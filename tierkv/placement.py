@@ -18,6 +18,7 @@ import torch
 from .errors import CapacityError
 from .index import ABSENT, PENDING, Block, Index
 from .ops.checksum import block_checksums
+from .ops.chunk_copy import CACHED_PIECE_BYTES
 from .ops.streams import side_stream
 from .stats import StoreCounters
 from .tiers.base import Tier, TierRead, need_checksums, stamp_checksums
@@ -220,11 +221,7 @@ class Placement:
         """Place, index and write one piece of `add_chain`; on a failed write its blocks are taken out again."""
         m = len(chain)
         spots = self.place(m)
-        tick = self.index.tick()
-        added: list[Block] = []
-        for i, (key, ident) in enumerate(chain):
-            parent = self.index.add(key, ident, parent, spots.tiers[i], spots.slots[i], tick)
-            added.append(parent)
+        added = self.index.add_chain(chain, parent, spots.tiers, spots.slots, self.index.tick())
         try:
             for t, positions in group_by(range(m), spots.tiers).items():
                 span = slice(positions[0], positions[-1] + 1)  # positions are consecutive
@@ -266,12 +263,10 @@ class Placement:
         finally:
             if parent is not None:
                 self.index.release([parent])
-        tick = self.index.tick()
-        added: list[Block] = []
-        for (key, ident), slot, checksum in zip(chain, slots, checksums):
-            parent = self.index.add(key, ident, parent, t, slot, tick)
-            parent.checksum = checksum
-            added.append(parent)
+        m = min(len(chain), len(slots))
+        added = self.index.add_chain(chain[:m], parent, [t] * m, slots[:m], self.index.tick())
+        for block, checksum in zip(added, checksums):
+            block.checksum = checksum
         self.tiers[t].adopt(slots, added)
         return added
 
@@ -307,7 +302,7 @@ class Placement:
             if victim is None:
                 break
             self.counters.tiers[tier.name].evictions += 1
-            below = any(s >= 0 for s in victim.slots[t + 1 :])
+            below = max(victim.slots[t + 1 :], default=ABSENT) >= 0  # a real copy below (PENDING and ABSENT are < 0)
             if down is None or below:
                 slots.append(index.clear_slot(victim, t))
                 self.counters.dropped += int(not below)
@@ -523,12 +518,15 @@ class Placement:
         Bound for GPU pages from host or disk, a block is copied once into GPU rows, verified there
         and scattered from them (in pieces of `LOAD_PIECE_BYTES`; the load stops at the first piece
         that fails). Otherwise a tier that hashes in place is verified where the bytes lie and copies
-        slot to page, and others (disk) are read once into rows that are verified and then scattered.
+        slot to page (for CPU pages `CACHED_PIECE_BYTES` at a time), and others (disk) are read once
+        into rows that are verified and then scattered.
         """
         for t, picks in group_by(range(len(blocks)), [b.fastest for b in blocks]).items():
             tier = self.tiers[t]
             staged = engine.device.type == "cuda" and tier.device.type != "cuda" and tier.verify_reads
-            step = max(1, LOAD_PIECE_BYTES // max(layout.block_bytes, 1)) if staged else max(len(picks), 1)
+            cached = engine.device.type == "cpu" and tier.device.type == "cpu" and tier.hashes_in_place
+            piece = LOAD_PIECE_BYTES if staged else CACHED_PIECE_BYTES if cached else 0  # CPU: hash, then copy while cached
+            step = max(1, piece // max(layout.block_bytes, 1)) if piece else max(len(picks), 1)
             parts = [picks[a : a + step] for a in range(0, len(picks), step)]
             groups = [[blocks[i] for i in part] for part in parts]
             fresh = [staged and any(id(b) not in verified.checked for b in group) for group in groups]

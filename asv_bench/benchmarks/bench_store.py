@@ -182,3 +182,57 @@ class DemoWorkload:
 
     def time_demo_replay(self):
         replay(self.store, self.workload.requests())
+
+
+class EnginePagesCPU:
+    """`save_from` / `load_into` between a store's host tier and vLLM's CPU KV cache, verified, as ratios to a memcpy.
+
+    The multi-turn benchmark's model (6 layers, 8 KV heads of 64, float32) in vLLM's CPU layout
+    (one buffer, per-layer `[blocks, heads, K then V tokens, head_dim]` views), blocks of 128
+    tokens: a turn's load of 7 blocks (22 MB). The ratio is to a plain copy of the same bytes in
+    the same run, so it reads the same on a quiet and a busy machine; the host tier is written
+    once first (no page faults in the timings, as in a running server).
+    """
+
+    timeout = 300
+    unit = "ratio to memcpy"
+
+    def setup(self):
+        from tierkv import DimOrder, EngineKV, EngineKVLayout, KVLayout, Namespace
+
+        layers, blocks, heads, size, dim = 6, 16, 8, 128, 64
+        lay = EngineKVLayout(DimOrder.BHSNC, num_layers=layers, num_blocks=blocks, block_size=size,
+                             num_kv_heads=heads, head_dim=dim, dtype=torch.float32)
+        per = blocks * heads * 2 * size * dim
+        self.buf = torch.randn(layers * per)
+        self.engine = EngineKV(lay, [self.buf[i * per:(i + 1) * per].view(blocks, heads, 2 * size, dim)
+                                     for i in range(layers)])
+        store_layout = KVLayout(num_layers=layers, kv_factor=2, num_kv_heads=heads, head_dim=dim, dtype=torch.float32,
+                                block_tokens=size)
+        self.store = BlockStore(store_layout, Namespace(model="asv-engine-pages"),
+                                StoreConfig(device="cpu", device_bytes=0, host_bytes=64 * store_layout.block_bytes))
+        for tier in self.store.tiers:
+            tier.storage.fill_(0)
+        self.table = [9, 2, 14, 4, 11, 0, 7]
+        self.tokens = list(range(3, 3 + len(self.table) * size))
+        self.store.save_from(self.engine, self.table, self.tokens)
+        self.nbytes = len(self.table) * store_layout.block_bytes
+        self.src = torch.ones(self.nbytes, dtype=torch.uint8)
+        self.dst = torch.zeros_like(self.src)
+
+    def teardown(self):
+        self.store.close()
+
+    def _memcpy(self) -> float:
+        return min(timed(lambda: self.dst.copy_(self.src)) for _ in range(TRIALS))
+
+    def track_load_into_ratio(self):
+        best = min(timed(lambda: self.store.load_into(self.engine, self.table, self.tokens)) for _ in range(TRIALS))
+        return self._memcpy() / best
+
+    def track_save_from_ratio(self):
+        def save(i: int) -> None:
+            self.store.save_from(self.engine, self.table, [10**6 + i, *self.tokens[1:]])  # new blocks every time
+
+        best = min(timed(lambda i=i: save(i)) for i in range(TRIALS))
+        return self._memcpy() / best

@@ -288,6 +288,32 @@ class EngineKV:
             offset,
         )
 
+    def grid_view(self) -> torch.Tensor | None:
+        """K and V of every layer as one strided `[layers, kv_factor, blocks, heads, block_size, head_dim]` view.
+
+        Possible when every layer's K (and V) starts on one grid, `base + layer * a + s * b`, inside
+        one tensor: vLLM's caches (one allocation, layer-major) and per-layer tensors carved out of
+        one buffer. Then a chunk of one engine block, across all layers, is a single strided view,
+        which is what lets the CPU copy a block in one call instead of one per layer. None otherwise.
+        """
+        lay, p, es = self.layout, self.plan, self.layout.element_size
+        ptrs, kvf = p.layer_ptrs, lay.kv_factor
+        base = ptrs[0]
+        a = ptrs[kvf] - base if lay.num_layers > 1 else 0
+        b = ptrs[1] - base if kvf > 1 else 0
+        strides = (a, b, p.block_stride, p.head_stride, p.token_stride)
+        if any(x < 0 or x % es for x in strides):
+            return None
+        if any(ptrs[layer * kvf + s] != base + layer * a + s * b for layer in range(lay.num_layers) for s in range(kvf)):
+            return None
+        sizes = (lay.num_layers, kvf, lay.num_blocks, lay.num_kv_heads, lay.block_size, lay.head_dim)
+        owner = self._owner(base)
+        start = owner.untyped_storage().data_ptr()
+        last = base + sum((n - 1) * x for n, x in zip(sizes, (*strides, es))) + es
+        if last > start + owner.untyped_storage().nbytes() or (base - start) % es:
+            return None
+        return owner.as_strided(sizes, tuple(x // es for x in (*strides, es)), (base - start) // es)
+
     def _owner(self, ptr: int) -> torch.Tensor:
         for t in self.tensors:
             start = t.untyped_storage().data_ptr()

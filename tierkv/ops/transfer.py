@@ -3,6 +3,8 @@
 Each call picks a path by direction and block size, unless the caller names one:
 
     torch   the references in `reference.py`: the only path without CUDA, and for pageable memory
+            (engine pages <-> rows with both in CPU memory take `chunk_copy.py` where it applies,
+            unless a caller names this path)
     kernel  one copy kernel; pinned host memory is reached over UVA. Full PCIe speed, but it
             holds SMs for the whole transfer, which starves a model running beside it
     dma     copy engines only (`cuMemcpyBatchAsync`), one entry per run of consecutive rows;
@@ -30,6 +32,7 @@ from ..errors import LayoutMismatchError
 from ..layout import KVLayout
 from . import dma, kernels
 from . import reference as ref
+from .chunk_copy import copy_chunks
 from .cuda_build import KernelError, cuda_driver, nvrtc_version
 from .engine_layout import EngineKV
 from .staging import STAGING_BYTES, staged_from_host, staged_to_host, upload
@@ -324,6 +327,8 @@ def _engine_op(to_store: bool, engine: EngineKV, slots: torch.Tensor, store: tor
     if n == 0:
         return _done(s)
     bt, bb = layout.block_tokens, layout.block_bytes
+    if chosen == "torch" and path is None and copy_chunks(to_store, engine, slots, pool, r, layout):
+        return _done(s)  # CPU memory on both sides: one copy per chunk, straight between pages and rows
     if chosen == "torch":
         with _on(s):
             if to_store:

@@ -26,6 +26,7 @@ import torch
 
 from ..integrity import checksum_block_slots
 from ..ops.checksum import block_checksums
+from ..ops.chunk_copy import CACHED_PIECE_BYTES
 from ..ops.layer_copy import LayerCopy
 from ..ops.streams import side_stream
 from ..ops.transfer import copy_slots, cuda_kernels_available, gather_engine_blocks, scatter_engine_blocks
@@ -178,6 +179,12 @@ class PoolTier(Tier):
             self._save_hashed(slots, engine, engine_slots, layout, blocks)
             return
         self._before_copy(engine.device.type == "cuda")
+        if engine.device.type == "cpu" and self._device.type == "cpu":  # each piece hashed while it is in the cache
+            per = max(1, CACHED_PIECE_BYTES // max(self.slot_bytes, 1))
+            for a in range(0, len(slots), per):
+                gather_engine_blocks(engine, engine_slots[a : a + per], self.storage, layout, rows=list(slots[a : a + per]))
+                self._stamp(slots[a : a + per], blocks[a : a + per])
+            return
         event = gather_engine_blocks(engine, engine_slots, self.storage, layout, rows=list(slots))
         self._after_gpu_copy(event)
         self._stamp(slots, blocks)
