@@ -318,9 +318,20 @@ def test_a_block_table_too_short_is_a_value_error_naming_it() -> None:
             store.load_into(dst.kv, [5], tokens, first_block=2)  # the table must cover every full block
 
 
-def test_a_corrupt_host_block_is_never_loaded() -> None:
+@pytest.mark.parametrize("pieces", ["whole", "pieces"])
+def test_a_corrupt_host_block_is_never_loaded(pieces: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also verified and copied in pieces of 2 blocks by the chunk copy: the pieces before the bad one land, none after."""
+    if pieces == "pieces":
+        from tierkv import placement
+        from tierkv.ops import chunk_copy
+        from tierkv.tiers import memory
+
+        monkeypatch.setattr(placement, "CACHED_PIECE_BYTES", 2 * BB)
+        monkeypatch.setattr(memory, "CACHED_PIECE_BYTES", 2 * BB)
+        monkeypatch.setattr(chunk_copy, "MIN_CHUNK_BYTES", 0)
     tokens = prompt(0, 6)
     src = Engine(DimOrder.BLHNSC, 8, 4, seed=7)
+    assert src.kv.grid_view() is not None, "one allocation: the chunk copy applies"
     table = [3, 1, 0]
     want = src.blocks(table, 0, 6)
     with engine_store(None, host=16) as store:
