@@ -52,6 +52,8 @@ def kv_transfer(config: str, args: argparse.Namespace) -> Any:
 
     if config == "tierkv":
         extra: dict[str, Any] = {"host_bytes": args.tierkv_host_bytes}
+        if args.tierkv_block_tokens:
+            extra["block_tokens"] = args.tierkv_block_tokens
         if args.tierkv_disk:
             extra.update(disk_path=args.tierkv_disk, disk_bytes="8GiB")
         return KVTransferConfig(kv_connector="TierKVConnector", kv_connector_module_path="tierkv_connectors.vllm",
@@ -230,6 +232,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, help="vLLM's block size in tokens (default: vLLM's, 128 on CPU)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--tierkv-host-bytes", default="4GiB")
+    p.add_argument("--tierkv-block-tokens", type=int,
+                   help="tokens per tierkv block (default: vLLM's block size); smaller ones also keep the partly "
+                        "filled vLLM block at the end of a turn")
     p.add_argument("--tierkv-disk", help="also give tierkv a disk tier in this (emptied) directory")
     p.add_argument("--lmcache-l1-gb", type=float, default=4)
     p.add_argument("--seed", type=int, default=0)

@@ -171,3 +171,16 @@ def test_namespace_names_a_local_model_by_its_directory_not_its_path(model: Path
     assert engine_namespace(str(model), "f", 0, 1) == engine_namespace(str(copy), "f", 0, 1)
     assert engine_namespace("org/some-model", "f", 0, 1).model == "org/some-model"
     assert engine_namespace(str(model), "f", 0, 2) != engine_namespace(str(model), "f", 1, 2)
+
+
+def test_blocks_smaller_than_vllms_are_warned_about_and_others_are_not(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="tierkv.vllm"):
+        assert ConnectorConfig.from_extra({"block_tokens": 32}).resolve_block_tokens(128) == 32
+    assert "block_tokens 32 is smaller than vLLM's block size 128" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tierkv.vllm"):
+        assert ConnectorConfig.from_extra({}).resolve_block_tokens(128) == 128
+        assert ConnectorConfig.from_extra({"block_tokens": 256}).resolve_block_tokens(128) == 256
+    assert not caplog.records
+    with pytest.raises(ConfigError, match="whole multiples of one another"):
+        ConnectorConfig.from_extra({"block_tokens": 48}).resolve_block_tokens(128)
