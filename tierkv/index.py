@@ -171,9 +171,7 @@ class Index:
         if added:
             first = added[0].parent
             if first is not None:  # it may have stopped being a leaf of some tier, or still be one of a faster tier
-                for t in range(n):
-                    if first.slots[t] >= 0:
-                        self._maybe_push(first, t)
+                self._push_where_resident(first)
             for block, tier in zip(added, tiers):
                 self._maybe_push(block, tier)
         return added
@@ -322,10 +320,7 @@ class Index:
             parent.child_fast[was] -= 1
         if now != ABSENT:
             parent.child_fast[now] += 1
-        # The parent may have become a leaf in some tier: give it a heap entry there.
-        for t, slot in enumerate(parent.slots):
-            if slot >= 0:
-                self._maybe_push(parent, t)
+        self._push_where_resident(parent)  # it may have become a leaf in some tier
 
     # -- leases ------------------------------------------------------------------
 
@@ -346,11 +341,15 @@ class Index:
             b.leases -= 1
             if b.leases == 0:
                 self.leased_copies -= self._copies(b)
-                for t, slot in enumerate(b.slots):
-                    if slot >= 0:
-                        self._maybe_push(b, t)
+                self._push_where_resident(b)
 
     # -- eviction order ----------------------------------------------------------
+
+    def _push_where_resident(self, block: Block) -> None:
+        """A heap entry for `block` in every tier with a real slot of it where it is now an unleased leaf."""
+        for t, slot in enumerate(block.slots):
+            if slot >= 0:
+                self._maybe_push(block, t)
 
     def _maybe_push(self, block: Block, tier: int) -> None:
         bit = 1 << tier

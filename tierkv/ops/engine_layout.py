@@ -197,6 +197,7 @@ class EngineKV:
             if t.device != self.device:
                 raise LayoutMismatchError(f"engine tensors are on {self.device} and {t.device}; keep them on one device")
         self.plan = self._plan()
+        self._grid: tuple[torch.Tensor | None] | None = None  # grid_view(), found once
         self._device_ptrs: torch.Tensor | None = None
 
     @staticmethod
@@ -295,7 +296,13 @@ class EngineKV:
         one tensor: vLLM's caches (one allocation, layer-major) and per-layer tensors carved out of
         one buffer. Then a chunk of one engine block, across all layers, is a single strided view,
         which is what lets the CPU copy a block in one call instead of one per layer. None otherwise.
+        Found once per binding: the tensors and their layout never change.
         """
+        if self._grid is None:
+            self._grid = (self._find_grid(),)
+        return self._grid[0]
+
+    def _find_grid(self) -> torch.Tensor | None:
         lay, p, es = self.layout, self.plan, self.layout.element_size
         ptrs, kvf = p.layer_ptrs, lay.kv_factor
         base = ptrs[0]
