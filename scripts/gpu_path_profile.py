@@ -61,10 +61,59 @@ def gpu_profile(fn: Callable[[], object], top: int) -> str:
     return str(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top))
 
 
+def timeline(fn: Callable[[], object], label: str) -> str:
+    """When the GPU work of one call starts and ends, relative to the call's start (profiler clock, us).
+
+    One line per GPU activity (kernel or copy, with its stream), so a gap before the first copy
+    (host work the copy waits for) or between a copy and its verification is visible.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("timeline-call"):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    call = next(e for e in events if e.name == "timeline-call")
+    t0 = call.time_range.start
+    gpu = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    lines = [f"---- {label}: call returns at {call.time_range.end - t0:.0f} us"]
+    for e in gpu:
+        lines.append(f"  {e.time_range.start - t0:8.0f} .. {e.time_range.end - t0:8.0f} us  "
+                     f"{e.time_range.end - e.time_range.start:7.0f} us  {e.name[:60]}")
+    return "\n".join(lines)
+
+
+def both_timeline(lay_blocks: int, s_put: object, s_get: object, kv: torch.Tensor) -> Callable[[], None]:
+    """A put into one store and a get from another in two threads on two streams (gpu_path_bench's both_ways)."""
+    import threading
+
+    put_stream, get_stream = torch.cuda.Stream(), torch.cuda.Stream()
+    counter = iter(range(2 * 10**5, 10**6))
+
+    def put() -> None:
+        with torch.cuda.stream(put_stream):
+            s_put.put(prompt(next(counter)), kv)  # type: ignore[attr-defined]
+        put_stream.synchronize()
+
+    def once() -> None:
+        t = threading.Thread(target=put)
+        t.start()
+        with torch.cuda.stream(get_stream):
+            s_get.get(prompt(0), device="cuda")  # type: ignore[attr-defined]
+        get_stream.synchronize()
+        t.join()
+
+    return once
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--timeline", action="store_true", help="only the GPU timeline of one call of each operation")
     args = ap.parse_args()
     lay = layout(args.block_tokens)
     n = PROMPT // lay.block_tokens
@@ -91,6 +140,15 @@ def main() -> None:
             stored()
             ret, done = split_times(fn)
             print(f"== {name}: returns after {ret:.2f} ms, GPU done after {done:.2f} ms ({nbytes / done / 1e6:.1f} GB/s)")
+        if args.timeline:
+            for name, fn in ops.items():
+                stored()
+                print(timeline(fn, name))
+            with store(lay, 0) as b:
+                b.put(prompt(0), kv)
+                torch.cuda.synchronize()
+                print(timeline(both_timeline(n, s, b, kv), "put + get at once (two stores, two threads)"))
+            return
         for name, fn in ops.items():
             stored()
             print(f"\n==== {name}: host (cProfile, 3 calls)\n{host_profile(fn, args.top)}")

@@ -17,9 +17,10 @@ import torch
 
 from .errors import CapacityError
 from .index import ABSENT, PENDING, Block, Index
-from .ops.checksum import block_checksums
+from .ops.checksum import QueuedChecksums, block_checksums, queue_block_checksums
 from .ops.chunk_copy import CACHED_PIECE_BYTES
 from .ops.streams import side_stream
+from .pieces import ramped_pieces
 from .stats import StoreCounters
 from .tiers.base import Tier, TierRead, need_checksums, stamp_checksums
 from .tiers.host_rows import empty_rows
@@ -108,25 +109,34 @@ class GpuChecksums:
     """Checksums of a put's GPU rows, hashed once on the GPU for all the new blocks of the put.
 
     A put is written in pieces (`add_chain`); hashing each piece as it is written would wait
-    for the GPU once per piece, behind the previous piece's copy. Instead the first write hashes
-    every row from its block on (one kernel pass at device-memory speed, one wait) and each
-    piece stamps its blocks from that. Rows in host memory are left to the tiers, which hash
-    them where they land.
+    for the GPU once per piece, behind the previous piece's copy. Instead every row from the
+    first new block on is hashed in one kernel pass, queued (`start`) as soon as the put knows
+    which blocks are new, so the kernels run while the host evicts and indexes for the first
+    piece; each piece stamps its blocks from that. Rows in host memory are left to the tiers,
+    which hash them where they land.
     """
 
     def __init__(self, rows: torch.Tensor, first_block: int) -> None:
         self.rows, self.first_block = rows, first_block
-        self.start = 0  # chain position of sums[0]
-        self.sums: list[int] | None = None
+        self.start_at = 0  # chain position of the first checksum queued
+        self.queued: QueuedChecksums | None = None
+
+    def start(self, position: int) -> None:
+        """Queue the hash of the rows from chain position `position` on (the put's first new block)."""
+        if self.rows.is_cuda and self.queued is None:
+            self.start_at = position
+            self.queued = queue_block_checksums(self.rows[position - self.first_block :])
 
     def stamp(self, blocks: Sequence[Block], span: slice) -> None:
         """Give `blocks` (chain positions `span`) their checksums, if the rows are on a GPU and they have none."""
         if not self.rows.is_cuda or not need_checksums(blocks):
             return
-        if self.sums is None or span.start < self.start:
-            self.start = span.start
-            self.sums = block_checksums(self.rows[span.start - self.first_block :])
-        stamp_checksums(blocks, self.sums[span.start - self.start : span.stop - self.start])
+        if self.queued is None or span.start < self.start_at:
+            self.queued = None
+            self.start(span.start)
+        assert self.queued is not None
+        sums = self.queued.result()
+        stamp_checksums(blocks, sums[span.start - self.start_at : span.stop - self.start_at])
 
 
 class Placement:
@@ -191,20 +201,19 @@ class Placement:
 
         Refused with `CapacityError` before anything is evicted when leases leave too little
         room; if a write fails, every new block is taken out again (children first) and the
-        error propagates. Long chains are placed, indexed and written `PUT_PIECE_BYTES` at a
-        time, so the first piece's copy (asynchronous when it involves a GPU) runs while the
-        next piece's eviction and bookkeeping are done on the host; earlier pieces are leased
-        meanwhile, so making room for a later one never evicts them.
+        error propagates. Long chains are placed, indexed and written in `ramped_pieces` of up to
+        `PUT_PIECE_BYTES`, so the first piece's copy (asynchronous when it involves a GPU) starts
+        soon and runs while the next piece's eviction and bookkeeping are done on the host;
+        earlier pieces are leased meanwhile, so making room for a later one never evicts them.
         """
         m = len(chain)
         movable = self.movable_slots()
         if m > movable:
             raise CapacityError(self.capacity_message(m, max(movable, 0)))
-        per = max(1, PUT_PIECE_BYTES // max(self.tiers[0].slot_bytes, 1))
         added: list[Block] = []
         try:
-            for a in range(0, m, per):
-                piece = self._add_piece(parent, chain[a : a + per], start + a, write)
+            for span in ramped_pieces(m, self.tiers[0].slot_bytes, PUT_PIECE_BYTES):
+                piece = self._add_piece(parent, chain[span.start : span.stop], start + span.start, write)
                 self.index.acquire(piece)
                 added += piece
                 parent = piece[-1]
@@ -516,7 +525,7 @@ class Placement:
         """Copy each block from its fastest tier into the engine tokens `engine_slots[i]`, verified first.
 
         Bound for GPU pages from host or disk, a block is copied once into GPU rows, verified there
-        and scattered from them (in pieces of `LOAD_PIECE_BYTES`; the load stops at the first piece
+        and scattered from them (in `ramped_pieces` of up to `LOAD_PIECE_BYTES`; the load stops at the first piece
         that fails). Otherwise a tier that hashes in place is verified where the bytes lie and copies
         slot to page (for CPU pages `CACHED_PIECE_BYTES` at a time), and others (disk) are read once
         into rows that are verified and then scattered.
@@ -526,8 +535,12 @@ class Placement:
             staged = engine.device.type == "cuda" and tier.device.type != "cuda" and tier.verify_reads
             cached = engine.device.type == "cpu" and tier.device.type == "cpu" and tier.hashes_in_place
             piece = LOAD_PIECE_BYTES if staged else CACHED_PIECE_BYTES if cached else 0  # CPU: hash, then copy while cached
-            step = max(1, piece // max(layout.block_bytes, 1)) if piece else max(len(picks), 1)
-            parts = [picks[a : a + step] for a in range(0, len(picks), step)]
+            if staged:  # the first copy to the GPU starts soon: ramped pieces
+                spans = ramped_pieces(len(picks), layout.block_bytes, piece)
+            else:  # CPU pieces are about the cache, not the link: all of one size
+                step = max(1, piece // max(layout.block_bytes, 1)) if piece else max(len(picks), 1)
+                spans = [range(a, min(a + step, len(picks))) for a in range(0, len(picks), step)]
+            parts = [picks[r.start : r.stop] for r in spans]
             groups = [[blocks[i] for i in part] for part in parts]
             fresh = [staged and any(id(b) not in verified.checked for b in group) for group in groups]
             ahead = ReadAhead(tier, [[b.slots[t] for b in g] for g, f in zip(groups, fresh) if f], engine.device)

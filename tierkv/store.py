@@ -181,7 +181,7 @@ class BlockStore:
             sums.stamp(blocks, span)
             self.placement.write(t, slots, rows[span.start - first_block : span.stop - first_block], blocks, "put")
 
-        return self._store_chain(block_chunks(arr, self.layout.block_tokens), tenant, first_block, write)
+        return self._store_chain(block_chunks(arr, self.layout.block_tokens), tenant, first_block, write, sums.start)
 
     @timed("save_from")
     def save_from(self, engine: EngineKV, block_table: Sequence[int] | torch.Tensor, tokens: Tokens,
@@ -211,8 +211,13 @@ class BlockStore:
         check_first_block(first_block, len(chunks))
         return chunks, chunk_slots(engine.layout, self.layout.block_tokens, block_table, range(len(chunks)))
 
-    def _store_chain(self, chunks: list[bytes], tenant: str | None, first_block: int, write: Writer) -> int:
-        """Add the blocks of `chunks` past the stored prefix: placed, indexed, then written by `write`."""
+    def _store_chain(self, chunks: list[bytes], tenant: str | None, first_block: int, write: Writer,
+                     prepare: Callable[[int], None] | None = None) -> int:
+        """Add the blocks of `chunks` past the stored prefix: placed, indexed, then written by `write`.
+
+        `prepare(k)`, if given, is told the chain position of the first new block before any is
+        placed (a put queues its GPU hash there, to run while the host makes room).
+        """
         seed = self.chain.seed(tenant)
         n = len(chunks)
         with self._locked():
@@ -225,6 +230,8 @@ class BlockStore:
             chain = self.index.unknown_links(existing[-1].key if existing else seed, chunks[k:])
             if not chain:
                 return 0
+            if prepare is not None:
+                prepare(k)
             self.index.acquire(existing)  # their children are about to arrive: keep them here
             try:
                 self.placement.add_chain(existing[-1] if existing else None, chain, k, write)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tierkv.integrity import block_checksum, checksum_block_slots, checksum_blocks
-from tierkv.ops.checksum import as_unsigned, checksum_rows_gpu
+from tierkv.ops.checksum import as_unsigned, block_checksums, block_roots_gpu, checksum_rows_gpu, queue_block_checksums
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -93,6 +93,43 @@ def test_side_stream_and_bit_flips() -> None:
     assert gpu_sums(pool) == clean
 
 
+@pytest.mark.parametrize("n", [100, 4096, 33 * 4096, 2 << 20])
+def test_results_written_into_pinned_host_memory(n: int) -> None:
+    """`to_host`: the root kernel stores into pinned host memory over UVA; the values are the same bits."""
+    pool = rand_pool(17, n)
+    want = checksum_blocks(pool.cpu())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    out = checksum_rows_gpu(pool, [16, 0, 3], side, to_host=True)
+    assert not out.is_cuda and out.is_pinned()
+    side.synchronize()
+    assert as_unsigned(out) == [want[16], want[0], want[3]]
+    assert checksum_rows_gpu(pool, [], side, to_host=True).numel() == 0
+    queued = queue_block_checksums(pool)
+    assert queued.result() == want == block_checksums(pool)
+    assert queued.result() == want  # a second call returns the same, without waiting again
+
+
+def test_a_verification_does_not_wait_for_a_large_copy_the_other_way() -> None:
+    """The checksums come back without a copy engine: a hash of device rows finishes while a large
+    device -> host copy queued earlier on another stream is still running (the copy engines of that
+    direction are busy; a readback through them would queue behind it)."""
+    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    rows = rand_pool(8, 1 << 20)
+    want = checksum_blocks(rows.cpu())
+    assert block_checksums(rows) == want  # kernels loaded and pinned results allocated before the timing matters
+    torch.cuda.synchronize()
+    copy = torch.cuda.Stream()
+    copied = torch.cuda.Event()
+    with torch.cuda.stream(copy):
+        host.copy_(big, non_blocking=True)  # ~20 ms at PCIe speed
+        copied.record(copy)
+    assert block_checksums(rows) == want
+    assert not copied.query()  # the hash came back while the copy still ran
+    copied.synchronize()
+
+
 def test_refusals() -> None:
     with pytest.raises(ValueError, match="2-D uint8"):
         checksum_rows_gpu(torch.zeros(4, 4, dtype=torch.int32, device="cuda"))
@@ -104,6 +141,11 @@ def test_refusals() -> None:
         checksum_rows_gpu(torch.zeros(4, 64, dtype=torch.uint8, device="cuda"), [0, 4])
     with pytest.raises(ValueError, match="int64"):
         checksum_rows_gpu(torch.zeros(4, 64, dtype=torch.uint8, device="cuda"), torch.zeros(2, dtype=torch.int32, device="cuda"))
+    leaves = torch.zeros(3, 1, dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match="pinned host memory"):  # pageable: the kernel cannot store there
+        block_roots_gpu(leaves, 4096, torch.cuda.current_stream(), out=torch.empty(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"int64 \[3\]"):
+        block_roots_gpu(leaves, 4096, torch.cuda.current_stream(), out=torch.empty(2, dtype=torch.int64, device="cuda"))
 
 
 def test_throughput_printed(capsys: pytest.CaptureFixture[str]) -> None:

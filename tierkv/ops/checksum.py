@@ -8,14 +8,19 @@ Nothing here synchronises with the device. The pool may be device memory or pinn
 values are bit-identical.
 
 `block_checksums(pool, rows)` is what the store calls: the same checksums wherever the pool
-lives, on the GPU for CUDA memory (and the result copied back, which waits for the kernels), on
-the CPU for host memory (pinned host slots included: hashing them on the GPU would pull every
-byte over PCIe once more).
+lives, on the GPU for CUDA memory, on the CPU for host memory (pinned host slots included:
+hashing them on the GPU would pull every byte over PCIe once more). On the GPU the root kernel
+writes the checksums straight into pinned host memory (`to_host=True`), and the caller waits on
+an event: no copy engine is involved, so a verification is never queued behind a large DMA of
+another request in the same direction (a get verifying while a put streams to host did, and
+both ways at once ran no faster than one after the other).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,8 +29,8 @@ from ..integrity import SECTOR_BYTES, TREE_CHECKSUM, checksum_block_slots, check
 from .cuda_build import i32, i64, module, ptr
 from .kernels import access_width
 
-__all__ = ["TREE_CHECKSUM", "as_signed", "as_unsigned", "block_checksums", "block_roots_gpu", "checksum_rows_gpu",
-           "sector_leaves_gpu"]
+__all__ = ["TREE_CHECKSUM", "QueuedChecksums", "as_signed", "as_unsigned", "block_checksums", "block_roots_gpu",
+           "checksum_rows_gpu", "queue_block_checksums", "sector_leaves_gpu"]
 
 SOURCE = "checksum.cu"
 THREADS = 256  # 64 sectors per thread block: four lanes per sector
@@ -33,6 +38,19 @@ ROOT_THREADS = 128  # the warp-per-block root kernel is written for 4 warps
 ROOT_WARP_MIN_LEAVES = 33  # from this many sectors on, one warp per block computes the root
 CTAS_PER_SM = 16  # grid cap; the leaf kernel's sectors loop over the grid beyond it
 _U64 = (1 << 64) - 1
+# Pinned result tensors a queued root kernel may still write, with the event after it. torch's host
+# allocator knows of copies into pinned memory, not of kernel stores: a result tensor dropped
+# before its kernel ran (an abandoned load) must not be handed out again until it has.
+_unfinished: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+_unfinished_lock = threading.Lock()
+
+
+def _hold_until_written(out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    done = torch.cuda.Event()
+    done.record(stream)
+    with _unfinished_lock:
+        _unfinished[:] = [(e, t) for e, t in _unfinished if not e.query()]
+        _unfinished.append((done, out))
 
 
 def as_signed(value: int) -> int:
@@ -41,7 +59,7 @@ def as_signed(value: int) -> int:
 
 
 def as_unsigned(sums: torch.Tensor) -> list[int]:
-    """The checksums of `checksum_rows_gpu` as Python ints in [0, 2**64) (this syncs: it copies to the host)."""
+    """The checksums of `checksum_rows_gpu` as Python ints in [0, 2**64) (a CUDA tensor is copied to the host: that syncs)."""
     return [v & _U64 for v in sums.tolist()]
 
 
@@ -68,7 +86,8 @@ def _device_rows(rows: torch.Tensor | Sequence[int], limit: int, stream: torch.c
 
 
 def checksum_rows_gpu(pool: torch.Tensor, rows: torch.Tensor | Sequence[int] | None = None,
-                      stream: torch.cuda.Stream | None = None, *, max_ctas: int | None = None) -> torch.Tensor:
+                      stream: torch.cuda.Stream | None = None, *, max_ctas: int | None = None,
+                      to_host: bool = False) -> torch.Tensor:
     """`block_checksum` of each row of a `[num_rows, row_bytes]` uint8 pool, queued on `stream`.
 
     `pool` is a contiguous CUDA tensor or a pinned host tensor. `rows` (default: every row, in
@@ -77,6 +96,8 @@ def checksum_rows_gpu(pool: torch.Tensor, rows: torch.Tensor | Sequence[int] | N
     device, one checksum per row picked (the u64 bits; see `as_unsigned`), valid once `stream`
     reaches that point. `stream` defaults to the current stream of the pool's device (of the
     current device for a host pool). The caching allocator ties the result to `stream`.
+    With `to_host` the result is a pinned host tensor that the kernel writes over PCIe: read it
+    once the stream has passed this point (an event), without a copy.
     """
     if not isinstance(pool, torch.Tensor) or pool.dtype != torch.uint8 or pool.dim() != 2:
         raise ValueError(f"checksum_rows_gpu needs a 2-D uint8 pool, got {getattr(pool, 'dtype', type(pool))} "
@@ -100,11 +121,12 @@ def checksum_rows_gpu(pool: torch.Tensor, rows: torch.Tensor | Sequence[int] | N
     if m >= 1 << 31 or m * k >= 1 << 40:
         raise ValueError(f"{m} rows of {k} sectors is too many for one call")
     with torch.cuda.stream(s):
+        out = torch.empty(m, dtype=torch.int64, pin_memory=True) if to_host else None
         if m == 0:
-            return torch.empty(0, dtype=torch.int64, device=device)
+            return out if out is not None else torch.empty(0, dtype=torch.int64, device=device)
         leaves = torch.empty((m, k), dtype=torch.int64, device=device)
         _queue_leaves(pool, dev_rows, leaves, s, max_ctas)
-        return block_roots_gpu(leaves, n, s)
+        return block_roots_gpu(leaves, n, s, out=out)
 
 
 def sector_leaves_gpu(pool: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
@@ -129,14 +151,24 @@ def sector_leaves_gpu(pool: torch.Tensor, out: torch.Tensor, stream: torch.cuda.
         _queue_leaves(pool, None, out, stream, None)
 
 
-def block_roots_gpu(leaves: torch.Tensor, block_bytes: int, stream: torch.cuda.Stream) -> torch.Tensor:
-    """`TREE_CHECKSUM` of blocks of `block_bytes` from their `[m, k]` int64 leaves (contiguous, CUDA), queued on `stream`."""
+def block_roots_gpu(leaves: torch.Tensor, block_bytes: int, stream: torch.cuda.Stream,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """`TREE_CHECKSUM` of blocks of `block_bytes` from their `[m, k]` int64 leaves (contiguous, CUDA), queued on `stream`.
+
+    Written into `out` when given: `m` int64 on the leaves' device, or in pinned host memory,
+    which the kernel reaches over UVA (the root of a block is one 8-byte store).
+    """
     m, k = leaves.shape
     if k != -(-block_bytes // SECTOR_BYTES) or not leaves.is_contiguous():
         raise ValueError(f"leaves must be contiguous [m, {-(-block_bytes // SECTOR_BYTES)}] for blocks of "
                          f"{block_bytes} bytes, got {tuple(leaves.shape)}")
+    if out is not None and (out.shape != (m,) or out.dtype != torch.int64 or not out.is_contiguous()
+                            or not (out.device == leaves.device or out.is_pinned())):
+        raise ValueError(f"out must be a contiguous int64 [{m}] tensor on {leaves.device} or in pinned host memory, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     with torch.cuda.stream(stream):
-        out = torch.empty(m, dtype=torch.int64, device=leaves.device)
+        if out is None:
+            out = torch.empty(m, dtype=torch.int64, device=leaves.device)
         if m == 0:
             return out
         mod = module(SOURCE, leaves.device)
@@ -145,6 +177,8 @@ def block_roots_gpu(leaves: torch.Tensor, block_bytes: int, stream: torch.cuda.S
         src = leaves if k else out  # no sectors: the kernels read no leaves
         mod.launch(name, max(1, min(-(-m // per_cta), mod.num_sms * CTAS_PER_SM)), ROOT_THREADS,
                    [ptr(src), i64(block_bytes), i32(k), i32(m), ptr(out)], stream)
+        if not out.is_cuda:
+            _hold_until_written(out, stream)
     return out
 
 
@@ -164,21 +198,51 @@ def _queue_leaves(pool: torch.Tensor, dev_rows: torch.Tensor | None, leaves: tor
                [ptr(pool), rows_arg, i64(n), i32(k), i32(m), ptr(leaves)], stream)
 
 
-def block_checksums(pool: torch.Tensor, rows: Sequence[int] | None = None,
-                    stream: torch.cuda.Stream | None = None) -> list[int]:
-    """`TREE_CHECKSUM` of each row of a `[num_rows, row_bytes]` uint8 pool (or of rows `rows`), where the pool is.
+@dataclass
+class QueuedChecksums:
+    """Block checksums on their way: queued on the GPU (`done` marks them written into `sums`) or already known."""
+
+    sums: torch.Tensor | list[int]
+    done: torch.cuda.Event | None = None
+
+    def result(self) -> list[int]:
+        """The checksums as u64 ints, waiting for the kernels if they are still running."""
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+        if isinstance(self.sums, torch.Tensor):
+            self.sums = as_unsigned(self.sums)
+        return self.sums
+
+
+def queue_block_checksums(pool: torch.Tensor, rows: Sequence[int] | None = None,
+                          stream: torch.cuda.Stream | None = None) -> QueuedChecksums:
+    """`block_checksums` without the wait: on the GPU the host may go on with other work while the kernels run.
 
     CUDA memory is hashed by the kernels on `stream` (default: the pool device's current stream,
-    so the hash is ordered after the copies queued there) and the result waits for them; without
-    the CUDA toolchain the rows are copied to the host and hashed there. CPU memory is hashed in
-    place by `tierkv.integrity`. Either way the values are the same bits.
+    so the hash is ordered after the copies queued there), which write the checksums straight
+    into pinned host memory; without the CUDA toolchain the rows are copied to the host and
+    hashed there. CPU memory is hashed in place by `tierkv.integrity`, at once. Either way the
+    values are the same bits.
     """
     if not pool.is_cuda:
-        return checksum_blocks(pool) if rows is None else checksum_block_slots(pool, rows)
+        return QueuedChecksums(checksum_blocks(pool) if rows is None else checksum_block_slots(pool, rows))
     from .transfer import cuda_kernels_available  # transfer imports the copy kernels; only GPU callers need it
 
     if cuda_kernels_available():
         s = stream if stream is not None else torch.cuda.current_stream(pool.device)
-        return as_unsigned(checksum_rows_gpu(pool.contiguous(), None if rows is None else list(rows), s))
+        sums = checksum_rows_gpu(pool.contiguous(), None if rows is None else list(rows), s, to_host=True)
+        done = torch.cuda.Event()
+        done.record(s)
+        return QueuedChecksums(sums, done)
     picked = pool if rows is None else pool[torch.as_tensor(list(rows), dtype=torch.int64, device=pool.device)]
-    return checksum_blocks(picked.cpu())
+    return QueuedChecksums(checksum_blocks(picked.cpu()))
+
+
+def block_checksums(pool: torch.Tensor, rows: Sequence[int] | None = None,
+                    stream: torch.cuda.Stream | None = None) -> list[int]:
+    """`TREE_CHECKSUM` of each row of a `[num_rows, row_bytes]` uint8 pool (or of rows `rows`), where the pool is.
+
+    What `queue_block_checksums` queues, waited for.
+    """
+    return queue_block_checksums(pool, rows, stream).result()

@@ -31,7 +31,7 @@ import torch
 from ..integrity import SECTOR_BYTES
 from ..layout import KVLayout
 from . import dma, kernels
-from .checksum import as_signed, block_roots_gpu, sector_leaves_gpu
+from .checksum import as_unsigned, block_roots_gpu, sector_leaves_gpu
 from .engine_layout import EngineKV
 from .staging import upload
 from .streams import side_stream
@@ -73,7 +73,7 @@ class LayerCopy:
         self._ready = [torch.cuda.Event() for _ in range(nl)]
         self._done = torch.cuda.Event()
         self._verify_queued = False  # the verification is queued
-        self._bad_host: torch.Tensor | None = None
+        self._roots_host: torch.Tensor | None = None
         for s in (self._copy, self._side):
             s.wait_stream(caller)  # the engine's pages and our inputs are ready as of now on the caller's stream
             if wait_before is not None:
@@ -136,13 +136,11 @@ class LayerCopy:
             return
         with torch.cuda.stream(self._side):
             if self._leaves is not None:
-                roots = block_roots_gpu(self._leaves.permute(1, 0, 2).reshape(n, -1).contiguous(), lay.block_bytes,
-                                        self._side)
-                known = torch.tensor([e is not None for e in self._expected], dtype=torch.bool)
-                want = torch.tensor([as_signed(e) if e is not None else 0 for e in self._expected], dtype=torch.int64)
-                bad = (roots != upload(want, self._side)) & upload(known, self._side)
-                self._bad_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
-                self._bad_host.copy_(bad, non_blocking=True)
+                # The roots land in pinned host memory, written by the kernel: no copy engine
+                # (a small readback would queue behind the other direction's large DMAs).
+                self._roots_host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+                block_roots_gpu(self._leaves.permute(1, 0, 2).reshape(n, -1).contiguous(), lay.block_bytes,
+                                self._side, out=self._roots_host)
             self._done.record(self._side)
         self._verify_queued = True
 
@@ -162,7 +160,8 @@ class LayerCopy:
         self._queue_through(self.num_layers)
         self._done.synchronize()
         self._ring, self._leaves = [], None  # the side stream is done with them
-        if self._bad_host is None:
+        if self._roots_host is None:
             return []
-        return self._bad_host.nonzero().flatten().tolist()
+        roots = as_unsigned(self._roots_host)
+        return [i for i, (want, got) in enumerate(zip(self._expected, roots)) if want is not None and want != got]
 

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..integrity import checksum_block_slots
-from ..ops.checksum import block_checksums
+from ..ops.checksum import QueuedChecksums, block_checksums, queue_block_checksums
 from ..ops.chunk_copy import CACHED_PIECE_BYTES
 from ..ops.layer_copy import LayerCopy
 from ..ops.streams import side_stream
 from ..ops.transfer import copy_slots, cuda_kernels_available, gather_engine_blocks, scatter_engine_blocks
+from ..pieces import ramped_pieces
 from .base import Tier, TierRead, need_checksums, stamp_checksums
 from .host_rows import empty_rows
 from .limits import allocate, check_capacity
@@ -193,28 +194,27 @@ class PoolTier(Tier):
                      blocks: Sequence[Block]) -> None:
         """Engine pages -> GPU rows (gather) -> checksums on the GPU -> one copy into our host slots.
 
-        In pieces of at most `SAVE_PIECE_BYTES` of GPU rows. The gather and the hash run on the
+        In `ramped_pieces` of at most `SAVE_PIECE_BYTES` of GPU rows. The gather and the hash run on the
         engine device's current stream (so the engine may reuse its pages once that stream has
         passed them); the copy to host runs on a side stream, so the next piece's gather and
         hash, and the next call's, overlap it instead of queueing behind it. Only the
-        checksums are waited for.
+        checksums are waited for, once, after every piece is queued.
         """
         bb = self.slot_bytes
-        per = max(1, SAVE_PIECE_BYTES // max(bb, 1))
         stream = torch.cuda.current_stream(engine.device)
         side = side_stream(engine.device, "hashed-save")
-        sums: list[int] = []
-        for a in range(0, len(slots), per):
-            b = min(a + per, len(slots))
+        sums: list[QueuedChecksums] = []
+        for piece in ramped_pieces(len(slots), bb, SAVE_PIECE_BYTES):
+            a, b = piece.start, piece.stop
             rows = torch.empty((b - a, bb), dtype=torch.uint8, device=engine.device)
             gather_engine_blocks(engine, engine_slots[a:b], rows, layout)
-            sums += block_checksums(rows)
+            sums.append(queue_block_checksums(rows))
             side.wait_stream(stream)
             with torch.cuda.stream(side):
                 self._before_copy(True)
                 self._after_gpu_copy(copy_slots(rows, range(b - a), self.storage, list(slots[a:b])))
             rows.record_stream(side)  # the allocator hands the rows out again only after the copy
-        stamp_checksums(blocks, sums)
+        stamp_checksums(blocks, [c for piece_sums in sums for c in piece_sums.result()])
 
     def read_to(self, slots: Sequence[int], device: torch.device) -> TierRead:
         """Our slots as rows on `device`, in one copy (a DMA batch from pinned host slots to a GPU)."""
