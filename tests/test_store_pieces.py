@@ -5,7 +5,6 @@ import torch
 from conftest import check_index_invariants, kv_for, make_store, prompt, same_bits, tiny_layout
 
 from tierkv import placement
-from tierkv.pieces import FIRST_PIECE_FRACTION, ramped_pieces
 
 
 @pytest.fixture
@@ -61,20 +60,3 @@ def test_a_failed_write_in_a_later_piece_takes_out_every_new_block(small_pieces)
         check_index_invariants(store)
         assert store.put(tokens, kv_for(lay, tokens)) == 10  # and the store still takes the put
 
-
-@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 100, 1000])
-@pytest.mark.parametrize("item_bytes, most_bytes", [(1, 64), (2 << 20, 128 << 20), (3, 2), (5, 5)])
-def test_ramped_pieces_cover_every_item_once_and_stay_under_the_cap(count, item_bytes, most_bytes):
-    pieces = ramped_pieces(count, item_bytes, most_bytes)
-    assert [i for r in pieces for i in r] == list(range(count))
-    most = max(1, most_bytes // item_bytes)
-    assert all(1 <= len(r) <= most for r in pieces)
-    sizes = [len(r) for r in pieces[:-1]]  # the last piece is whatever is left
-    assert sizes == sorted(sizes)  # they only grow
-    if count >= most:
-        assert len(pieces[0]) == max(1, most // FIRST_PIECE_FRACTION)  # the first copy starts early
-
-
-def test_ramped_pieces_reach_the_cap_after_a_few_doublings():
-    pieces = ramped_pieces(128 * 4, 2 << 20, 128 << 20)  # 2 MiB blocks, 128 MiB cap: 8, 16, 32, 64, 64, ...
-    assert [len(r) for r in pieces[:5]] == [8, 16, 32, 64, 64]

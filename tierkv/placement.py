@@ -20,7 +20,6 @@ from .index import ABSENT, PENDING, Block, Index
 from .ops.checksum import QueuedChecksums, block_checksums, queue_block_checksums
 from .ops.chunk_copy import CACHED_PIECE_BYTES
 from .ops.streams import side_stream
-from .pieces import ramped_pieces
 from .stats import StoreCounters
 from .tiers.base import Tier, TierRead, need_checksums, stamp_checksums
 from .tiers.host_rows import empty_rows
@@ -201,10 +200,12 @@ class Placement:
 
         Refused with `CapacityError` before anything is evicted when leases leave too little
         room; if a write fails, every new block is taken out again (children first) and the
-        error propagates. Long chains are placed, indexed and written in `ramped_pieces` of up to
-        `PUT_PIECE_BYTES`, so the first piece's copy (asynchronous when it involves a GPU) starts
-        soon and runs while the next piece's eviction and bookkeeping are done on the host;
-        earlier pieces are leased meanwhile, so making room for a later one never evicts them.
+        error propagates. Long chains are placed, indexed and written `PUT_PIECE_BYTES` at a
+        time, so the first piece's copy (asynchronous when it involves a GPU) runs while the
+        next piece's eviction and bookkeeping are done on the host; earlier pieces are leased
+        meanwhile, so making room for a later one never evicts them. (Pieces that start small
+        and double did not start the first copy sooner: each piece has a fixed host cost of a
+        few hundred microseconds, more than a small piece's copy.)
         """
         m = len(chain)
         movable = self.movable_slots()
@@ -212,8 +213,9 @@ class Placement:
             raise CapacityError(self.capacity_message(m, max(movable, 0)))
         added: list[Block] = []
         try:
-            for span in ramped_pieces(m, self.tiers[0].slot_bytes, PUT_PIECE_BYTES):
-                piece = self._add_piece(parent, chain[span.start : span.stop], start + span.start, write)
+            per = max(1, PUT_PIECE_BYTES // max(self.tiers[0].slot_bytes, 1))
+            for a in range(0, m, per):
+                piece = self._add_piece(parent, chain[a : a + per], start + a, write)
                 self.index.acquire(piece)
                 added += piece
                 parent = piece[-1]
@@ -525,7 +527,7 @@ class Placement:
         """Copy each block from its fastest tier into the engine tokens `engine_slots[i]`, verified first.
 
         Bound for GPU pages from host or disk, a block is copied once into GPU rows, verified there
-        and scattered from them (in `ramped_pieces` of up to `LOAD_PIECE_BYTES`; the load stops at the first piece
+        and scattered from them (in pieces of `LOAD_PIECE_BYTES`; the load stops at the first piece
         that fails). Otherwise a tier that hashes in place is verified where the bytes lie and copies
         slot to page (for CPU pages `CACHED_PIECE_BYTES` at a time), and others (disk) are read once
         into rows that are verified and then scattered.
@@ -535,12 +537,8 @@ class Placement:
             staged = engine.device.type == "cuda" and tier.device.type != "cuda" and tier.verify_reads
             cached = engine.device.type == "cpu" and tier.device.type == "cpu" and tier.hashes_in_place
             piece = LOAD_PIECE_BYTES if staged else CACHED_PIECE_BYTES if cached else 0  # CPU: hash, then copy while cached
-            if staged:  # the first copy to the GPU starts soon: ramped pieces
-                spans = ramped_pieces(len(picks), layout.block_bytes, piece)
-            else:  # CPU pieces are about the cache, not the link: all of one size
-                step = max(1, piece // max(layout.block_bytes, 1)) if piece else max(len(picks), 1)
-                spans = [range(a, min(a + step, len(picks))) for a in range(0, len(picks), step)]
-            parts = [picks[r.start : r.stop] for r in spans]
+            step = max(1, piece // max(layout.block_bytes, 1)) if piece else max(len(picks), 1)
+            parts = [picks[a : a + step] for a in range(0, len(picks), step)]
             groups = [[blocks[i] for i in part] for part in parts]
             fresh = [staged and any(id(b) not in verified.checked for b in group) for group in groups]
             ahead = ReadAhead(tier, [[b.slots[t] for b in g] for g, f in zip(groups, fresh) if f], engine.device)

@@ -30,7 +30,6 @@ from ..ops.chunk_copy import CACHED_PIECE_BYTES
 from ..ops.layer_copy import LayerCopy
 from ..ops.streams import side_stream
 from ..ops.transfer import copy_slots, cuda_kernels_available, gather_engine_blocks, scatter_engine_blocks
-from ..pieces import ramped_pieces
 from .base import Tier, TierRead, need_checksums, stamp_checksums
 from .host_rows import empty_rows
 from .limits import allocate, check_capacity
@@ -194,7 +193,7 @@ class PoolTier(Tier):
                      blocks: Sequence[Block]) -> None:
         """Engine pages -> GPU rows (gather) -> checksums on the GPU -> one copy into our host slots.
 
-        In `ramped_pieces` of at most `SAVE_PIECE_BYTES` of GPU rows. The gather and the hash run on the
+        In pieces of at most `SAVE_PIECE_BYTES` of GPU rows. The gather and the hash run on the
         engine device's current stream (so the engine may reuse its pages once that stream has
         passed them); the copy to host runs on a side stream, so the next piece's gather and
         hash, and the next call's, overlap it instead of queueing behind it. Only the
@@ -204,8 +203,9 @@ class PoolTier(Tier):
         stream = torch.cuda.current_stream(engine.device)
         side = side_stream(engine.device, "hashed-save")
         sums: list[QueuedChecksums] = []
-        for piece in ramped_pieces(len(slots), bb, SAVE_PIECE_BYTES):
-            a, b = piece.start, piece.stop
+        per = max(1, SAVE_PIECE_BYTES // max(bb, 1))
+        for a in range(0, len(slots), per):
+            b = min(a + per, len(slots))
             rows = torch.empty((b - a, bb), dtype=torch.uint8, device=engine.device)
             gather_engine_blocks(engine, engine_slots[a:b], rows, layout)
             sums.append(queue_block_checksums(rows))
