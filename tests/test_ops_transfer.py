@@ -150,4 +150,7 @@ def test_dma_runs_merge_rows_that_advance_together() -> None:
     assert list(zip(starts_a.tolist(), starts_b.tolist(), lengths.tolist())) == [(3, 7, 2), (5, 0, 1), (9, 1, 2), (2, 3, 1)]
     dsts, srcs, sizes = dma.entries(1000, a, 0, b, row_bytes=10)
     assert dsts == [1030, 1050, 1090, 1020] and srcs == [70, 0, 10, 30] and sizes == [20, 10, 20, 10]
-    assert [t.numel() for t in dma.runs(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))] == [0, 0, 0]
+    assert [t.size for t in dma.runs(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))] == [0, 0, 0]
+    assert dma.runs(torch.tensor([5]), torch.tensor([0]))[2].tolist() == [1]
+    wide = torch.tensor([2**40, 2**40 + 1])  # slot numbers past 32 bits stay exact
+    assert dma.entries(0, wide, 0, torch.tensor([0, 1]), row_bytes=8)[0] == [2**43]

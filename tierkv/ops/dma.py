@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .cuda_build import KernelError, check_cuda, cuda_driver
@@ -31,20 +32,28 @@ def copy_stream(device: torch.device, to_device: bool = False) -> torch.cuda.Str
     return side_stream(device, "dma-h2d" if to_device else "dma-d2h")
 
 
-def runs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Maximal runs where both int64 CPU index tensors advance by one together: (a_starts, b_starts, lengths)."""
-    n = a.numel()
+def _as_numpy(rows: torch.Tensor | np.ndarray) -> np.ndarray:
+    return rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows, dtype=np.int64)
+
+
+def runs(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximal runs where both int64 CPU index arrays advance by one together: (a_starts, b_starts, lengths).
+
+    In numpy: it runs on the host before every DMA batch is queued, while the link waits, and a
+    handful of numpy calls on a few hundred rows take microseconds where torch's took ~0.2 ms.
+    """
+    x, y = _as_numpy(a), _as_numpy(b)
+    n = x.size
     if n == 0:
-        empty = torch.empty(0, dtype=torch.int64)
+        empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty
-    starts = torch.ones(n, dtype=torch.bool)
-    starts[1:] = (a[1:] != a[:-1] + 1) | (b[1:] != b[:-1] + 1)
-    idx = starts.nonzero().flatten()
-    lengths = torch.diff(idx, append=torch.tensor([n]))
-    return a[idx], b[idx], lengths
+    breaks = np.flatnonzero((x[1:] != x[:-1] + 1) | (y[1:] != y[:-1] + 1)) + 1
+    idx = np.concatenate((np.zeros(1, dtype=np.int64), breaks))
+    lengths = np.diff(idx, append=n)
+    return x[idx], y[idx], lengths
 
 
-def entries(dst_base: int, dst_rows: torch.Tensor, src_base: int, src_rows: torch.Tensor,
+def entries(dst_base: int, dst_rows: torch.Tensor | np.ndarray, src_base: int, src_rows: torch.Tensor | np.ndarray,
             row_bytes: int) -> tuple[list[int], list[int], list[int]]:
     """DMA (dsts, srcs, sizes) copying row `src_rows[i]` to row `dst_rows[i]`, one entry per joint run."""
     d0, s0, k = runs(dst_rows, src_rows)
