@@ -285,10 +285,11 @@ def _check_continuation(model: PreTrainedModel) -> None:
 
     A prefix of the probe is computed alone, then the rest as a continuation of its cache,
     which is what reuse does; the KV and logits must agree with one pass over all of it, to
-    rounding; and the prefix's KV must not change when other tokens follow it. This catches attention that is not causal (a token's KV depends on the tokens
-    after it: BERT-style models without `is_decoder`), forwards that cannot take several new
-    tokens on top of a cache, and anything else that makes a continued cache differ, whatever
-    the architecture calls it.
+    rounding; and the prefix's KV must not change when other tokens follow it. This catches
+    attention that is not causal (a token's KV depends on the tokens after it: BERT-style
+    models without `is_decoder`), forwards that cannot take several new tokens on top of a
+    cache, and anything else that makes a continued cache differ, whatever the architecture
+    calls it.
     """
     vocab = int(getattr(model.config.get_text_config(decoder=True), "vocab_size", 0) or 0)
     short_n, long_n = _PROBE
