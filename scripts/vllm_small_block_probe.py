@@ -1,11 +1,16 @@
-"""Reproduce the open small-block finding (docs/vllm.md, "Blocks smaller than vLLM's") in one small run.
+"""The small-block finding (docs/vllm.md, "Blocks smaller than vLLM's"), checked end to end after its fix.
 
 One user's conversation at a time through vLLM (CPU), vLLM's own prefix cache off, the long-message
 workload's prompts (512-token system prompt, 300-token messages, 20-token greedy answers, the
-multi-turn benchmark's random Llama): first without a connector (the reference answers), then
-with tierkv at `block_tokens` 128 (vLLM's block size) and 16. Each turn is fed the reference
-conversation, so every turn is compared on the same prompt. At 5a4f410 the 16-token run differed
-on user 3 turn 2 and user 2 turn 3, the 128-token run on none.
+multi-turn benchmark's random Llama); each turn is fed the reference conversation, so every turn
+is compared on the same prompt:
+
+- vLLM with `--block-size 32` (the smallest its CPU attention takes) and no connector: the
+  reference answers;
+- the same with tierkv at `block_tokens` 32: hits of 32-token granularity, whole pages, every
+  answer must be the reference's;
+- vLLM's default 128-token pages with tierkv at 16: refused at start (CPU attention pages are
+  copied only whole; before the fix this run changed 2 of 8 answers).
 
     python scripts/vllm_small_block_probe.py            (~5 min on 2 cores)
 """
@@ -27,7 +32,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_NUM_OF_RE
        "TOKENIZERS_PARALLELISM": "false", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
 
 
-def child(model: str, block_tokens: int, reference: Path) -> None:
+def child(model: str, block_tokens: int, reference: Path, vllm_block: int) -> None:
     """Run the turns in this process's engine; write (reference run) or compare against the reference answers."""
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -39,7 +44,7 @@ def child(model: str, block_tokens: int, reference: Path) -> None:
                               kv_role="kv_both", kv_load_failure_policy="recompute",
                               kv_connector_extra_config={"host_bytes": "1GiB", "block_tokens": block_tokens})
     llm = LLM(model=model, dtype="float32", enforce_eager=True, seed=0, max_model_len=2048, enable_prefix_caching=False,
-              num_gpu_blocks_override=40, kv_transfer_config=kv)
+              num_gpu_blocks_override=40 * 128 // vllm_block, block_size=vllm_block, kv_transfer_config=kv)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     answers = json.loads(reference.read_text()) if block_tokens else {}
     for user in USERS:
@@ -51,7 +56,7 @@ def child(model: str, block_tokens: int, reference: Path) -> None:
             key = f"{user}/{turn}"
             if block_tokens:
                 same = got == answers[key]
-                print(f"| {block_tokens} | {user} | {turn} | {len(prompt)} | {out.num_cached_tokens} | "
+                print(f"| {vllm_block} | {block_tokens} | {user} | {turn} | {len(prompt)} | {out.num_cached_tokens} | "
                       f"{'yes' if same else '**no**'} |", flush=True)
             else:
                 answers[key] = got
@@ -61,8 +66,8 @@ def child(model: str, block_tokens: int, reference: Path) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
         return
     from tierkv_connectors.vllm.random_model import save_random_llama
 
@@ -71,13 +76,19 @@ def main() -> None:
         model = str(save_random_llama(Path(tmp) / "model", hidden=512, layers=6, heads=8, kv_heads=8, head_dim=64,
                                       vocab=args.vocab))
         reference = Path(tmp) / "reference.json"
-        print("| tierkv block_tokens | user | turn | prompt tokens | cached | answer = no connector |")
-        print("| ---: | ---: | ---: | ---: | ---: | --- |")
-        for bt in (0, 128, 16):
-            run = subprocess.run([sys.executable, __file__, "--child", model, str(bt), str(reference)],
+        print("| vLLM block | tierkv block_tokens | user | turn | prompt tokens | cached | answer = no connector |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        for vllm_block, bt in ((32, 0), (32, 32), (128, 16)):
+            run = subprocess.run([sys.executable, __file__, "--child", model, str(bt), str(reference), str(vllm_block)],
                                  env={**os.environ, **ENV}, capture_output=True, text=True)
             sys.stdout.write("".join(line + "\n" for line in run.stdout.splitlines() if line.startswith("|")))
-            if run.returncode:
+            refused = "less than vLLM's block size" in run.stderr
+            if vllm_block == 128:
+                verdict = "refused at start, as it must be" if refused else "NOT refused"
+                print(f"vLLM blocks of 128, tierkv blocks of 16: {verdict}")
+                if not refused:
+                    sys.exit(1)
+            elif run.returncode:
                 sys.exit(f"block_tokens {bt}: the engine failed:\n{run.stderr[-3000:]}")
 
 

@@ -31,10 +31,11 @@ from vllm_model import make_model  # noqa: E402
 
 import tierkv  # noqa: E402
 import tierkv_connectors.vllm.config as connector_config  # noqa: E402
-from tierkv import ConfigError  # noqa: E402
+from tierkv import ConfigError, KVLayout, Namespace  # noqa: E402
 from tierkv_connectors.vllm import TierKVConnector  # noqa: E402
 from tierkv_connectors.vllm.config import ConnectorConfig  # noqa: E402
 from tierkv_connectors.vllm.identity import engine_namespace, weights_fingerprint  # noqa: E402
+from tierkv_connectors.vllm.layout import check_whole_pages  # noqa: E402
 
 NAMES = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 
@@ -60,10 +61,16 @@ def connector(model: Path, extra: dict[str, Any], policy: str = "recompute",
 
 
 def test_a_good_config_builds_the_store_layout(model: Path, tmp_path: Path) -> None:
-    c = connector(model, {"block_tokens": 32, "host_bytes": "1GiB", "disk_path": str(tmp_path)})
+    c = connector(model, {"block_tokens": 256, "host_bytes": "1GiB", "disk_path": str(tmp_path)})
     layout = c._scheduler.layout
-    assert (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_tokens) == (2, 1, 32, 32)
+    assert (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_tokens) == (2, 1, 32, 256)
     assert connector(model, {})._scheduler.layout.block_tokens == 128, "defaults to vLLM's block size"
+
+
+def test_blocks_smaller_than_a_cpu_page_are_refused_when_the_connector_is_built(model: Path) -> None:
+    """On the CPU platform (CPU attention pages, copied only whole) in both roles, before anything is matched."""
+    with pytest.raises(ConfigError, match="less than vLLM's block size 128.*--block-size that divides 32"):
+        connector(model, {"block_tokens": 32})
 
 
 @pytest.mark.parametrize("extra, named", [
@@ -173,14 +180,27 @@ def test_namespace_names_a_local_model_by_its_directory_not_its_path(model: Path
     assert engine_namespace(str(model), "f", 0, 2) != engine_namespace(str(model), "f", 1, 2)
 
 
-def test_blocks_smaller_than_vllms_are_warned_about_and_others_are_not(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="tierkv.vllm"):
-        assert ConnectorConfig.from_extra({"block_tokens": 32}).resolve_block_tokens(128) == 32
-    assert "block_tokens 32 is smaller than vLLM's block size 128" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="tierkv.vllm"):
-        assert ConnectorConfig.from_extra({}).resolve_block_tokens(128) == 128
-        assert ConnectorConfig.from_extra({"block_tokens": 256}).resolve_block_tokens(128) == 256
-    assert not caplog.records
+def test_block_tokens_default_to_vllms_and_must_be_multiples_of_one_another() -> None:
+    assert ConnectorConfig.from_extra({}).resolve_block_tokens(128) == 128
+    assert ConnectorConfig.from_extra({"block_tokens": 256}).resolve_block_tokens(128) == 256
+    assert ConnectorConfig.from_extra({"block_tokens": 32}).resolve_block_tokens(128) == 32  # token-major pages allow it
     with pytest.raises(ConfigError, match="whole multiples of one another"):
         ConnectorConfig.from_extra({"block_tokens": 48}).resolve_block_tokens(128)
+
+
+def test_blocks_that_would_cut_a_cpu_attention_page_are_refused_with_what_to_do() -> None:
+    """vLLM's CPU attention keeps K channel-major in each page: only whole pages can be copied."""
+    with pytest.raises(ConfigError, match=r"block_tokens is 32, less than vLLM's block size 128.*channel-major"
+                                          r".*--block-size that divides 32"):
+        check_whole_pages("CPU_ATTN", 32, 128)
+    check_whole_pages("CPU_ATTN", 128, 128)
+    check_whole_pages("CPU_ATTN", 256, 128)
+    check_whole_pages("FLASH_ATTN", 32, 128)  # token-major pages: a part of a page is a run of tokens
+
+
+def test_an_engine_page_format_of_its_own_gets_keys_of_its_own(model: Path) -> None:
+    plain, cpu = engine_namespace(str(model), "f", 0, 1), engine_namespace(str(model), "f", 0, 1, "CPU_ATTN")
+    layout = KVLayout(num_layers=2, kv_factor=2, num_kv_heads=1, head_dim=32, dtype=torch.float32, block_tokens=128)
+    assert plain.digest(layout) != cpu.digest(layout)
+    assert "kv_format" not in plain.to_dict()  # token-major KV keeps the keys and disk identity it had
+    assert plain.digest(layout) == Namespace(model=plain.model, weights_fingerprint="f").digest(layout)

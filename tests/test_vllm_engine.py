@@ -32,7 +32,8 @@ from vllm_model import make_model, run_engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-BT = 32  # tierkv block_tokens; vLLM's CPU block size is 128
+BT = 32  # tierkv block_tokens
+ENGINE = {"block_size": BT}  # vLLM's too, in every engine here: its CPU attention pages are copied only whole
 SYS_A = list(range(3, 303))  # 300 tokens shared by family A
 SYS_B = [5 + (i * 7) % 500 for i in range(260)]  # 260 tokens shared by family B
 
@@ -50,7 +51,7 @@ PROMPTS = [
 ]
 STRANGER = {"tokens": SYS_A + tail(0, 16), "salt": "stranger"}  # tokens stored, but by another tenant
 NEXT_TURN = {"extend": [0, 0], "tokens": tail(4, 20)}  # prompt 0, its 16-token answer, 20 more
-CORRUPT_BLOCK = 5  # of family B: tokens 160..191, inside vLLM's second block
+CORRUPT_BLOCK = 5  # of family B: tokens 160..191
 
 
 def phases(reset: bool) -> list[dict[str, Any]]:
@@ -93,13 +94,13 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model: Path) -> dict[str, Any]:
-    return run({"model": str(model), "prefix_caching": False, "max_tokens": 16, "phases": phases(reset=False)},
+    return run({"model": str(model), "engine": ENGINE, "prefix_caching": False, "max_tokens": 16, "phases": phases(reset=False)},
                env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
 
 
 @pytest.fixture(scope="module")
 def engine_a(model: Path, store_dir: Path, reference: dict[str, Any]) -> dict[str, Any]:
-    return run({"model": str(model), "prefix_caching": True, "max_tokens": 16, "connector": connector(store_dir),
+    return run({"model": str(model), "engine": ENGINE, "prefix_caching": True, "max_tokens": 16, "connector": connector(store_dir),
                 "phases": phases(reset=True)})
 
 
@@ -124,7 +125,7 @@ def _corrupt(store_dir: Path, token_ids: list[int]) -> None:
 @pytest.fixture(scope="module")
 def engine_b(model: Path, store_dir: Path, engine_a: dict[str, Any]) -> dict[str, Any]:
     _corrupt(store_dir, SYS_B[CORRUPT_BLOCK * BT:(CORRUPT_BLOCK + 1) * BT])
-    return run({"model": str(model), "prefix_caching": False, "max_tokens": 16, "connector": connector(store_dir),
+    return run({"model": str(model), "engine": ENGINE, "prefix_caching": False, "max_tokens": 16, "connector": connector(store_dir),
                 "phases": phases(reset=False)}, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
 
 
@@ -179,7 +180,7 @@ def test_corrupt_block_is_detected_and_recomputed(engine_b: dict, reference: dic
 
 
 def test_store_of_another_layout_is_refused_at_start(model: Path, store_dir: Path, engine_b: dict) -> None:
-    result, output = run_engine({"model": str(model), "connector": connector(store_dir, block_tokens=64),
+    result, output = run_engine({"model": str(model), "engine": ENGINE, "connector": connector(store_dir, block_tokens=64),
                                  "phases": [{"prompts": PROMPTS[:1]}]}, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     assert result is None, "an engine with block_tokens 64 opened a store of 32-token blocks"
     assert "LayoutMismatchError" in output and "block_tokens" in output

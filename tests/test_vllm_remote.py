@@ -109,6 +109,7 @@ def engine(model: Path, disk: Path, url: str, role: str = "kv_both", max_tokens:
            **connector: Any) -> dict[str, Any]:
     disk.mkdir(parents=True, exist_ok=True)
     spec = {"model": str(model), "prefix_caching": False, "max_tokens": max_tokens, "role": role,
+            "engine": {"block_size": BT},  # CPU attention pages are copied only whole
             "connector": {"disk_path": str(disk), "disk_bytes": "64MiB", "host_bytes": "64MiB", "block_tokens": BT,
                           "remote_url": url, **connector},
             "phases": [{"prompts": PROMPTS}]}

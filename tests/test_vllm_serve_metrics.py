@@ -27,7 +27,7 @@ from vllm_model import engine_env, make_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-BT = 16
+BT = 32  # tierkv block_tokens and vLLM's (--block-size, CPU attention takes multiples of 32): pages copy only whole
 PROMPT = list(range(3, 3 + 20 * BT))  # 20 blocks of tierkv
 OTHER = [7] * 8  # a short prompt of its own, only to make the engine step (workers report after a step)
 
@@ -78,7 +78,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
                  "kv_connector_extra_config": {"host_bytes": "64MiB", "block_tokens": BT}}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-model-len", "1024",
-               "--no-enable-prefix-caching", "--kv-transfer-config", json.dumps(connector)]
+               "--no-enable-prefix-caching", "--block-size", str(BT), "--kv-transfer-config", json.dumps(connector)]
     log = open(root / "server.log", "w+")  # noqa: SIM115 (closed below, after the process)
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=engine_env())
     base = f"http://127.0.0.1:{port}"

@@ -1,7 +1,8 @@
 """What makes two KV tensors interchangeable, condensed to the 128-bit seed of every key chain.
 
 Everything that changes the bytes of KV for the same tokens belongs here: the model and its
-weights, the layout, the tensor-parallel shard, the adapter, and a tenant salt for isolation.
+weights, the layout, the tensor-parallel shard, the adapter, an engine's own page format, and
+a tenant salt for isolation.
 Two namespaces that differ in any field never produce the same key.
 """
 
@@ -28,11 +29,12 @@ class Namespace:
     tp_size: int = 1
     adapter: str = ""
     tenant: str = ""
+    kv_format: str = ""  # how a block's bytes are arranged, when not token-major KV (an engine's own page format)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"Namespace.model must be a non-empty string, got {self.model!r}")
-        for name in ("weights_fingerprint", "adapter", "tenant"):
+        for name in ("weights_fingerprint", "adapter", "tenant", "kv_format"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"Namespace.{name} must be a string, got {getattr(self, name)!r}")
         for name in ("tp_rank", "tp_size"):
@@ -46,7 +48,12 @@ class Namespace:
         return replace(self, tenant=tenant)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The fields; `kv_format` only when set, so token-major KV keeps the keys and disk
+        identities it had before the field existed."""
+        d = asdict(self)
+        if not self.kv_format:
+            del d["kv_format"]
+        return d
 
     def digest(self, layout: KVLayout) -> bytes:
         """16-byte seed of the key chain for blocks of `layout` produced in this namespace."""

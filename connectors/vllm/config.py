@@ -85,10 +85,8 @@ class ConnectorConfig:
     def resolve_block_tokens(self, vllm_block_size: int) -> int:
         """`block_tokens`, defaulted and checked against vLLM's block size.
 
-        Smaller than vLLM's block size is allowed (the engine tests run so) but warned about: hits
-        then end inside vLLM blocks, and on vLLM's CPU backend 2 of 32 requests of a multi-turn
-        workload gave greedy tokens other than recomputing did, with bit-exact loads and for a
-        reason not found yet (docs/vllm.md, "Blocks smaller than vLLM's").
+        Smaller than vLLM's block size is allowed where pages are token by token (hits then end
+        inside vLLM blocks); `layout.check_whole_pages` refuses it for backends whose pages are not.
         """
         bt = self.block_tokens or vllm_block_size
         if vllm_block_size % bt and bt % vllm_block_size:
@@ -96,11 +94,6 @@ class ConnectorConfig:
                 f"kv_connector_extra_config.block_tokens: {bt} and vLLM's block size {vllm_block_size} "
                 "must be whole multiples of one another"
             )
-        if bt < vllm_block_size:
-            log.warning("tierkv: block_tokens %d is smaller than vLLM's block size %d: hits can end inside a vLLM "
-                        "block, which on vLLM's CPU backend was seen to change greedy tokens against recomputing "
-                        "(docs/vllm.md); use %d or a multiple of it for output identical to recomputing",
-                        bt, vllm_block_size, vllm_block_size)
         return bt
 
 

@@ -25,7 +25,7 @@ from tierkv import ConfigError, EngineKV, dtype_name
 
 from .config import ConnectorConfig
 from .identity import engine_namespace, weights_fingerprint
-from .layout import AttentionKV, attention_kv, engine_kv
+from .layout import WHOLE_PAGE_BACKENDS, AttentionKV, attention_kv, check_whole_pages, engine_kv
 from .lookup import SharedLookup
 from .meta import ResidencyReport, TierKVMetadata
 from .metrics import StatsReporter, TierKVPromMetrics, TierKVStats
@@ -49,6 +49,18 @@ def _hit_source(tier: str) -> CacheHitSource:
         return CacheHitSource(tier)
     except ValueError:
         return CacheHitSource.EXTERNAL_UNSPECIFIED
+
+
+def _platform_page_format() -> str:
+    """The attention backend whose page format this platform's engine uses, when it is one of
+    `WHOLE_PAGE_BACKENDS` (vLLM on CPU: CPU_ATTN); else "" (GPU backends keep pages token by token).
+
+    Known in both roles before any model runs, so the scheduler's keys and the workers' agree,
+    and blocks in a page format of their own never match an engine that reads pages token by token.
+    """
+    from vllm.platforms import current_platform
+
+    return "CPU_ATTN" if current_platform.is_cpu() else ""
 
 
 def _check_engine(vllm_config: VllmConfig) -> None:
@@ -79,6 +91,10 @@ class TierKVConnector(KVConnectorBase_V1):
         config = ConnectorConfig.from_extra(transfer.kv_connector_extra_config)
         self._attention: AttentionKV = attention_kv(kv_cache_config)
         layout = self._attention.store_layout(config.resolve_block_tokens(self._attention.block_size))
+        self._page_format = _platform_page_format()
+        if self._page_format:  # refused in both roles, before the scheduler matches anything
+            check_whole_pages(self._page_format, layout.block_tokens, self._attention.block_size)
+        self._layout = layout
         model = vllm_config.model_config
         fingerprint = config.model_fingerprint or weights_fingerprint(
             model.model, model.revision, model.hf_config.to_json_string(), dtype_name(layout.dtype))
@@ -88,14 +104,14 @@ class TierKVConnector(KVConnectorBase_V1):
         self._kv_caches: dict[str, torch.Tensor] | None = None
         self.step_time = StepTime()  # worker side: what the hooks below cost the engine's step
         if role == KVConnectorRole.SCHEDULER:
-            namespaces = [engine_namespace(model.model, fingerprint, r, tp_size) for r in range(tp_size)]
+            namespaces = [engine_namespace(model.model, fingerprint, r, tp_size, self._page_format) for r in range(tp_size)]
             shared = SharedLookup(layout, namespaces, config.store) if config.store.remote_url is not None else None
             self._scheduler = SchedulerSide(layout, namespaces, config.async_disk_loads, config.async_saves, shared)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             rank = get_tensor_model_parallel_rank()
-            self._worker = WorkerSide(layout, engine_namespace(model.model, fingerprint, rank, tp_size),
+            self._worker = WorkerSide(layout, engine_namespace(model.model, fingerprint, rank, tp_size, self._page_format),
                                       rank_store_config(config.store, rank, tp_size), self._attention,
                                       async_saves=config.async_saves, max_pending_saves=config.max_pending_saves)
 
@@ -112,7 +128,12 @@ class TierKVConnector(KVConnectorBase_V1):
         if len(backends) != 1:
             raise ConfigError(f"tierkv connector: attention layers use several backends {sorted(backends)}")
         layout = self._vllm_config.cache_config.get_resolved_kv_cache_layout()
-        return engine_kv(kv_caches, self._attention, backends.pop(), layout.name)
+        backend = backends.pop()
+        check_whole_pages(backend, self._layout.block_tokens, self._attention.block_size)
+        if (backend in WHOLE_PAGE_BACKENDS) != bool(self._page_format):
+            raise ConfigError(f"tierkv connector: attention backend {backend} on this platform is not the one its "
+                              f"keys were made for ({self._page_format or 'token-major pages'})")
+        return engine_kv(kv_caches, self._attention, backend, layout.name)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None

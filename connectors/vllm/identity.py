@@ -76,6 +76,11 @@ def model_name(model: str) -> str:
     return path.resolve().name if path.is_dir() else model
 
 
-def engine_namespace(model: str, fingerprint: str, tp_rank: int, tp_size: int) -> Namespace:
-    """The namespace of one tensor-parallel shard; the tenant (cache_salt) is applied per request."""
-    return Namespace(model=model_name(model), weights_fingerprint=fingerprint, tp_rank=tp_rank, tp_size=tp_size)
+def engine_namespace(model: str, fingerprint: str, tp_rank: int, tp_size: int, page_format: str = "") -> Namespace:
+    """The namespace of one tensor-parallel shard; the tenant (cache_salt) is applied per request.
+
+    `page_format` names an attention backend whose pages are stored whole in a layout of its own
+    (vLLM's CPU attention): its blocks hold other bytes than a token-major engine's for the same tokens.
+    """
+    return Namespace(model=model_name(model), weights_fingerprint=fingerprint, tp_rank=tp_rank, tp_size=tp_size,
+                     kv_format=f"vllm-pages:{page_format}" if page_format else "")

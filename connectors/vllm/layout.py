@@ -17,8 +17,15 @@ import torch
 
 from tierkv import ConfigError, DimOrder, EngineKV, EngineKVLayout, KVLayout, LayoutMismatchError
 
-# Attention backends whose kernels read a (block, head) page as all K rows, then all V rows.
-_K_THEN_V_PAGES = frozenset({"CPU_ATTN"})
+# Attention backends whose pages are laid out by their kernels in a way of their own, not token by
+# token: tierkv copies such a page only whole, as bytes, so a stored block must hold whole pages.
+# vLLM's CPU attention keeps each (block, head) page as K then V, K channel-major ([head_dim,
+# block_size], token innermost) and V token-major; copying some of its tokens (blocks smaller than
+# the page) put K values at the wrong tokens, and greedy answers changed (docs/vllm.md).
+WHOLE_PAGE_BACKENDS: dict[str, str] = {
+    "CPU_ATTN": "vLLM's CPU attention keeps each page's K channel-major (a layout of its kernels' own), "
+                "so tierkv can copy only whole pages of it",
+}
 
 # Resolved vLLM layout -> our order, for backends that split the content dimension into K | V.
 _SHARED_ORDERS = {
@@ -141,7 +148,7 @@ def attention_kv(kv_cache_config: object) -> AttentionKV:
 
 def engine_order(backend: str, vllm_layout: str) -> DimOrder:
     """Our `DimOrder` for vLLM's per-layer views of `backend` under resolved layout `vllm_layout`."""
-    if backend in _K_THEN_V_PAGES:
+    if backend in WHOLE_PAGE_BACKENDS:  # K then V in each (block, head) page, moved only as whole pages
         if vllm_layout != "LBHNC":
             raise LayoutMismatchError(f"attention backend {backend} with KV cache layout {vllm_layout} is not supported")
         return DimOrder.BHSNC
@@ -161,6 +168,17 @@ def _expected_view_strides(engine: EngineKVLayout) -> tuple[int, int, int, int]:
         c2 = 2 * engine.head_dim
         return (engine.num_kv_heads * engine.block_size * c2, engine.block_size * c2, c2, 1)
     return (st["B"], st["H"], st["N"], 1)
+
+
+def check_whole_pages(backend: str, block_tokens: int, vllm_block_size: int) -> None:
+    """Refuse stored blocks that would cut a page of a `WHOLE_PAGE_BACKENDS` backend."""
+    reason = WHOLE_PAGE_BACKENDS.get(backend)
+    if reason is not None and block_tokens % vllm_block_size:
+        raise ConfigError(
+            f"kv_connector_extra_config.block_tokens is {block_tokens}, less than vLLM's block size {vllm_block_size}, "
+            f"but {reason}. Leave block_tokens unset (it takes vLLM's block size), set a multiple of "
+            f"{vllm_block_size}, or give vLLM a --block-size that divides {block_tokens}"
+        )
 
 
 def engine_kv(kv_caches: Mapping[str, torch.Tensor], attention: AttentionKV, backend: str, vllm_layout: str) -> EngineKV:

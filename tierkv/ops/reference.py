@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import LayoutMismatchError
@@ -30,14 +31,26 @@ def token_slots(engine: EngineKV, slots: torch.Tensor, block_tokens: int) -> tor
 
 
 def check_slots(engine: EngineKV, slots: torch.Tensor, block_tokens: int, unique: bool) -> None:
-    """Bounds (and, for writes, uniqueness) of engine slots, checked on the host before any copy."""
+    """Bounds (and, for writes, uniqueness) of engine slots, checked on the host before any copy.
+
+    On the chunk starts in numpy, not on every token in torch: it runs before each GPU copy is
+    queued, while the link waits. A chunk covers `g` consecutive tokens from its start, so the
+    bounds are those of the starts (plus `g - 1`), and two chunks share a token exactly when two
+    sorted starts are less than `g` apart.
+    """
     lay = engine.layout
     if slots.is_floating_point() or slots.is_complex() or slots.dtype == torch.bool:
         raise TypeError(f"slots must be an integer tensor, got {slots.dtype}")
-    tok = token_slots(engine, slots.cpu(), block_tokens)
-    if tok.numel() == 0:
+    g = engine.layout.chunk_tokens(block_tokens)
+    if slots.dim() != 2 or slots.shape[1] * g != block_tokens:
+        raise LayoutMismatchError(
+            f"slots must be [n, {block_tokens // g}] (one engine slot per {g}-token chunk of a "
+            f"{block_tokens}-token store block), got {tuple(slots.shape)}; build them with chunk_slots()"
+        )
+    starts = slots.detach().to(device="cpu", dtype=torch.int64).numpy().reshape(-1)
+    if starts.size == 0:
         return
-    lo, hi = int(tok.min()), int(tok.max())
+    lo, hi = int(starts.min()), int(starts.max()) + g - 1
     limit = lay.num_blocks * lay.block_size
     if lo < 0 or hi >= limit:
         bad = lo if lo < 0 else hi
@@ -45,7 +58,7 @@ def check_slots(engine: EngineKV, slots: torch.Tensor, block_tokens: int, unique
             f"engine slot {bad} (block {bad // lay.block_size}) is outside the engine's "
             f"{lay.num_blocks} blocks of {lay.block_size} tokens"
         )
-    if unique and torch.unique(tok).numel() != tok.numel():
+    if unique and starts.size > 1 and bool((np.diff(np.sort(starts)) < g).any()):
         raise ValueError("slots name the same engine token twice: a scatter would write it twice")
 
 
