@@ -6,6 +6,7 @@ GPU memory, checksums verified on every read (the default):
 - `put` GPU -> store and `get` store -> GPU, 16-token (2 MiB) and 256-token (32 MiB) blocks, in a
   store with a host tier only (how the vLLM connector runs it) and in one with a device tier too;
 - `save_from` / `load_into` with vLLM's GPU layout (LBNHC, 16-token pages);
+- `put` / `get` of small blocks (64, 128, 256 KiB: 16-token blocks of a model of 1, 2 or 4 layers), 1024 a call;
 - both directions at once (a put and a get of different prompts, in two stores, two threads);
 - the slowdown of a bf16 matmul loop while the store moves blocks (median of alternating windows);
 - the verified path itself: the checksums a GPU save stamped are the CPU's `TREE_CHECKSUM` of the
@@ -83,22 +84,22 @@ def store(lay: KVLayout, device_bytes: int) -> BlockStore:
     return BlockStore(lay, Namespace(model="bench-path"), StoreConfig(device_bytes=device_bytes, host_bytes=4 * GiB))
 
 
-def prompt(i: int) -> torch.Tensor:
-    """The `i`-th distinct 2048-token prompt (token ids stay well inside int32)."""
-    return torch.arange(i * PROMPT, (i + 1) * PROMPT) % 2_000_000_000
+def prompt(i: int, tokens: int = PROMPT) -> torch.Tensor:
+    """The `i`-th distinct prompt of `tokens` tokens (2048 by default; token ids stay well inside int32)."""
+    return torch.arange(i * tokens, (i + 1) * tokens) % 2_000_000_000
 
 
-def put_get(lay: KVLayout, device_bytes: int) -> tuple[float, float]:
-    """GB/s of put and get of one 2048-token prompt; a fresh prompt per timed put."""
-    n = PROMPT // lay.block_tokens
+def put_get(lay: KVLayout, device_bytes: int, tokens: int = PROMPT) -> tuple[float, float]:
+    """GB/s of put and get of one prompt of `tokens` tokens; a fresh prompt per timed put."""
+    n = tokens // lay.block_tokens
     kv = torch.randn((n, *lay.block_shape), device="cuda").to(lay.dtype)
     nbytes = n * lay.block_bytes
     with store(lay, device_bytes) as s:
         counter = iter(range(1, 10**6))
-        put = gpu_time(lambda: s.put(prompt(next(counter)), kv))
-        s.put(prompt(0), kv)
-        get = gpu_time(lambda: s.get(prompt(0), device="cuda"))
-        assert torch.equal(s.get(prompt(0), device="cuda"), kv)
+        put = gpu_time(lambda: s.put(prompt(next(counter), tokens), kv))
+        s.put(prompt(0, tokens), kv)
+        get = gpu_time(lambda: s.get(prompt(0, tokens), device="cuda"))
+        assert torch.equal(s.get(prompt(0, tokens), device="cuda"), kv)
     return nbytes / put / 1e9, nbytes / get / 1e9
 
 
@@ -295,6 +296,13 @@ def main() -> None:
                 f"{gbps * 1e9 / ref['h2d']:.2f} |")
         figures[f"save_from {bt}"] = save * 1e9 / ref["d2h"]
         figures[f"load_into {bt}"] = load * 1e9 / ref["h2d"]
+    for layers in (1, 2, 4):  # small blocks: a model of few layers, 16-token blocks, 16k-token prompts
+        small = KVLayout(num_layers=layers, kv_factor=2, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                         block_tokens=16)
+        put, get = put_get(small, 0, tokens=16384)
+        for op, gbps, d in (("put", put, "d2h"), ("get", get, "h2d")):
+            out(f"| {op} | 16 tokens ({small.block_bytes >> 10} KiB), 1024 a call | host only | {gbps:.1f} | "
+                f"{gbps * 1e9 / ref[d]:.2f} |")
     lay = layout(16)
     one = figures["put 16 host only"] * ref["d2h"] / 1e9
     both = both_ways(lay)

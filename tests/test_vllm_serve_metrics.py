@@ -28,7 +28,7 @@ from vllm_model import engine_env, make_model  # noqa: E402
 pytestmark = pytest.mark.slow
 
 BT = 32  # tierkv block_tokens and vLLM's (--block-size, CPU attention takes multiples of 32): pages copy only whole
-PROMPT = list(range(3, 3 + 20 * BT))  # 20 blocks of tierkv
+PROMPT = [3 + i % 500 for i in range(20 * BT)]  # 20 blocks of tierkv, inside the tiny vocabulary
 OTHER = [7] * 8  # a short prompt of its own, only to make the engine step (workers report after a step)
 
 
