@@ -40,12 +40,23 @@ step preempt 180 python3 scripts/bench_preempt_gpu.py "$out/preempt.md"
 step checksum 40 python3 scripts/bench_checksum_gpu.py
 step store 60 python3 scripts/gpu_store_bench.py "$out/store.md" /tmp/tierkv-bench
 step elastic 40 python3 scripts/bench_elastic_gpu.py "$out/elastic.json"
+# asv is not installed there: the GPU asv benchmark's tracks, run as asv would (setup, track, teardown)
+step asv_gpu 90 python3 -c '
+import sys; sys.path.insert(0, "asv_bench")
+from benchmarks.bench_gpu_path import PublicPathRatio as B
+for name in [m for m in dir(B) if m.startswith("track_")]:
+    b = B(); b.setup()
+    try: print(f"asv bench_gpu_path.PublicPathRatio.{name}: {getattr(b, name)():.3f}")
+    finally: b.teardown()
+'
+
 if [ "${KERNEL_BENCH:-0}" = 1 ]; then step kernels 120 python3 scripts/gpu_bench.py "$out/kernels.md"; fi
 
 echo
 echo "== summary"
 grep -E "passed|failed" "$out/pytest_gpu.log" | tail -1
 for table in path hf_ttft preempt; do
-  [ -f "$out/$table.md" ] && { echo "-- $table"; grep -E '^\|' "$out/$table.md" | head -24; }
+  [ -f "$out/$table.md" ] && { echo "-- $table"; grep -E '^\|' "$out/$table.md" | head -32; }
 done
+[ -f "$out/asv_gpu.log" ] && grep "^asv " "$out/asv_gpu.log"
 printf '%s\n' "${status[@]}"
