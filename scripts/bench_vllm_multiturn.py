@@ -233,8 +233,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--tierkv-host-bytes", default="4GiB")
     p.add_argument("--tierkv-block-tokens", type=int,
-                   help="tokens per tierkv block (default: vLLM's block size); smaller ones also keep the partly "
-                        "filled vLLM block at the end of a turn")
+                   help="tokens per tierkv block (default: vLLM's block size); on CPU a multiple of it (vLLM's "
+                        "CPU attention pages are copied only whole; pass a smaller --block-size instead)")
     p.add_argument("--tierkv-disk", help="also give tierkv a disk tier in this (emptied) directory")
     p.add_argument("--lmcache-l1-gb", type=float, default=4)
     p.add_argument("--seed", type=int, default=0)
