@@ -445,3 +445,20 @@ def _child(name: str) -> None:
 
 if __name__ == "__main__":
     _child(sys.argv[2])
+
+
+@pytest.mark.slow
+def test_two_model_bursts_run_in_both_modes_and_elastic_serves_more_from_the_device() -> None:
+    """`tierkv.cli.bursts` (the asv and GPU benchmarks' scenario): a static split has no elastic
+    section in its stats, which once made the static run raise."""
+    from dataclasses import replace
+
+    from tierkv.cli.bursts import BurstScenario, run_bursts
+
+    scenario = replace(BurstScenario(), bursts=2)  # a burst needs more than half the budget, less than all of it
+    static, elastic = run_bursts(scenario, "static"), run_bursts(scenario, "elastic")
+    assert static.shrinks == 0 and elastic.shrinks > 0 and static.prompt_tokens == elastic.prompt_tokens > 0
+    assert elastic.device_tokens > static.device_tokens and elastic.recomputed_tokens < static.recomputed_tokens
+    assert static.to_dict()["mode"] == "static" and elastic.to_dict()["mode"] == "elastic"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        run_bursts(scenario, "both")

@@ -135,7 +135,7 @@ def run_bursts(scenario: BurstScenario, mode: str) -> BurstOutcome:
                 device_tokens=dev["hits"] * scenario.layout.block_tokens, recomputed_tokens=totals[m][2],
                 device_hit_rate=dev["hits"] / looked_up if looked_up else 0.0,
             ))
-            shrinks += stats["elastic"]["shrinks"] if stats["elastic"] else 0
+            shrinks += stats["elastic"]["shrinks"] if "elastic" in stats else 0  # a static tier has no section
         return BurstOutcome(mode, models, shrinks, elapsed)
     finally:
         for s in stores:
