@@ -5,8 +5,17 @@
 # only its own share of the machine; steps to skip: SKIP="kernels elastic ...". The kernel
 # table is skipped unless KERNEL_BENCH=1 (docs/kernels.md has it).
 set -uo pipefail
-out=${1:?usage: gpu_all.sh OUTDIR}
-mkdir -p "$out"
+dest=${1:?usage: gpu_all.sh OUTDIR}
+mkdir -p "$dest"
+# Every step's log and table is written in a work directory; OUTDIR gets three files (the device
+# tool brings back at most 8): tables.md (every table), summary.txt (what is printed last) and
+# gpu_all.tgz (everything).
+out=$(mktemp -d /tmp/gpu_all.XXXXXX)
+finish() {  # also when the run is cut short: what was measured comes back
+  cat "$out"/*.md > "$dest/tables.md" 2>/dev/null
+  tar czf "$dest/gpu_all.tgz" -C "$out" .
+}
+trap finish EXIT
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -36,7 +45,7 @@ step() {  # step NAME DEFAULT_SECONDS COMMAND...: run it under its limit, keep i
 step pytest_gpu 170 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE
 step path 130 python3 scripts/gpu_path_bench.py "$out/path.md" "$out/path.png"
 step hf_ttft 150 python3 scripts/gpu_hf_ttft_bench.py "$out/hf_ttft.md" --trials 2
-step preempt 180 python3 scripts/bench_preempt_gpu.py "$out/preempt.md"
+step preempt 240 python3 scripts/bench_preempt_gpu.py "$out/preempt.md"
 step checksum 40 python3 scripts/bench_checksum_gpu.py
 step store 60 python3 scripts/gpu_store_bench.py "$out/store.md" /tmp/tierkv-bench
 step elastic 40 python3 scripts/bench_elastic_gpu.py "$out/elastic.json"
@@ -52,11 +61,13 @@ for name in [m for m in dir(B) if m.startswith("track_")]:
 
 if [ "${KERNEL_BENCH:-0}" = 1 ]; then step kernels 120 python3 scripts/gpu_bench.py "$out/kernels.md"; fi
 
+{
 echo
 echo "== summary"
-grep -E "passed|failed" "$out/pytest_gpu.log" | tail -1
+grep -E "passed|failed" "$out/pytest_gpu.log" 2>/dev/null | tail -1
 for table in path hf_ttft preempt; do
   [ -f "$out/$table.md" ] && { echo "-- $table"; grep -E '^\|' "$out/$table.md" | head -32; }
 done
 [ -f "$out/asv_gpu.log" ] && grep "^asv " "$out/asv_gpu.log"
 printf '%s\n' "${status[@]}"
+} | tee "$dest/summary.txt"
