@@ -44,6 +44,24 @@ def test_kvikio_host_and_device_round_trip(tmp_path: Path, block_bytes: int) -> 
         tier.close()
 
 
+@pytest.mark.parametrize("block_bytes", [65536, 5000])
+def test_reads_bound_for_the_gpu_go_straight_to_device_memory(tmp_path: Path, block_bytes: int) -> None:
+    """`read_to(cuda)` on kvikio: rows in GPU memory, bit-exact, slots in any order, padded slots cut to the block."""
+    layout = layout_of(block_bytes)
+    config = StoreConfig(disk_path=str(tmp_path), disk_bytes=64 * slot_stride(block_bytes), disk_io="kvikio")
+    tier = DiskTier(config, layout, Namespace(model="gpu-disk-read-to"))
+    try:
+        slots = [9, 3, 60, 4]
+        rows = torch.randint(0, 256, (len(slots), block_bytes), dtype=torch.uint8)
+        tier.write_now(slots, rows)
+        tier.sync()
+        got = tier.read_to(slots, torch.device("cuda"))
+        assert got.rows.is_cuda and not got.unreadable and torch.equal(got.rows.cpu(), rows)
+        assert tier.read_to([], torch.device("cuda")).rows.shape == (0, block_bytes)
+    finally:
+        tier.close()
+
+
 def test_store_restart_through_kvikio(tmp_path: Path) -> None:
     layout = KVLayout(num_layers=4, kv_factor=2, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_tokens=16)
     bb = layout.block_bytes

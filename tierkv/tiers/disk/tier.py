@@ -491,6 +491,25 @@ class DiskTier(Tier):
 
     # -- device memory (kvikio / GPUDirect Storage) -----------------------------------
 
+    def read_to(self, slots: Sequence[int], device: torch.device) -> TierRead:
+        """Rows bound for a GPU read straight into its memory when the tier runs on kvikio (GDS where
+        the machine has it), then verified there like any GPU rows; otherwise through host memory.
+
+        Slots still in the write-behind queue, and a batch that fails, take the host path: its reads
+        come from the queue where they must, and it retries slot by slot and reports what stays
+        unreadable.
+        """
+        device = torch.device(device)
+        if device.type != "cuda" or not isinstance(self._files, KvikioFiles) or not slots:
+            return super().read_to(slots, device)
+        self._refuse_forked()
+        if self.queue.lookup(slots):
+            return super().read_to(slots, device)
+        try:
+            return TierRead(self.read_to_device(slots, device))
+        except (OSError, TierKVError):
+            return super().read_to(slots, device)
+
     def read_to_device(self, slots: Sequence[int], device: torch.device) -> torch.Tensor:
         """Rows read straight into CUDA memory (GDS where available): needs the kvikio path."""
         files = self._need_kvikio()
