@@ -211,9 +211,9 @@ class Placement:
         movable = self.movable_slots()
         if m > movable:
             raise CapacityError(self.capacity_message(m, max(movable, 0)))
+        per = max(1, PUT_PIECE_BYTES // max(self.tiers[0].slot_bytes, 1))
         added: list[Block] = []
         try:
-            per = max(1, PUT_PIECE_BYTES // max(self.tiers[0].slot_bytes, 1))
             for a in range(0, m, per):
                 piece = self._add_piece(parent, chain[a : a + per], start + a, write)
                 self.index.acquire(piece)

@@ -29,7 +29,7 @@ from ..integrity import SECTOR_BYTES, TREE_CHECKSUM, checksum_block_slots, check
 from .cuda_build import i32, i64, module, ptr
 from .kernels import access_width
 
-__all__ = ["TREE_CHECKSUM", "QueuedChecksums", "as_signed", "as_unsigned", "block_checksums", "block_roots_gpu",
+__all__ = ["TREE_CHECKSUM", "QueuedChecksums", "as_unsigned", "block_checksums", "block_roots_gpu",
            "checksum_rows_gpu", "queue_block_checksums", "sector_leaves_gpu"]
 
 SOURCE = "checksum.cu"
@@ -51,11 +51,6 @@ def _hold_until_written(out: torch.Tensor, stream: torch.cuda.Stream) -> None:
     with _unfinished_lock:
         _unfinished[:] = [(e, t) for e, t in _unfinished if not e.query()]
         _unfinished.append((done, out))
-
-
-def as_signed(value: int) -> int:
-    """A u64 checksum as the int64 with the same bits (what the kernels write; `as_unsigned` undoes it)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def as_unsigned(sums: torch.Tensor) -> list[int]:
