@@ -10,7 +10,6 @@ GPU tier and a second GPU copy would only waste memory.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -18,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from tierkv import ConfigError, StoreConfig, parse_bool, parse_int
-
-log = logging.getLogger("tierkv.vllm")
 
 CONNECTOR_KEYS = frozenset({"block_tokens", "model_fingerprint", "async_disk_loads", "async_saves", "max_pending_saves"})
 STORE_KEYS = frozenset(f.name for f in fields(StoreConfig))

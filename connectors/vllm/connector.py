@@ -92,9 +92,7 @@ class TierKVConnector(KVConnectorBase_V1):
         self._attention: AttentionKV = attention_kv(kv_cache_config)
         layout = self._attention.store_layout(config.resolve_block_tokens(self._attention.block_size))
         self._page_format = _platform_page_format()
-        if self._page_format:  # refused in both roles, before the scheduler matches anything
-            check_whole_pages(self._page_format, layout.block_tokens, self._attention.block_size)
-        self._layout = layout
+        check_whole_pages(self._page_format, layout.block_tokens, self._attention.block_size)  # both roles, at start
         model = vllm_config.model_config
         fingerprint = config.model_fingerprint or weights_fingerprint(
             model.model, model.revision, model.hf_config.to_json_string(), dtype_name(layout.dtype))
@@ -129,8 +127,7 @@ class TierKVConnector(KVConnectorBase_V1):
             raise ConfigError(f"tierkv connector: attention layers use several backends {sorted(backends)}")
         layout = self._vllm_config.cache_config.get_resolved_kv_cache_layout()
         backend = backends.pop()
-        check_whole_pages(backend, self._layout.block_tokens, self._attention.block_size)
-        if (backend in WHOLE_PAGE_BACKENDS) != bool(self._page_format):
+        if (backend in WHOLE_PAGE_BACKENDS) != bool(self._page_format):  # the start-up checks were for another one
             raise ConfigError(f"tierkv connector: attention backend {backend} on this platform is not the one its "
                               f"keys were made for ({self._page_format or 'token-major pages'})")
         return engine_kv(kv_caches, self._attention, backend, layout.name)

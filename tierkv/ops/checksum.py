@@ -30,7 +30,7 @@ from .cuda_build import i32, i64, module, ptr
 from .kernels import access_width
 
 __all__ = ["TREE_CHECKSUM", "QueuedChecksums", "as_unsigned", "block_checksums", "block_roots_gpu",
-           "checksum_rows_gpu", "queue_block_checksums", "sector_leaves_gpu"]
+           "checksum_rows_gpu", "hold_until", "queue_block_checksums", "sector_leaves_gpu"]
 
 SOURCE = "checksum.cu"
 THREADS = 256  # 64 sectors per thread block: four lanes per sector
@@ -38,16 +38,16 @@ ROOT_THREADS = 128  # the warp-per-block root kernel is written for 4 warps
 ROOT_WARP_MIN_LEAVES = 33  # from this many sectors on, one warp per block computes the root
 CTAS_PER_SM = 16  # grid cap; the leaf kernel's sectors loop over the grid beyond it
 _U64 = (1 << 64) - 1
-# Pinned result tensors a queued root kernel may still write, with the event after it. torch's host
-# allocator knows of copies into pinned memory, not of kernel stores: a result tensor dropped
-# before its kernel ran (an abandoned load) must not be handed out again until it has.
+# Pinned result tensors a queued root kernel may still write, with an event recorded after it.
+# torch's host allocator knows of copies into pinned memory, not of kernel stores: a result tensor
+# dropped before its kernel ran (an abandoned load, a put that failed) must not be handed out
+# again until it has.
 _unfinished: list[tuple[torch.cuda.Event, torch.Tensor]] = []
 _unfinished_lock = threading.Lock()
 
 
-def _hold_until_written(out: torch.Tensor, stream: torch.cuda.Stream) -> None:
-    done = torch.cuda.Event()
-    done.record(stream)
+def hold_until(done: torch.cuda.Event, out: torch.Tensor) -> None:
+    """Keep the pinned `out` that a kernel writes alive until `done` (recorded after that kernel) has passed."""
     with _unfinished_lock:
         _unfinished[:] = [(e, t) for e, t in _unfinished if not e.query()]
         _unfinished.append((done, out))
@@ -92,8 +92,14 @@ def checksum_rows_gpu(pool: torch.Tensor, rows: torch.Tensor | Sequence[int] | N
     reaches that point. `stream` defaults to the current stream of the pool's device (of the
     current device for a host pool). The caching allocator ties the result to `stream`.
     With `to_host` the result is a pinned host tensor that the kernel writes over PCIe: read it
-    once the stream has passed this point (an event), without a copy.
+    once the stream has passed this point (an event), without a copy; it is kept alive until then.
     """
+    return _checksum_rows(pool, rows, stream, max_ctas, to_host)[0]
+
+
+def _checksum_rows(pool: torch.Tensor, rows: torch.Tensor | Sequence[int] | None, stream: torch.cuda.Stream | None,
+                   max_ctas: int | None, to_host: bool) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """`checksum_rows_gpu`, and with `to_host` the event after the kernels (the one the pinned result is held by)."""
     if not isinstance(pool, torch.Tensor) or pool.dtype != torch.uint8 or pool.dim() != 2:
         raise ValueError(f"checksum_rows_gpu needs a 2-D uint8 pool, got {getattr(pool, 'dtype', type(pool))} "
                          f"{tuple(getattr(pool, 'shape', ()))}")
@@ -116,12 +122,17 @@ def checksum_rows_gpu(pool: torch.Tensor, rows: torch.Tensor | Sequence[int] | N
     if m >= 1 << 31 or m * k >= 1 << 40:
         raise ValueError(f"{m} rows of {k} sectors is too many for one call")
     with torch.cuda.stream(s):
-        out = torch.empty(m, dtype=torch.int64, pin_memory=True) if to_host else None
-        if m == 0:
-            return out if out is not None else torch.empty(0, dtype=torch.int64, device=device)
-        leaves = torch.empty((m, k), dtype=torch.int64, device=device)
-        _queue_leaves(pool, dev_rows, leaves, s, max_ctas)
-        return block_roots_gpu(leaves, n, s, out=out)
+        out = torch.empty(m, dtype=torch.int64, pin_memory=True) if to_host else torch.empty(m, dtype=torch.int64, device=device)
+        if m:
+            leaves = torch.empty((m, k), dtype=torch.int64, device=device)
+            _queue_leaves(pool, dev_rows, leaves, s, max_ctas)
+            block_roots_gpu(leaves, n, s, out=out)
+        if not to_host:
+            return out, None
+        done = torch.cuda.Event()
+        done.record(s)
+        hold_until(done, out)
+        return out, done
 
 
 def sector_leaves_gpu(pool: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
@@ -151,7 +162,8 @@ def block_roots_gpu(leaves: torch.Tensor, block_bytes: int, stream: torch.cuda.S
     """`TREE_CHECKSUM` of blocks of `block_bytes` from their `[m, k]` int64 leaves (contiguous, CUDA), queued on `stream`.
 
     Written into `out` when given: `m` int64 on the leaves' device, or in pinned host memory,
-    which the kernel reaches over UVA (the root of a block is one 8-byte store).
+    which the kernel reaches over UVA (the root of a block is one 8-byte store); the caller then
+    keeps a pinned `out` alive until the kernel has run (`hold_until`).
     """
     m, k = leaves.shape
     if k != -(-block_bytes // SECTOR_BYTES) or not leaves.is_contiguous():
@@ -172,8 +184,6 @@ def block_roots_gpu(leaves: torch.Tensor, block_bytes: int, stream: torch.cuda.S
         src = leaves if k else out  # no sectors: the kernels read no leaves
         mod.launch(name, max(1, min(-(-m // per_cta), mod.num_sms * CTAS_PER_SM)), ROOT_THREADS,
                    [ptr(src), i64(block_bytes), i32(k), i32(m), ptr(out)], stream)
-        if not out.is_cuda:
-            _hold_until_written(out, stream)
     return out
 
 
@@ -226,9 +236,7 @@ def queue_block_checksums(pool: torch.Tensor, rows: Sequence[int] | None = None,
 
     if cuda_kernels_available():
         s = stream if stream is not None else torch.cuda.current_stream(pool.device)
-        sums = checksum_rows_gpu(pool.contiguous(), None if rows is None else list(rows), s, to_host=True)
-        done = torch.cuda.Event()
-        done.record(s)
+        sums, done = _checksum_rows(pool.contiguous(), None if rows is None else list(rows), s, None, True)
         return QueuedChecksums(sums, done)
     picked = pool if rows is None else pool[torch.as_tensor(list(rows), dtype=torch.int64, device=pool.device)]
     return QueuedChecksums(checksum_blocks(picked.cpu()))

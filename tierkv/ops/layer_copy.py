@@ -31,7 +31,7 @@ import torch
 from ..integrity import SECTOR_BYTES
 from ..layout import KVLayout
 from . import dma, kernels
-from .checksum import as_unsigned, block_roots_gpu, sector_leaves_gpu
+from .checksum import as_unsigned, block_roots_gpu, hold_until, sector_leaves_gpu
 from .engine_layout import EngineKV
 from .staging import upload
 from .streams import side_stream
@@ -142,6 +142,8 @@ class LayerCopy:
                 block_roots_gpu(self._leaves.permute(1, 0, 2).reshape(n, -1).contiguous(), lay.block_bytes,
                                 self._side, out=self._roots_host)
             self._done.record(self._side)
+            if self._roots_host is not None:  # an abandoned load must not free what the kernel still writes
+                hold_until(self._done, self._roots_host)
         self._verify_queued = True
 
     @staticmethod

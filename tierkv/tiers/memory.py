@@ -200,10 +200,10 @@ class PoolTier(Tier):
         checksums are waited for, once, after every piece is queued.
         """
         bb = self.slot_bytes
+        per = max(1, SAVE_PIECE_BYTES // max(bb, 1))
         stream = torch.cuda.current_stream(engine.device)
         side = side_stream(engine.device, "hashed-save")
         sums: list[QueuedChecksums] = []
-        per = max(1, SAVE_PIECE_BYTES // max(bb, 1))
         for a in range(0, len(slots), per):
             b = min(a + per, len(slots))
             rows = torch.empty((b - a, bb), dtype=torch.uint8, device=engine.device)
