@@ -5,6 +5,7 @@ the median time until the call returns and until its GPU work is done, then cPro
 functions (host work) and torch.profiler's top CUDA activities of a few calls.
 
     PYTHONUNBUFFERED=1 python scripts/gpu_path_profile.py [--block-tokens 16] [--top 18]
+    python scripts/gpu_path_profile.py --layers 1 --tokens 16384     (1024 blocks of 64 KiB: the host cost per block)
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+from tierkv import KVLayout
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_path_bench import PROMPT, layout, prompt, store, vllm_engine  # noqa: E402
+from gpu_path_bench import PROMPT, prompt, store, vllm_engine  # noqa: E402
 
 
 def split_times(fn: Callable[[], object], reps: int = 7) -> tuple[float, float]:
@@ -113,29 +116,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--layers", type=int, default=32, help="model layers (32: Llama-3-8B; 1: 64 KiB blocks of 16 tokens)")
+    ap.add_argument("--tokens", type=int, default=PROMPT, help="tokens per prompt")
     ap.add_argument("--timeline", action="store_true", help="only the GPU timeline of one call of each operation")
     args = ap.parse_args()
-    lay = layout(args.block_tokens)
-    n = PROMPT // lay.block_tokens
+    lay = KVLayout(num_layers=args.layers, kv_factor=2, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                   block_tokens=args.block_tokens)
+    tokens = args.tokens
+
+    def prompt_of(i: int) -> torch.Tensor:
+        return prompt(i, tokens)
+
+    n = tokens // lay.block_tokens
     kv = torch.randn((n, *lay.block_shape), device="cuda").to(lay.dtype)
-    pages = PROMPT // 16
+    pages = tokens // 16
     engine, _ = vllm_engine(lay, 2 * pages)
     table = torch.randperm(2 * pages)[:pages].tolist()
     nbytes = n * lay.block_bytes
     with store(lay, 0) as s:
         counter = iter(range(1, 10**6))
         ops: dict[str, Callable[[], object]] = {
-            "put": lambda: s.put(prompt(next(counter)), kv),
-            "get": lambda: s.get(prompt(0), device="cuda"),
-            "save_from": lambda: s.save_from(engine, table, prompt(next(counter))),
-            "load_into": lambda: s.load_into(engine, table, prompt(10**5)),
+            "put": lambda: s.put(prompt_of(next(counter)), kv),
+            "get": lambda: s.get(prompt_of(0), device="cuda"),
+            "save_from": lambda: s.save_from(engine, table, prompt_of(next(counter))),
+            "load_into": lambda: s.load_into(engine, table, prompt_of(10**5)),
         }
 
         def stored() -> None:  # what get and load_into read, stored again (the timed puts evict it)
-            s.put(prompt(0), kv)
-            s.save_from(engine, table, prompt(10**5))
+            s.put(prompt_of(0), kv)
+            s.save_from(engine, table, prompt_of(10**5))
 
-        print(f"{nbytes >> 20} MiB per call, {n} blocks of {lay.block_bytes >> 20} MiB; at 55 GB/s: {nbytes / 55e6:.2f} ms")
+        print(f"{nbytes >> 20} MiB per call, {n} blocks of {lay.block_bytes >> 10} KiB; at 55 GB/s: {nbytes / 55e6:.2f} ms")
         for name, fn in ops.items():
             stored()
             ret, done = split_times(fn)
@@ -145,7 +156,7 @@ def main() -> None:
                 stored()
                 print(timeline(fn, name))
             with store(lay, 0) as b:
-                b.put(prompt(0), kv)
+                b.put(prompt_of(0), kv)
                 torch.cuda.synchronize()
                 print(timeline(both_timeline(n, s, b, kv), "put + get at once (two stores, two threads)"))
             return

@@ -16,7 +16,7 @@ from pathlib import Path
 import lmdb
 import pytest
 import torch
-from conftest import check_index_invariants, kv_for, prompt, same_bits, tiny_layout
+from conftest import BLOCK_TOKENS, check_index_invariants, kv_for, prompt, same_bits, tiny_layout
 
 from tierkv import BlockStore, KVLayout, LayoutMismatchError, Namespace, StoreConfig, TierKVError
 from tierkv.tiers.disk.manifest import Record
@@ -289,3 +289,26 @@ def test_a_restart_leaves_the_collector_on(tmp_path: Path) -> None:
     with open_store(tmp_path) as store:
         assert store.recovery.blocks > 0
         assert gc.isenabled()
+
+
+def test_verify_reads_off_serves_unchecked_but_still_records_checksums(tmp_path: Path) -> None:
+    """`verify_reads=False` turns the check off for disk reads; the manifest still gets every checksum,
+    so a store opened later with verification on catches what changed meanwhile."""
+    tokens = FAMILY[0]
+    with open_store(tmp_path, verify_reads=False) as store:
+        store.put(tokens, kv_for(store.layout, tokens))
+    with open_store(tmp_path) as store:
+        path, offset = _slot_offset(store, tokens, 5)
+    with path.open("r+b") as f:
+        f.seek(offset + 7)
+        byte = f.read(1)
+        f.seek(offset + 7)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with open_store(tmp_path, verify_reads=False) as store:
+        got = store.get(tokens)
+        assert got.shape[0] == len(tokens) // BLOCK_TOKENS, "an unverified read stops at nothing"
+        assert not same_bits(got[5], kv_for(store.layout, tokens)[5])  # the flipped byte, as asked
+        assert store.stats()["tiers"]["disk"]["corrupt"] == 0
+    with open_store(tmp_path) as store:
+        assert store.get(tokens).shape[0] == 5, "the checksum the unverified store recorded catches the flip"
+        assert store.stats()["tiers"]["disk"]["corrupt"] == 1

@@ -539,3 +539,25 @@ def test_put_with_bad_first_block_names_it(layout) -> None:
             store.put(tokens, kv, first_block=3)
         with pytest.raises(ValueError, match="from block 1 on"):
             store.put(tokens, kv, first_block=1)
+
+
+# -- verification switch ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_verify_reads_switch_reaches_the_host_tier(verify: bool) -> None:
+    """On (the default) a host byte flipped behind the store's back is caught and never served;
+    `verify_reads=False` neither hashes nor checks: the flipped block is served as it lies."""
+    layout = tiny_layout()
+    config = StoreConfig(device_bytes=0, host_bytes=8 * layout.block_bytes, device="cpu", verify_reads=verify)
+    with BlockStore(layout, Namespace(model="tiny-test"), config) as store:
+        tokens = prompt(0, 4)
+        store.put(tokens, kv_for(layout, tokens))
+        key = store.keys(tokens)[2]
+        assert (store.index.blocks[key].checksum is not None) == verify
+        host = store.tiers[store.tier_names.index("host")]
+        host.storage[store.locate([key])[key]["host"], 5] ^= 0x10
+        got = store.get(tokens)
+        assert got.shape[0] == (2 if verify else 4)
+        assert same_bits(got[:2], kv_for(layout, tokens)[:2])
+        assert store.stats()["tiers"]["host"]["corrupt"] == int(verify)

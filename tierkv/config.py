@@ -244,7 +244,8 @@ class StoreConfig:
         recent blocks may be gone, none corrupt); "batch": fsync + manifest commit after each
         batch of writes; "every": after each block. Reads are verified in every mode.
     flush_on_close: a clean close() writes blocks that live only in faster tiers to disk.
-    verify_reads: check each block read from host, disk or a remote store against its checksum (TREE_CHECKSUM, docs/checksums.md).
+    verify_reads: check each block read from host, disk or a remote store against its checksum (TREE_CHECKSUM, docs/checksums.md);
+        off, blocks are served unchecked (disk and remote records still carry checksums, for stores that check).
     io_threads: threads issuing disk reads and writes (posix path).
     disk_io: "auto" (kvikio where it can work, else posix), "posix" or "kvikio".
     writeback_bytes: bound of the queue of blocks on their way to disk; demotions to disk

@@ -58,7 +58,7 @@ def host_tier(spec: TierSpec) -> Tier:
     if pin and not torch.cuda.is_available():
         raise ConfigError("pin_host: pinned memory needs CUDA, which is not available here; set pin_host to false")
     bb = spec.layout.block_bytes
-    return MemoryTier("host", config.host_bytes // bb, bb, torch.device("cpu"), pin=pin)
+    return MemoryTier("host", config.host_bytes // bb, bb, torch.device("cpu"), pin=pin, verify_reads=config.verify_reads)
 
 
 def disk_tier(spec: TierSpec) -> Tier | None:

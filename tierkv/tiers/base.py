@@ -6,8 +6,11 @@ keeps bytes. What differs between kinds of memory is said by capabilities, never
 asking which class a tier is:
 
 - `verify_reads`: blocks read from the tier are checked against their checksums (the device
-  tier's bytes never left the GPU, so it says no). A verifying tier gives every block it
-  takes in a checksum if it has none yet (`write`, `copy_to`, `save_from_engine`).
+  tier's bytes never left the GPU, so it says no; `StoreConfig.verify_reads=False` says no for
+  every tier). A verifying tier gives every block it takes in a checksum if it has none yet
+  (`write`, `copy_to`, `save_from_engine`); tiers that keep a checksum in their own records
+  (disk manifest, remote values) compute one on every write even when they do not verify, so a
+  store opened later with verification on can check what an unverified one wrote.
 - `hashes_in_place`: `checksums` reads no rows out (memory), so a block can be verified where it lies.
 - `read_to`: slots as rows on a GPU in one copy, so that a block bound for an engine's GPU pages is
   verified there (`TREE_CHECKSUM` on the GPU) before it is scattered.

@@ -108,6 +108,7 @@ class DiskTier(Tier):
         spf = max(1, file_bytes // stride)
         check_disk_room(directory, num_slots * stride, file_bytes, -(-num_slots // spf))
         super().__init__("disk", num_slots, block_bytes)
+        self.verify_reads = config.verify_reads  # off: reads unchecked; writes still record checksums (the manifest needs them)
         self.directory = directory
         self.durability = config.durability
         self.stride = stride

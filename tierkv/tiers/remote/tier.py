@@ -84,6 +84,7 @@ class RemoteTier(Tier):
         assert config.remote_url is not None
         load_redis()  # a missing client library is a configuration error, raised now
         super().__init__("remote", 0, layout.block_bytes)
+        self.verify_reads = config.verify_reads  # off: reads unchecked; records still carry a checksum for other stores
         self.num_slots = config.remote_bytes // layout.block_bytes  # virtual: handed out as they are needed
         self._next_slot = 0
         self._blocks: dict[int, Block] = {}  # slot -> the block it stands for
