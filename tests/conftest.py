@@ -74,6 +74,7 @@ def check_index_invariants(store: BlockStore) -> None:
     """Audit the index against a recount from scratch; raise AssertionError on the first lie.
 
     - every indexed block is resident somewhere, and its parent is an indexed, resident block;
+    - `fastest` and `copies`, which the index keeps as slots change, equal a recount of `slots`;
     - `child_fast` equals a recount of children by their fastest tier;
     - `resident_count(t)` equals the number of blocks holding a slot in t;
     - no slot of a tier is held twice, none is both held and free, and held + free == num_slots;
@@ -91,6 +92,8 @@ def check_index_invariants(store: BlockStore) -> None:
     for b in blocks:
         assert index.blocks[b.key] is b
         assert b.fastest != ABSENT, "an indexed block is resident nowhere"
+        held_in = [t for t, s in enumerate(b.slots) if s != ABSENT]
+        assert (b.fastest, b.copies) == (held_in[0], len(held_in)), f"fastest/copies stale for slots {b.slots}"
         assert all(s >= 0 or s == ABSENT for s in b.slots), f"slot left pending: {b.slots}"
         assert b.leases >= 0
         if b.parent is not None:

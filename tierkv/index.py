@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from typing import Protocol
 
@@ -29,13 +30,17 @@ PENDING = -2  # reserved for a block on its way into a tier: resident for leaf c
 class Block:
     """Index entry for one stored block."""
 
-    __slots__ = ("key", "ident", "parent", "slots", "child_fast", "leases", "last_use", "in_heap", "checksum")
+    __slots__ = ("key", "ident", "parent", "slots", "fastest", "copies", "child_fast", "leases", "last_use", "in_heap",
+                 "checksum")
 
     def __init__(self, key: bytes, ident: bytes, parent: Block | None, num_tiers: int) -> None:
         self.key = key
         self.ident = ident  # parent key || token bytes: compared on every hit
         self.parent = parent
         self.slots = [ABSENT] * num_tiers
+        # Kept by the index with `slots` (only the index changes them): read on every hit, so not recomputed.
+        self.fastest = ABSENT  # the fastest tier holding the block, or ABSENT when it is nowhere
+        self.copies = 0  # tiers holding it (a pending slot counts)
         self.child_fast = [0] * num_tiers  # children counted by the fastest tier they live in
         self.leases = 0
         self.last_use = 0
@@ -44,14 +49,6 @@ class Block:
         # that verifies reads (hashed on the GPU when it comes from GPU memory); every later read
         # from host, disk or a remote store is checked against it.
         self.checksum: int | None = None
-
-    @property
-    def fastest(self) -> int:
-        """Index of the fastest tier holding the block, or -1 when it is nowhere."""
-        for t, s in enumerate(self.slots):
-            if s != ABSENT:
-                return t
-        return ABSENT
 
     def is_leaf(self, tier: int) -> bool:
         """No child lives in `tier` or a faster one."""
@@ -147,33 +144,39 @@ class Index:
         its parent once, and heap entries are made only for blocks that are leaves once the whole
         chain is in (in a chain that is its last block), not pushed and left stale one by one.
         """
-        blocks, n = self.blocks, self.num_tiers
-        keys = {key for key, _ in links}
-        if len(keys) < len(links) or not blocks.keys().isdisjoint(keys):
+        blocks, n, m = self.blocks, self.num_tiers, len(links)
+        if len(tiers) != m or len(slots) != m:
+            raise ValueError(f"{m} links need as many tiers and slots, got {len(tiers)} and {len(slots)}")
+        keys = [key for key, _ in links]
+        if len(set(keys)) < m or not blocks.keys().isdisjoint(keys):
             raise KeyError("block already indexed (or named twice in the chain)")  # checked before anything changes
-        changes = self.changes
         added: list[Block] = []
-        for (key, ident), tier, slot in zip(links, tiers, slots, strict=True):
+        for (key, ident), tier, slot in zip(links, tiers, slots):
             block = Block(key, ident, parent, n)
             block.last_use = tick
             block.slots[tier] = slot
-            blocks[key] = block
-            self._resident[tier] += 1
-            journal = self._journals.get(tier)
-            if journal is not None:
-                journal[key] = block
-            if changes is not None:
-                changes.add(key)
+            block.fastest = tier
+            block.copies = 1
             if parent is not None:
                 parent.child_fast[tier] += 1
             added.append(block)
             parent = block
-        if added:
-            first = added[0].parent
-            if first is not None:  # it may have stopped being a leaf of some tier, or still be one of a faster tier
-                self._push_where_resident(first)
-            for block, tier in zip(added, tiers):
-                self._maybe_push(block, tier)
+        if not added:
+            return added
+        blocks.update(zip(keys, added))
+        for tier, count in Counter(tiers).items():
+            self._resident[tier] += count
+            journal = self._journals.get(tier)
+            if journal is not None:
+                journal.update((b.key, b) for b, t in zip(added, tiers) if t == tier)
+        if self.changes is not None:
+            self.changes.update(keys)
+        first = added[0].parent
+        if first is not None:  # it may have stopped being a leaf of some tier, or still be one of a faster tier
+            self._push_where_resident(first)
+        # Block i is a leaf of its tier only if its child (block i + 1) lives in a slower one.
+        for i in [i for i, (t, child) in enumerate(zip(tiers, tiers[1:])) if child > t] + [m - 1]:
+            self._maybe_push(added[i], tiers[i])
         return added
 
     def journal(self, tier: int) -> dict[bytes, Block]:
@@ -198,6 +201,7 @@ class Index:
             parent = None if e.is_root else blocks[e.ident[:16]]
             b = Block(e.key, e.ident, parent, self.num_tiers)
             b.slots[tier] = e.slot
+            b.fastest, b.copies = tier, 1
             b.last_use = e.last_use
             b.checksum = e.checksum
             blocks[e.key] = b
@@ -219,8 +223,11 @@ class Index:
         was = block.fastest
         if block.slots[tier] == ABSENT:
             self._resident[tier] += 1
+            block.copies += 1
             if block.leases:
                 self.leased_copies += 1
+            if was == ABSENT or tier < was:
+                block.fastest = tier
         block.slots[tier] = slot
         if slot != PENDING:
             self._maybe_push(block, tier)
@@ -239,6 +246,9 @@ class Index:
             raise KeyError(f"block is not resident in tier {tier}")
         was = block.fastest
         block.slots[tier] = ABSENT
+        block.copies -= 1
+        if was == tier:
+            block.fastest = next((t for t, s in enumerate(block.slots) if s != ABSENT), ABSENT)
         self._resident[tier] -= 1
         if block.leases:
             self.leased_copies -= 1
@@ -325,29 +335,31 @@ class Index:
     # -- leases ------------------------------------------------------------------
 
     def acquire(self, blocks: Sequence[Block]) -> None:
+        taken = 0
         for b in blocks:
-            if b.leases == 0:
-                self.leased_copies += self._copies(b)
+            if not b.leases:
+                taken += b.copies
             b.leases += 1
-
-    @staticmethod
-    def _copies(block: Block) -> int:
-        return len(block.slots) - block.slots.count(ABSENT)
+        self.leased_copies += taken
 
     def release(self, blocks: Sequence[Block]) -> None:
         for b in blocks:
-            if b.leases <= 0:
+            held = b.leases
+            if held <= 0:
                 raise AssertionError("lease released more often than taken")
-            b.leases -= 1
-            if b.leases == 0:
-                self.leased_copies -= self._copies(b)
+            b.leases = held - 1
+            if held == 1:
+                self.leased_copies -= b.copies
                 self._push_where_resident(b)
 
     # -- eviction order ----------------------------------------------------------
 
     def _push_where_resident(self, block: Block) -> None:
         """A heap entry for `block` in every tier with a real slot of it where it is now an unleased leaf."""
+        below = block.child_fast
         for t, slot in enumerate(block.slots):
+            if below[t]:
+                return  # a child lives in tier t: the block is no leaf of t or of any slower tier
             if slot >= 0:
                 self._maybe_push(block, t)
 
