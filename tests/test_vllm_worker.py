@@ -378,3 +378,20 @@ def test_step_time_keeps_wall_and_cpu_time_step_by_step() -> None:
     with pytest.raises(ValueError, match="kind must be one of"):
         with steps.hook("saves"):
             pass
+
+
+def test_the_save_thread_copies_on_one_core_and_leaves_the_engines_threads_alone() -> None:
+    """The save thread's CPU tensor ops are single-threaded (an OpenMP team of its own would take
+    the engine's cores); the thread count of the thread that made the queue is unchanged."""
+    from tierkv_connectors.vllm.saves import SaveQueue
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    queue = SaveQueue(lambda job: seen.append(torch.get_num_threads()), lambda: None, limit=4)
+    try:
+        queue.submit([SaveJob("r", "", [1, 2], [0])])
+        queue.drain()
+    finally:
+        queue.close()
+    assert seen == [1]
+    assert torch.get_num_threads() == before

@@ -6,11 +6,13 @@ it "finished sending" (`request_finished` returns True for every request that ha
 finished before vLLM reuses its pages (`handle_preemptions`). A queue that falls behind drops
 new saves, counted: a lost save is a future miss, a stalled engine step is a cost every request
 pays. On a GPU each save first waits for an event recorded on the engine's stream, so the gather
-sees the KV the forward pass wrote.
+sees the KV the forward pass wrote. The save thread runs its CPU tensor ops on one core
+(`_one_core_for_tensor_ops`), leaving the others to the engine.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -23,6 +25,22 @@ from .meta import SaveJob
 log = logging.getLogger("tierkv.vllm")
 
 
+def _one_core_for_tensor_ops() -> None:
+    """Make the calling thread's CPU tensor ops single-threaded (the save thread's initializer).
+
+    torch splits a large CPU copy over an OpenMP team as wide as the machine. From the save thread
+    that team competes with the engine's own for the same cores: on the 2-core CPU machine, a step
+    thread waiting for a core while a save copied woke up to 17 ms late, against 3-5 ms with the
+    save thread on one core and 2.6 ms with no save at all (`scripts/save_thread_probe.py`). An
+    OpenMP thread count is per thread, so no other thread's changes. torch sets a thread's count
+    at its first op, so one op runs first; without an OpenMP runtime in the process, nothing changes.
+    """
+    torch.zeros(1).add_(1)
+    set_threads = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+    if set_threads is not None:
+        set_threads(1)
+
+
 class SaveQueue:
     """Pending saves of one worker, by request."""
 
@@ -30,7 +48,8 @@ class SaveQueue:
         self._save = save
         self._device = device
         self._limit = limit
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierkv-save")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierkv-save",
+                                        initializer=_one_core_for_tensor_ops)
         self._lock = threading.Lock()
         self._pending: dict[str, list[Future[None]]] = {}  # req_id -> saves not yet known done
         self._had_saves: set[str] = set()  # requests the scheduler keeps blocks for until reported
