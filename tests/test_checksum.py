@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import struct
+import threading
 
 import numpy as np
 import pytest
 import torch
 import xxhash
 
+from tierkv import integrity
 from tierkv.integrity import (
     SECTOR_BYTES,
     TREE_CHECKSUM,
@@ -26,7 +29,7 @@ from tierkv.integrity import (
     checksum_block_slots,
     checksum_blocks,
 )
-from tierkv.ops import cuda_build
+from tierkv.ops import cpu_build, cuda_build
 
 S = SECTOR_BYTES
 M64 = (1 << 64) - 1
@@ -182,6 +185,73 @@ def test_a_block_swapped_for_another() -> None:
     assert after[1] == before[4] and after[4] == before[1]
     assert after[1] != before[1] and after[4] != before[4]
     assert [after[i] for i in (0, 2, 3, 5)] == [before[i] for i in (0, 2, 3, 5)]
+
+
+# -- the compiled CPU hasher (csrc/checksum_cpu.c) --------------------------------------
+
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [0, 1, 100, 4095, 4096, 4097, 3 * 4096 + 5, 65536, 720 << 10, 2 << 20])
+def test_compiled_hasher_is_the_definition(n: int) -> None:
+    fn = cpu_build.native_checksums()
+    assert fn is not None, "a C compiler is here, so the CPU hasher must build"
+    pool = np.random.default_rng(n).integers(0, 256, (4, n), dtype=np.uint8)
+    rows = np.array([3, 0, 3, 1], dtype=np.int64)
+    out = np.empty(4, dtype=np.uint64)
+    assert fn(pool.ctypes.data, rows.ctypes.data, 4, n, out.ctypes.data) == 0
+    assert out.tolist() == [direct(pool[r].tobytes()) for r in rows]
+
+
+@needs_cc
+def test_compiled_hasher_lets_other_threads_run() -> None:
+    """One call hashes with the interpreter lock dropped: a Python thread counts on meanwhile."""
+    fn = cpu_build.native_checksums()
+    assert fn is not None
+    pool = np.random.default_rng(0).integers(0, 256, (32, 4 << 20), dtype=np.uint8)
+    rows = np.tile(np.arange(32, dtype=np.int64), 16)  # 2 GiB of hashing in one call
+    out = np.empty(rows.size, dtype=np.uint64)
+    started, done = threading.Event(), threading.Event()
+    counted = [0]
+
+    def count() -> None:
+        started.wait()
+        while not done.is_set():
+            counted[0] += 1
+
+    t = threading.Thread(target=count)
+    t.start()
+    started.set()
+    before = counted[0]
+    fn(pool.ctypes.data, rows.ctypes.data, rows.size, pool.shape[1], out.ctypes.data)
+    during = counted[0] - before
+    done.set()
+    t.join()
+    # Held, the lock would let the counter run at most one switch interval (5 ms: ~40k counts here)
+    # before the call took it; dropped, it counts throughout (~800k here).
+    assert during > 100_000, f"the counting thread ran {during} times while 2 GiB were hashed"
+
+
+def test_without_the_compiled_hasher_xxhash_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = torch.randint(0, 256, (5, 2 * 4096 + 9), dtype=torch.uint8)
+    want = [direct(bytes(pool[i].numpy())) for i in range(5)]
+    monkeypatch.setattr(integrity, "native_checksums", lambda: None)
+    assert checksum_blocks(pool) == want
+    assert checksum_block_slots(pool, [4, 1]) == [want[4], want[1]]
+
+
+def test_a_compiler_that_fails_leaves_the_xxhash_path(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setenv("TIERKV_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    with caplog.at_level("WARNING", logger="tierkv.ops"):
+        assert cpu_build.native_checksums() is None
+    assert "could not build checksum_cpu.c with /bin/false" in caplog.text
+    pool = torch.randint(0, 256, (2, 4096), dtype=torch.uint8)
+    assert checksum_blocks(pool) == [direct(bytes(pool[i].numpy())) for i in range(2)]
 
 
 # -- the row and slot variants ---------------------------------------------------------

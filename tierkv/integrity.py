@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import xxhash
+
+from .ops.cpu_build import native_checksums
 
 _digest = xxhash.xxh3_64_intdigest
 
@@ -115,27 +116,35 @@ def _roots(leaves: Any, m: int, k: int, n: int) -> list[int]:
 
 
 LEAF_SLICE = 256  # sectors (1 MiB) hashed per stretch of holding the interpreter lock
-# Releases the interpreter lock, so a thread waiting for it runs now: ~0.4 us, where time.sleep(0) took 83.
-_yield_lock: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
 
 
 def _leaves(sectors: Any, count: int) -> np.ndarray:
     """XXH3 of each 4 KiB sector that `sectors` yields: one C call each, collected without a Python loop.
 
-    In slices of `LEAF_SLICE`, with the interpreter lock released between them: the C loop holds
-    it throughout, and another thread that wants it (a vLLM engine step beside the connector's
-    save thread) would otherwise wait for the whole hash, or for the 5 ms switch interval. On the
-    2-core CI machine, with a thread hashing 30 MiB saves back to back, the longest wait of a
-    thread running Python beside it was 8.8-11.4 ms before (5 runs), 2.2-4.1 ms sliced, where the
-    same machine showed 3.2 ms with no hashing at all (other jobs); hashing speed is unchanged.
+    The path without the compiled hasher (`ops/cpu_build.py`). In slices of `LEAF_SLICE`: the C
+    loop holds the interpreter lock throughout, and between slices a thread that has asked for it
+    gets it. (A `sched_yield` between slices, tried before, made it worse: every short release
+    resets the waiting thread's clock, so it never asks, and waited seconds.)
     """
     out = np.empty(count, dtype="<u8")
     it = iter(sectors)
     for start in range(0, count, LEAF_SLICE):
         n = min(LEAF_SLICE, count - start)
         out[start : start + n] = np.fromiter(map(_digest, itertools.islice(it, n)), dtype="<u8", count=n)
-        _yield_lock()
     return out
+
+
+def _native(array: np.ndarray, rows: np.ndarray | None) -> list[int] | None:
+    """Checksums of rows `rows` (all when None) of a C-contiguous `[m, n]` uint8 array by the compiled
+    hasher, in one call without the interpreter lock; None where it is not built."""
+    fn = native_checksums()
+    if fn is None:
+        return None
+    m = array.shape[0] if rows is None else rows.size
+    out = np.empty(m, dtype=np.uint64)
+    if m and fn(array.ctypes.data, None if rows is None else rows.ctypes.data, m, array.shape[1], out.ctypes.data):
+        raise MemoryError(f"no memory for the sector hashes of blocks of {array.shape[1]} bytes")
+    return out.tolist()  # type: ignore[no-any-return]
 
 
 def _whole_sector_rows(array: np.ndarray) -> list[int]:
@@ -153,6 +162,9 @@ def checksum_blocks(rows: torch.Tensor) -> list[int]:
     """`block_checksum` of each row of a CPU `[n, nbytes]` uint8 tensor."""
     rows = rows.contiguous()
     view, n = _pool_view(rows, "checksum_blocks")
+    native = _native(rows.numpy(), None) if rows.shape[0] else []
+    if native is not None:
+        return native
     if n and n % SECTOR_BYTES == 0:
         return _whole_sector_rows(rows.numpy())
     return [_tree(view[o:o + n]) for o in range(0, rows.shape[0] * n, n)] if n else [_tree(view)] * rows.shape[0]
@@ -170,6 +182,9 @@ def checksum_block_slots(storage: torch.Tensor, slots: Sequence[int]) -> list[in
         raise IndexError(f"slot {bad} outside [0, {num})")
     if not picks.size:
         return []
+    native = _native(storage.numpy(), np.ascontiguousarray(picks))
+    if native is not None:
+        return native
     if n and n % SECTOR_BYTES == 0:
         # Runs of consecutive slots are 2-D views of sectors; all leaves in one pass over them.
         k = n // SECTOR_BYTES
