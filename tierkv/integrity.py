@@ -144,7 +144,7 @@ def _native(array: np.ndarray, rows: np.ndarray | None) -> list[int] | None:
     out = np.empty(m, dtype=np.uint64)
     if m and fn(array.ctypes.data, None if rows is None else rows.ctypes.data, m, array.shape[1], out.ctypes.data):
         raise MemoryError(f"no memory for the sector hashes of blocks of {array.shape[1]} bytes")
-    return out.tolist()  # type: ignore[no-any-return]
+    return out.tolist()
 
 
 def _whole_sector_rows(array: np.ndarray) -> list[int]:

@@ -95,4 +95,4 @@ def _load() -> NativeChecksums | None:
     fn = lib.tierkv_block_checksums
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
