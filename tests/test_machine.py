@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tierkv.cli.info import format_info
 from tierkv.cli.machine import (
     Probe,
     collect,
@@ -51,6 +53,18 @@ def test_without_a_gpu_everything_says_why_it_is_unavailable() -> None:
     assert "no CUDA device" in info.pinned_memory.detail
     assert info.device_tier.startswith("cpu")
     assert not info.kvikio.available
+
+
+def test_info_names_the_cpu_checksum_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierkv.ops import cpu_build
+
+    info = collect()
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert info.cpu_checksums.available and info.cpu_checksums.detail.startswith("C hasher (checksum_cpu.c")
+    monkeypatch.setattr(cpu_build, "native_checksums", lambda: None)
+    missing = collect().cpu_checksums
+    assert not missing.available and missing.detail.startswith("xxhash")
+    assert "CPU checksums" in format_info(collect())
 
 
 @no_gpu

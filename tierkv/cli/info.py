@@ -32,6 +32,7 @@ def format_info(info: MachineInfo) -> str:
         ("CUDA driver", f"{_yes_no(info.cuda_driver.available)}: {info.cuda_driver.detail}"),
         ("pinned memory", f"{_yes_no(info.pinned_memory.available)}: {info.pinned_memory.detail}"),
         ("kvikio / GDS", f"{_yes_no(info.kvikio.available)}: {info.kvikio.detail}"),
+        ("CPU checksums", info.cpu_checksums.detail),
         ("device tier", info.device_tier),
         ("disk tier I/O", info.disk_io),
         ("copy backend", f"{info.transfer_paths['backend']} (NVRTC kernels + copy-engine DMA on CUDA, torch otherwise)"),

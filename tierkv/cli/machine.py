@@ -20,6 +20,7 @@ import torch
 from ..config import StoreConfig
 from ..errors import ConfigError
 from ..ops import cuda_driver as _cuda
+from ..ops.cpu_build import describe as cpu_checksum_path
 from ..ops.transfer import transfer_paths
 from ..tiers.disk import kvikio_status
 
@@ -51,6 +52,7 @@ class MachineInfo:
     cuda_driver: Probe
     pinned_memory: Probe
     kvikio: Probe
+    cpu_checksums: Probe  # the compiled C hasher, or xxhash where it cannot be built
     config: dict[str, Any] | None
     config_error: str | None
     config_warnings: list[str]  # TIERKV_ variables that name no field and are ignored
@@ -187,6 +189,7 @@ def collect(environ: dict[str, str] | None = None) -> MachineInfo:
         cuda_driver=driver,
         pinned_memory=probe_pinned_memory(),
         kvikio=probe_kvikio(driver),
+        cpu_checksums=Probe(*cpu_checksum_path()),
         config=config,
         config_error=error,
         config_warnings=StoreConfig.ignored_env(environ),

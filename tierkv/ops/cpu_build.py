@@ -70,6 +70,13 @@ def _build(cc: str, flags: list[str]) -> Path:
     return path
 
 
+def describe() -> tuple[bool, str]:
+    """(built, one line) for `tierkv info`: which CPU checksum path this machine takes, and why."""
+    if native_checksums() is None:
+        return False, "xxhash, one call per 4 KiB sector holding the interpreter lock (no C hasher: see the log)"
+    return True, f"C hasher ({SOURCE}, {' '.join(_flags())}): one call per request, interpreter lock dropped"
+
+
 def native_checksums() -> NativeChecksums | None:
     """`tierkv_block_checksums` of the compiled library, or None where it cannot be built (logged once)."""
     with _lock:
