@@ -382,10 +382,13 @@ def test_step_time_keeps_wall_and_cpu_time_step_by_step() -> None:
 
 def test_the_save_thread_copies_on_one_core_and_leaves_the_engines_threads_alone() -> None:
     """The save thread's CPU tensor ops are single-threaded (an OpenMP team of its own would take
-    the engine's cores); the thread count of the thread that made the queue is unchanged."""
-    from tierkv_connectors.vllm.saves import SaveQueue
+    the engine's cores); the thread count of the thread that made the queue is unchanged. The
+    process's count is set first, as vLLM's CPU worker sets it: torch hands that count to a new
+    thread the first time the thread asks, which undid the save thread's own setting once."""
+    from tierkv_connectors.vllm.saves import SaveQueue, _openmp_thread_setters
 
     before = torch.get_num_threads()
+    torch.set_num_threads(before)
     seen: list[int] = []
     queue = SaveQueue(lambda job: seen.append(torch.get_num_threads()), lambda: None, limit=4)
     try:
@@ -393,5 +396,5 @@ def test_the_save_thread_copies_on_one_core_and_leaves_the_engines_threads_alone
         queue.drain()
     finally:
         queue.close()
-    assert seen == [1]
+    assert seen == [1], f"OpenMP runtimes told: {_openmp_thread_setters()}"
     assert torch.get_num_threads() == before

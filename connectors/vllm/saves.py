@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -30,15 +32,36 @@ def _one_core_for_tensor_ops() -> None:
 
     torch splits a large CPU copy over an OpenMP team as wide as the machine. From the save thread
     that team competes with the engine's own for the same cores: on the 2-core CPU machine, a step
-    thread waiting for a core while a save copied woke up to 17 ms late, against 3-5 ms with the
-    save thread on one core and 2.6 ms with no save at all (`scripts/save_thread_probe.py`). An
+    thread waiting for a core while a save copied woke up to 16 ms late, against 3-5 ms with the
+    save thread on one core and 3 ms with no save at all (`scripts/save_thread_probe.py`). An
     OpenMP thread count is per thread, so no other thread's changes. torch sets a thread's count
-    at its first op, so one op runs first; without an OpenMP runtime in the process, nothing changes.
+    (to the process's `torch.set_num_threads`) the first time the thread asks for it, so this asks
+    first. Every OpenMP runtime loaded is told, not only the first one the linker finds: wheels
+    bundle their own (sentencepiece's libgomp sits beside torch's).
     """
-    torch.zeros(1).add_(1)
-    set_threads = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
-    if set_threads is not None:
+    torch.get_num_threads()
+    for set_threads in _openmp_thread_setters():
         set_threads(1)
+
+
+def _openmp_thread_setters() -> list[Callable[[int], None]]:
+    """`omp_set_num_threads` of each OpenMP runtime mapped into this process (Linux), else the linker's first."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    paths = sorted({line.split()[-1] for line in maps.splitlines()
+                    if line.split()[-1].startswith("/") and re.search(r"/lib[gi]?omp[^/]*\.so", line.split()[-1])})
+    setters = []
+    libs: list[str | None] = [*paths] or [None]  # None: the symbol the dynamic linker finds first
+    for lib in libs:
+        try:
+            fn = getattr(ctypes.CDLL(lib), "omp_set_num_threads", None)
+        except OSError:
+            continue
+        if fn is not None:
+            setters.append(fn)
+    return setters
 
 
 class SaveQueue:
