@@ -104,8 +104,9 @@ def engine_a(model: Path, store_dir: Path, reference: dict[str, Any]) -> dict[st
                 "phases": phases(reset=True)})
 
 
-def _corrupt(store_dir: Path, token_ids: list[int]) -> None:
-    """Flip one byte of the stored block whose own token ids are `token_ids`."""
+def _corrupt(store_dir: Path, token_ids: list[int], writer_output: str = "") -> None:
+    """Flip one byte of the stored block whose own token ids are `token_ids` (`writer_output`: the
+    output of the engine that stored it, shown if the block is not there)."""
     directory = store_dir / "rank0-of-1"
     manifest = Manifest(directory, durable=False)
     try:
@@ -113,7 +114,10 @@ def _corrupt(store_dir: Path, token_ids: list[int]) -> None:
     finally:
         manifest.close()
     target = np.asarray(token_ids, dtype="<i4").tobytes()
-    (slot,) = [r.slot for r in records.values() if r.ident[16:] == target]
+    found = [r.slot for r in records.values() if r.ident[16:] == target]
+    assert len(found) == 1, (f"{len(found)} disk records hold the block to corrupt ({len(records)} records); "
+                             f"the engine that stored it said:\n{writer_output[-6000:]}")
+    (slot,) = found
     block_bytes = 2 * 2 * BT * 1 * 32 * 4  # layers, K/V, tokens, kv heads, head dim, float32
     with (directory / "data000.bin").open("r+b") as f:
         f.seek(slot * slot_stride(block_bytes) + 123)
@@ -124,7 +128,7 @@ def _corrupt(store_dir: Path, token_ids: list[int]) -> None:
 
 @pytest.fixture(scope="module")
 def engine_b(model: Path, store_dir: Path, engine_a: dict[str, Any]) -> dict[str, Any]:
-    _corrupt(store_dir, SYS_B[CORRUPT_BLOCK * BT:(CORRUPT_BLOCK + 1) * BT])
+    _corrupt(store_dir, SYS_B[CORRUPT_BLOCK * BT:(CORRUPT_BLOCK + 1) * BT], engine_a["output"])
     return run({"model": str(model), "engine": ENGINE, "prefix_caching": False, "max_tokens": 16, "connector": connector(store_dir),
                 "phases": phases(reset=False)}, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
 
