@@ -285,8 +285,8 @@ def test_row_variants_refuse_wrong_input() -> None:
 # -- the GPU kernel's algorithm, modelled in Python ------------------------------------
 
 
-def cu_table(name: str) -> list[int]:
-    text = (cuda_build.CSRC_DIR / "checksum.cu").read_text()
+def cu_table(name: str, source: str = "checksum.cu") -> list[int]:
+    text = (cuda_build.CSRC_DIR / source).read_text()
     body = re.search(rf"{name}\[\d+\] = \{{(.*?)\}};", text, re.S)
     assert body, name
     items = [t.strip() for t in body.group(1).split(",")]
@@ -324,6 +324,13 @@ def kernel_model_leaf(sector: bytes) -> int:
 def test_kernel_decomposition_matches_xxh3(seed: int) -> None:
     sector = rand_bytes(S, 100 + seed) if seed else bytes(S)
     assert kernel_model_leaf(sector) == xxhash.xxh3_64_intdigest(sector)
+
+
+def test_the_cpu_hasher_and_the_kernels_share_their_tables() -> None:
+    """checksum_cpu.c keeps its own copy of the kernels' constant tables (NVRTC compiles checksum.cu
+    without headers): the two copies must not drift apart."""
+    for name in ("kSecret", "kLastStripe", "kMerge", "kInitAcc"):
+        assert cu_table(name, "checksum_cpu.c") == cu_table(name), name
 
 
 def test_kernel_source_names_its_kernels() -> None:

@@ -122,17 +122,22 @@ def _slot_offset(store: BlockStore, tokens: list[int], block: int) -> tuple[Path
     return disk.directory / f"data{f:03d}.bin", slot * disk.stride
 
 
+def _flip_bit(path: Path, offset: int) -> None:
+    """Flip one bit of the byte at `offset` of a data file, behind the store's back."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
 def test_flipped_bytes_are_detected_and_never_served(tmp_path: Path) -> None:
     tokens = FAMILY[0]
     with open_store(tmp_path) as store:
         store.put(tokens, kv_for(store.layout, tokens))
     with open_store(tmp_path) as store:  # after a restart every block lives on disk only
         path, offset = _slot_offset(store, tokens, 5)
-    with path.open("r+b") as f:
-        f.seek(offset + 7)
-        byte = f.read(1)
-        f.seek(offset + 7)
-        f.write(bytes([byte[0] ^ 0x40]))
+    _flip_bit(path, offset + 7)
     with open_store(tmp_path) as store:
         got = store.get(tokens)
         assert got.shape[0] == 5, "the corrupt block and its descendants must not be served"
@@ -299,11 +304,7 @@ def test_verify_reads_off_serves_unchecked_but_still_records_checksums(tmp_path:
         store.put(tokens, kv_for(store.layout, tokens))
     with open_store(tmp_path) as store:
         path, offset = _slot_offset(store, tokens, 5)
-    with path.open("r+b") as f:
-        f.seek(offset + 7)
-        byte = f.read(1)
-        f.seek(offset + 7)
-        f.write(bytes([byte[0] ^ 0x40]))
+    _flip_bit(path, offset + 7)
     with open_store(tmp_path, verify_reads=False) as store:
         got = store.get(tokens)
         assert got.shape[0] == len(tokens) // BLOCK_TOKENS, "an unverified read stops at nothing"

@@ -350,8 +350,7 @@ class Index:
             b.leases = held - 1
             if held == 1:
                 self.leased_copies -= b.copies
-                if not b.child_fast[b.fastest]:  # else a child lives in its fastest tier: a leaf nowhere
-                    self._push_where_resident(b)
+                self._push_where_resident(b)
 
     # -- eviction order ----------------------------------------------------------
 

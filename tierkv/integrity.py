@@ -162,7 +162,7 @@ def checksum_blocks(rows: torch.Tensor) -> list[int]:
     """`block_checksum` of each row of a CPU `[n, nbytes]` uint8 tensor."""
     rows = rows.contiguous()
     view, n = _pool_view(rows, "checksum_blocks")
-    native = _native(rows.numpy(), None) if rows.shape[0] else []
+    native = _native(rows.numpy(), None)
     if native is not None:
         return native
     if n and n % SECTOR_BYTES == 0:

@@ -50,8 +50,8 @@ def _openmp_thread_setters() -> list[Callable[[int], None]]:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         maps = ""
-    paths = sorted({line.split()[-1] for line in maps.splitlines()
-                    if line.split()[-1].startswith("/") and re.search(r"/lib[gi]?omp[^/]*\.so", line.split()[-1])})
+    mapped = {line.split()[-1] for line in maps.splitlines() if line.strip()}
+    paths = sorted(p for p in mapped if p.startswith("/") and re.search(r"/lib[gi]?omp[^/]*\.so", p))
     setters = []
     libs: list[str | None] = [*paths] or [None]  # None: the symbol the dynamic linker finds first
     for lib in libs:

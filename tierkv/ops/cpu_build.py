@@ -79,6 +79,8 @@ def describe() -> tuple[bool, str]:
 
 def native_checksums() -> NativeChecksums | None:
     """`tierkv_block_checksums` of the compiled library, or None where it cannot be built (logged once)."""
+    if SOURCE in _loaded:  # every CPU hash asks: no lock once it is known
+        return _loaded[SOURCE]
     with _lock:
         if SOURCE not in _loaded:
             _loaded[SOURCE] = _load()
